@@ -1,0 +1,181 @@
+"""The typed schema of an opd_jax run. YAML files and `key=value` overrides fill these dataclasses.
+
+Every field has a default so a partial YAML file is a valid config; `loader.py` checks keys and types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class ModelConfig:
+    """A Qwen3 dense model. `preset` fills the dimensions; explicit fields override the preset."""
+
+    preset: str | None = None  # e.g. "qwen3-0.6b", "qwen3-8b", "tiny"
+    hf_path: str | None = None  # HF checkpoint dir (local or gs://); weights are loaded from here
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; logits are always fp32
+    remat: Literal["none", "full", "dots"] = "none"  # rematerialization of each scanned layer
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 0  # 0 disables LoRA: full fine-tuning
+    alpha: float = 32.0
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+
+
+@dataclass
+class MeshConfig:
+    """Mesh axis sizes; -1 takes the remaining devices."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclass
+class SamplingConfig:
+    max_prompt_len: int = 64  # prompt bucket; prompts are left-padded to this
+    max_new_tokens: int = 32  # static: the KV cache holds max_prompt_len + max_new_tokens
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    greedy: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)
+    truncate_prompts: bool = False  # False: an over-long prompt is an error; True: left-truncate and count
+    micro_batches: int = 1  # sample the batch in this many sequential chunks inside the step
+    layout: Literal["train", "replicated", "tensor"] = "train"  # weight layout used during decode
+
+
+@dataclass
+class LossConfig:
+    kind: Literal[
+        "importance_sampling", "ppo", "reverse_kl", "forward_kl", "jsd", "topk_reverse_kl", "topk_forward_kl"
+    ] = "importance_sampling"
+    kl_penalty_coef: float = 1.0
+    discount: float = 0.0
+    clip_eps: float = 0.2  # ppo
+    beta: float = 0.5  # jsd: 0 = forward KL, 1 = reverse KL
+    topk: int = 16  # topk_* variants
+    task_reward_coef: float = 0.0  # A = coef*A_task - kl_penalty_coef*KL (rl / mixed)
+    normalization: Literal["sum", "token_mean", "sequence_mean"] = "sum"
+    logprob_chunk: int = 128  # sequence chunk for logprob / KL computation
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = 1e-4
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # 0 = off (as published)
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "teacher"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    renderer: str = "same"  # chat template for the teacher; "same" reuses the student's
+    datasets: list[str] = field(default_factory=list)  # route these dataset names to this teacher
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic:arithmetic"  # hf:NAME, jsonl:PATH, parquet:PATH, tfds:NAME/CONFIG:SPLIT, synthetic:TASK
+    name: str = "train"
+    prompt_field: str = "question"
+    answer_field: str = "answer"
+    split: str = "train"
+    renderer: str = "qwen3"  # student chat template
+    tokenizer: str | None = None  # HF tokenizer dir; None = the student's hf_path
+    shuffle_seed: int = 0
+    max_examples: int = 0  # 0 = all
+
+
+@dataclass
+class EvalConfig:
+    source: str = ""  # same grammar as DataConfig.source; "" disables eval
+    every: int = 0  # steps; 0 = only at the end
+    k: int = 1  # samples per problem
+    num_problems: int = 0  # 0 = all
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 0
+    max_new_tokens: int = 32
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps; 0 = only the final save
+    max_to_keep: int = 3
+    async_save: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "opd_jax"
+    progress: bool = True
+
+
+@dataclass
+class DistributedConfig:
+    """Multi-host set-up. On TPU pods and under SLURM `jax.distributed.initialize()` finds these itself."""
+
+    initialize: Literal["auto", "always", "never"] = "auto"
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclass
+class ExperimentConfig:
+    algorithm: Literal["opd", "sft", "rl"] = "opd"
+    run_dir: str = "runs/default"
+    seed: int = 0
+    steps: int = 10
+    groups_per_batch: int = 4  # prompts per step
+    group_size: int = 4  # samples per prompt
+    micro_batches: int = 1  # gradient accumulation inside the step
+    max_nonfinite_steps: int = 3  # consecutive non-finite losses before stopping
+    resume: bool = False
+    overwrite: bool = False
+    topology: str | None = None  # AOT target, e.g. "v5p-64"
+    student: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    teachers: list[TeacherConfig] = field(default_factory=lambda: [TeacherConfig()])
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    @property
+    def batch_size(self) -> int:
+        return self.groups_per_batch * self.group_size
+
+
+def replace(cfg, **changes):
+    return dataclasses.replace(cfg, **changes)

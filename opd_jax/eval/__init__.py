@@ -1,0 +1,1 @@
+"""Evaluation: answer grading (math_grading)."""

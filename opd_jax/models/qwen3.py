@@ -1,0 +1,287 @@
+"""Qwen3 dense decoder in Flax NNX.
+
+Layers are stored stacked (leading `layers` axis) and run under `lax.scan`, so compile time is flat in
+depth. Every weight carries `logical_axes` metadata; `opd_jax.mesh.RULES` maps those to mesh axes.
+The forward pass returns final hidden states; logits are a separate `lm_head` step so callers can compute
+logprobs in sequence chunks without ever holding [batch, seq, vocab] fp32 logits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+from jax.sharding import Mesh
+
+from opd_jax.config.schema import LoRAConfig, ModelConfig
+from opd_jax.mesh import with_logical_constraint
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# name -> (shape builder, logical axes) for the stacked per-layer weights.
+_LAYER_WEIGHTS = {
+    "attn_norm": (lambda c: (c.hidden_size,), ("norm",)),
+    "q": (lambda c: (c.hidden_size, c.num_heads, c.head_dim), ("embed", "heads", "head_dim")),
+    "k": (lambda c: (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim")),
+    "v": (lambda c: (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim")),
+    "q_norm": (lambda c: (c.head_dim,), ("head_dim",)),
+    "k_norm": (lambda c: (c.head_dim,), ("head_dim",)),
+    "o": (lambda c: (c.num_heads, c.head_dim, c.hidden_size), ("heads", "head_dim", "embed")),
+    "mlp_norm": (lambda c: (c.hidden_size,), ("norm",)),
+    "gate": (lambda c: (c.hidden_size, c.intermediate_size), ("embed", "mlp")),
+    "up": (lambda c: (c.hidden_size, c.intermediate_size), ("embed", "mlp")),
+    "down": (lambda c: (c.intermediate_size, c.hidden_size), ("mlp", "embed")),
+}
+_NORMS = ("attn_norm", "q_norm", "k_norm", "mlp_norm")
+# einsum for each projection, and how many leading input dims the LoRA "A" matrix contracts.
+_PROJ = {
+    "q": ("btd,dhk->bthk", 1),
+    "k": ("btd,dhk->bthk", 1),
+    "v": ("btd,dhk->bthk", 1),
+    "o": ("bthk,hkd->btd", 2),
+    "gate": ("btd,df->btf", 1),
+    "up": ("btd,df->btf", 1),
+    "down": ("btf,fd->btd", 1),
+}
+
+
+@struct.dataclass
+class KVCache:
+    """Preallocated attention cache. Rows are left-padded, so every row writes the same slot each step."""
+
+    k: jax.Array  # [layers, batch, slots, kv_heads, head_dim]
+    v: jax.Array
+    valid: jax.Array  # [batch, slots] bool: slot holds a real (non-pad) token
+    index: jax.Array  # int32 scalar: next slot to write
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+
+
+class Qwen3(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoRAConfig | None = None):
+        self.cfg = cfg
+        self.lora_cfg = lora if lora is not None and lora.rank > 0 else None
+        pdtype = _DTYPES[cfg.param_dtype]
+        L = cfg.num_layers
+
+        def param(shape, axes, std=0.02, kind=nnx.Param):
+            value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+            return kind(value.astype(pdtype), logical_axes=tuple(axes))
+
+        def ones(shape, axes):
+            return nnx.Param(jnp.ones(shape, pdtype), logical_axes=tuple(axes))
+
+        self.embed = param((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
+        for name, (shape_fn, axes) in _LAYER_WEIGHTS.items():
+            shape, axes = (L, *shape_fn(cfg)), ("layers", *axes)
+            setattr(self, name, ones(shape, axes) if name in _NORMS else param(shape, axes))
+        self.final_norm = ones((cfg.hidden_size,), ("norm",))
+        self.lm_head = None if cfg.tie_embeddings else param((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+
+        if self.lora_cfg is not None:
+            r = self.lora_cfg.rank
+            for name in self.lora_cfg.targets:
+                if name not in _PROJ:
+                    raise ValueError(f"lora.targets: unknown module {name!r}; valid: {sorted(_PROJ)}")
+                shape_fn, axes = _LAYER_WEIGHTS[name]
+                n_in = _PROJ[name][1]
+                shape, axes = shape_fn(cfg), tuple(axes)
+                a = param((L, *shape[:n_in], r), ("layers", *axes[:n_in], "lora_rank"),
+                          std=1.0 / math.sqrt(math.prod(shape[:n_in])), kind=nnx.LoRAParam)
+                # B starts at zero, so a fresh adapter leaves the model unchanged.
+                b = nnx.LoRAParam(jnp.zeros((L, r, *shape[n_in:]), pdtype),
+                                  logical_axes=("layers", "lora_rank", *axes[n_in:]))
+                setattr(self, f"lora_{name}_a", a)
+                setattr(self, f"lora_{name}_b", b)
+
+    # ---- weights -------------------------------------------------------------------------------------
+    def layer_params(self) -> dict[str, jax.Array]:
+        p = {name: getattr(self, name)[...] for name in _LAYER_WEIGHTS}
+        if self.lora_cfg is not None:
+            for name in self.lora_cfg.targets:
+                p[f"lora_{name}_a"] = getattr(self, f"lora_{name}_a")[...]
+                p[f"lora_{name}_b"] = getattr(self, f"lora_{name}_b")[...]
+        return p
+
+    def head_weight(self) -> jax.Array:
+        """[hidden, vocab] output projection (the transposed embedding when tied)."""
+        return self.embed[...].T if self.lm_head is None else self.lm_head[...]
+
+    @property
+    def dtype(self):
+        return _DTYPES[self.cfg.dtype]
+
+    # ---- cache ---------------------------------------------------------------------------------------
+    def init_cache(self, batch: int, max_len: int, mesh: Mesh | None = None, rules=None) -> KVCache:
+        c = self.cfg
+        shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+        k = with_logical_constraint(jnp.zeros(shape, self.dtype), CACHE_AXES, mesh, rules)
+        v = with_logical_constraint(jnp.zeros(shape, self.dtype), CACHE_AXES, mesh, rules)
+        valid = with_logical_constraint(jnp.zeros((batch, max_len), bool), ("batch", "cache_seq"), mesh, rules)
+        return KVCache(k=k, v=v, valid=valid, index=jnp.zeros((), jnp.int32))
+
+    # ---- forward -------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        token_mask: jax.Array | None = None,
+        *,
+        cache: KVCache | None = None,
+        mesh: Mesh | None = None,
+        rules=None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """tokens, positions, token_mask: [batch, T]. Returns final-normed hidden states [batch, T, hidden]
+        and the updated cache. A masked-out token (padding) is never attended to by any other token."""
+        c = self.cfg
+        B, T = tokens.shape
+        if token_mask is None:
+            token_mask = jnp.ones((B, T), bool)
+        token_mask = token_mask.astype(bool)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        x = with_logical_constraint(x, ("batch", "seq", "embed"), mesh, rules)
+        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+
+        if cache is None:
+            key_valid = token_mask
+            q_slot = jnp.arange(T)
+            k_slot = jnp.arange(T)
+        else:
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, cache.index))
+            q_slot = cache.index + jnp.arange(T)
+            k_slot = jnp.arange(cache.max_len)
+        # [batch, T, keys]: causal over slots, and never attend to a pad slot.
+        mask = (k_slot[None, None, :] <= q_slot[None, :, None]) & key_valid[:, None, :]
+
+        lora_scale = (self.lora_cfg.alpha / self.lora_cfg.rank) if self.lora_cfg is not None else 0.0
+        dtype = self.dtype
+
+        def layer(carry, xs):
+            x, kc, vc = carry
+            p, i = xs
+            p = {k: v.astype(dtype) for k, v in p.items()}
+
+            def proj(name, h):
+                eq, n_in = _PROJ[name]
+                out = jnp.einsum(eq, h, p[name])
+                if f"lora_{name}_a" in p:
+                    a, b = p[f"lora_{name}_a"], p[f"lora_{name}_b"]
+                    in_sub = eq.split(",")[0][2:]  # contracted input letters, e.g. "d" or "hk"
+                    low = jnp.einsum(f"bt{in_sub},{in_sub}r->btr", h, a)
+                    out_sub = eq.split("->")[1][2:]
+                    out = out + lora_scale * jnp.einsum(f"btr,r{out_sub}->bt{out_sub}", low, b)
+                return out
+
+            h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+            q = rms_norm(proj("q", h), p["q_norm"], c.rms_norm_eps)
+            k = rms_norm(proj("k", h), p["k_norm"], c.rms_norm_eps)
+            v = proj("v", h)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if kc is not None:
+                kc = jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (i, 0, cache.index, 0, 0))
+                vc = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (i, 0, cache.index, 0, 0))
+                keys, values = kc[i], vc[i]
+            else:
+                keys, values = k, v
+            o = attention(q, keys, values, mask)
+            x = x + proj("o", o)
+            h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+            x = x + proj("down", jax.nn.silu(proj("gate", h)) * proj("up", h))
+            x = with_logical_constraint(x, ("batch", "seq", "embed"), mesh, rules)
+            return (x, kc, vc), None
+
+        if c.remat == "full":
+            layer = jax.checkpoint(layer)
+        elif c.remat == "dots":
+            layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+        kc = None if cache is None else cache.k
+        vc = None if cache is None else cache.v
+        (x, kc, vc), _ = jax.lax.scan(layer, (x, kc, vc), (self.layer_params(), jnp.arange(c.num_layers)))
+        x = rms_norm(x, self.final_norm[...].astype(dtype), c.rms_norm_eps)
+        if cache is not None:
+            cache = KVCache(k=kc, v=vc, valid=key_valid, index=cache.index + T)
+        return x, cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """fp32 logits for hidden states [..., hidden]. Call on small chunks only at full vocabulary."""
+        w = self.head_weight().astype(self.dtype)
+        return jnp.einsum("...d,dv->...v", hidden.astype(self.dtype), w, preferred_element_type=jnp.float32)
+
+
+# ---- building blocks ---------------------------------------------------------------------------------
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return w * x32.astype(x.dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, head_dim/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [B, T, heads, head_dim], rotate-half convention (as in HF Qwen3)."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention. q: [B, T, H, D]; k, v: [B, S, KV, D]; mask: [B, T, S]."""
+    B, T, H, D = q.shape
+    KV = k.shape[2]
+    q = q.reshape(B, T, KV, H // KV, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(D)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(B, T, H, D)
+
+
+def positions_from_mask(mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
+    """RoPE positions from a (left-)pad mask: pads do not advance the position."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0) + offset
+
+
+def model_axes(state: nnx.State) -> dict:
+    """Nested dict of logical axes matching `nnx.to_pure_dict(state)`."""
+    out: dict = {}
+    for path, var in nnx.to_flat_state(state):
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = tuple(var.get_metadata()["logical_axes"])
+    return out
+
+
+def param_count(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def build_model(cfg: ModelConfig, seed: int = 0, lora: LoRAConfig | None = None) -> Qwen3:
+    return Qwen3(cfg, rngs=nnx.Rngs(params=seed), lora=lora)
+
+
+def abstract_model(cfg: ModelConfig, lora: LoRAConfig | None = None) -> Qwen3:
+    """A model whose arrays are ShapeDtypeStructs: no memory, for AOT compilation and sharded loading."""
+    return nnx.eval_shape(lambda: build_model(cfg, 0, lora))
+
+
+__all__: Sequence[str] = [
+    "Qwen3", "KVCache", "CACHE_AXES", "build_model", "abstract_model", "model_axes", "positions_from_mask",
+    "param_count", "rms_norm", "attention",
+]

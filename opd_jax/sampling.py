@@ -1,0 +1,241 @@
+"""KV-cache sampler: prefill and a `lax.while_loop` decode, fully traceable.
+
+`sample` is a pure traced function: jit it alone (`make_sampler`) or inline it into a larger jitted step
+(the fused OPD step does). Prompts are left-padded to a static bucket; RoPE positions come from the pad mask,
+so padding never shifts a row's positions.
+
+Two logprobs are recorded for every sampled token:
+- `logprobs`: log softmax(logits) at temperature 1 with no truncation — the student's own distribution,
+  which the OPD loss and the reverse-KL estimate use.
+- `sampler_logprobs`: log of the probability the token was actually drawn with: softmax(logits / T) after
+  top-k/top-p truncation and renormalization. Greedy rows record 0 (a point mass). With T=1 and no
+  truncation the two agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+from jax.sharding import Mesh
+
+from opd_jax.mesh import SAMPLING_RULES, with_logical_constraint
+from opd_jax.models.qwen3 import Qwen3, model_axes, positions_from_mask
+
+
+@struct.dataclass
+class SampleOutput:
+    tokens: jax.Array  # [B, N] int32; pad after a stop
+    mask: jax.Array  # [B, N] bool; True for generated tokens, the stop token included
+    lengths: jax.Array  # [B] int32
+    logprobs: jax.Array  # [B, N] fp32, untempered full-softmax logprob (T=1)
+    sampler_logprobs: jax.Array  # [B, N] fp32, logprob under the distribution actually sampled from
+    truncated: jax.Array  # [B] bool: reached max_new_tokens without a stop token
+
+
+@struct.dataclass
+class SamplingParams:
+    """Traced sampling controls: changing them never recompiles. temperature <= 0 means greedy."""
+
+    temperature: jax.Array
+    top_k: jax.Array  # <= 0: off
+    top_p: jax.Array  # >= 1: off
+
+    @classmethod
+    def create(cls, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False):
+        return cls(
+            temperature=jnp.asarray(0.0 if greedy else temperature, jnp.float32),
+            top_k=jnp.asarray(top_k, jnp.int32),
+            top_p=jnp.asarray(top_p, jnp.float32),
+        )
+
+
+def truncate_logits(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Mask logits outside top-k, then outside the top-p nucleus of the top-k renormalized distribution
+    (the order HF applies them). Ties at the threshold are kept."""
+    V = scaled.shape[-1]
+    desc = -jnp.sort(-scaled, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+    rank = jnp.arange(V)
+    desc_k = jnp.where(rank < k, desc, -jnp.inf)
+    probs = jax.nn.softmax(desc_k, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above this rank
+    keep = (rank < k) & ((before < top_p) | (rank == 0))
+    n_keep = jnp.sum(keep, axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(desc, n_keep - 1, axis=-1)
+    return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+
+def choose_tokens(logits: jax.Array, key: jax.Array, sp: SamplingParams) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """logits [B, V] fp32 -> (tokens, untempered logprob, sampler logprob)."""
+    greedy = sp.temperature <= 0
+    scaled = logits / jnp.where(greedy, 1.0, sp.temperature)
+    needs_truncation = (sp.top_k > 0) | (sp.top_p < 1.0)
+    scaled = jax.lax.cond(needs_truncation, lambda s: truncate_logits(s, sp.top_k, sp.top_p), lambda s: s, scaled)
+    sampled = jax.random.categorical(key, scaled, axis=-1)
+    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+    full = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    samp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    return tokens, full, jnp.where(greedy, 0.0, samp)
+
+
+def reshard_for_sampling(model: Qwen3, mesh: Mesh | None, layout: str) -> Qwen3:
+    """Apply the decode-time weight layout with sharding constraints inside the same program, so decode does
+    not all-gather FSDP shards at every token."""
+    if mesh is None or layout == "train":
+        return model
+    graphdef, state = nnx.split(model)
+    axes, params = model_axes(state), nnx.to_pure_dict(state)
+    rules = SAMPLING_RULES[layout]
+    params = jax.tree.map(
+        lambda a, x: with_logical_constraint(x, a, mesh, rules), axes, params, is_leaf=lambda a: isinstance(a, tuple)
+    )
+    return nnx.merge(graphdef, params)
+
+
+def sample(
+    model: Qwen3,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    key: jax.Array,
+    sp: SamplingParams,
+    *,
+    max_new_tokens: int,
+    stop_token_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    mesh: Mesh | None = None,
+    layout: str = "train",
+) -> SampleOutput:
+    """Sample `max_new_tokens` (static) continuations of left-padded prompts [B, P]. Traceable."""
+    B, P = prompt_tokens.shape
+    N = int(max_new_tokens)
+    model = reshard_for_sampling(model, mesh, layout)
+    rules = SAMPLING_RULES[layout]
+    prompt_mask = prompt_mask.astype(bool)
+    prompt_len = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
+    stops = jnp.asarray(list(stop_token_ids) or [-1], jnp.int32)
+
+    cache = model.init_cache(B, P + N, mesh=mesh, rules=rules)
+    hidden, cache = model(prompt_tokens, positions_from_mask(prompt_mask), prompt_mask, cache=cache, mesh=mesh,
+                          rules=rules)
+    logits = model.logits(hidden[:, -1])
+    tok, lp, slp = choose_tokens(logits, jax.random.fold_in(key, 0), sp)
+
+    def put(buf, t, val):
+        return jax.lax.dynamic_update_slice(buf, val[:, None].astype(buf.dtype), (0, t))
+
+    state = dict(
+        t=jnp.ones((), jnp.int32),
+        tokens=put(jnp.full((B, N), pad_id, jnp.int32), 0, tok),
+        mask=put(jnp.zeros((B, N), bool), 0, jnp.ones((B,), bool)),
+        logprobs=put(jnp.zeros((B, N), jnp.float32), 0, lp),
+        sampler_logprobs=put(jnp.zeros((B, N), jnp.float32), 0, slp),
+        done=jnp.isin(tok, stops),
+        last=tok,
+        cache=cache,
+    )
+
+    def cond(s):
+        return (s["t"] < N) & ~jnp.all(s["done"])
+
+    def body(s):
+        t = s["t"]
+        positions = (prompt_len + t - 1)[:, None]
+        hidden, cache = model(s["last"][:, None], positions, jnp.ones((B, 1), bool), cache=s["cache"], mesh=mesh,
+                              rules=rules)
+        tok, lp, slp = choose_tokens(model.logits(hidden[:, 0]), jax.random.fold_in(key, t), sp)
+        live = ~s["done"]
+        tok = jnp.where(live, tok, pad_id)
+        return dict(
+            t=t + 1,
+            tokens=put(s["tokens"], t, tok),
+            mask=put(s["mask"], t, live),
+            logprobs=put(s["logprobs"], t, jnp.where(live, lp, 0.0)),
+            sampler_logprobs=put(s["sampler_logprobs"], t, jnp.where(live, slp, 0.0)),
+            done=s["done"] | jnp.isin(tok, stops),
+            last=tok,
+            cache=cache,
+        )
+
+    s = jax.lax.while_loop(cond, body, state)
+    return SampleOutput(
+        tokens=s["tokens"],
+        mask=s["mask"],
+        lengths=jnp.sum(s["mask"], axis=-1).astype(jnp.int32),
+        logprobs=s["logprobs"],
+        sampler_logprobs=s["sampler_logprobs"],
+        truncated=~s["done"],
+    )
+
+
+def make_sampler(
+    graphdef: nnx.GraphDef,
+    *,
+    max_new_tokens: int,
+    stop_token_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    mesh: Mesh | None = None,
+    layout: str = "train",
+):
+    """A jitted `fn(params, prompt_tokens, prompt_mask, key, SamplingParams) -> SampleOutput` on its own."""
+
+    @jax.jit
+    def run(params, prompt_tokens, prompt_mask, key, sp):
+        model = nnx.merge(graphdef, params)
+        return sample(model, prompt_tokens, prompt_mask, key, sp, max_new_tokens=max_new_tokens,
+                      stop_token_ids=tuple(stop_token_ids), pad_id=pad_id, mesh=mesh, layout=layout)
+
+    return run
+
+
+# ---- host-side prompt packing ------------------------------------------------------------------------
+class PromptTooLongError(ValueError):
+    pass
+
+
+def bucket_length(n: int, max_len: int, min_bucket: int = 16) -> int:
+    """Smallest power-of-two bucket >= n (at least min_bucket), capped at max_len: few distinct compiles."""
+    b = min_bucket
+    while b < n:
+        b *= 2
+    return min(b, max_len)
+
+
+def pad_prompts(
+    prompts: Sequence[Sequence[int]],
+    max_prompt_len: int,
+    *,
+    truncate: bool = False,
+    pad_id: int = 0,
+    bucket: bool = False,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Left-pad token lists to [B, P]. Returns (tokens, mask, number of left-truncated prompts).
+
+    An empty prompt is an error naming the row. A prompt over `max_prompt_len` is an error, or with
+    `truncate=True` keeps its last `max_prompt_len` tokens and is counted.
+    """
+    n_truncated = 0
+    rows = []
+    for i, p in enumerate(prompts):
+        p = list(p)
+        if not p:
+            raise ValueError(f"prompt row {i} is empty")
+        if len(p) > max_prompt_len:
+            if not truncate:
+                raise PromptTooLongError(
+                    f"prompt row {i} has {len(p)} tokens, over sampling.max_prompt_len={max_prompt_len} "
+                    "(raise it, or set sampling.truncate_prompts=true to left-truncate)"
+                )
+            p = p[-max_prompt_len:]
+            n_truncated += 1
+        rows.append(p)
+    P = bucket_length(max(map(len, rows)), max_prompt_len) if bucket else max_prompt_len
+    tokens = np.full((len(rows), P), pad_id, np.int32)
+    mask = np.zeros((len(rows), P), bool)
+    for i, p in enumerate(rows):
+        tokens[i, P - len(p):] = p
+        mask[i, P - len(p):] = True
+    return tokens, mask, n_truncated

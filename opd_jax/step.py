@@ -1,0 +1,262 @@
+"""The fused OPD step: sample -> teacher-score -> advantages -> student forward/backward -> optax update,
+all in ONE jitted XLA program on one mesh, with no host round trip and no host callbacks.
+
+The two halves are also exposed on their own (`sample_phase`, `update_phase`) for the baselines that must
+leave the program (RL with a host-side grader) and for the unfused benchmark; the fused step is simply both
+halves traced into one `jax.jit`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from opd_jax import losses
+from opd_jax.config.schema import ExperimentConfig
+from opd_jax.mesh import batch_sharding, replicated, with_logical_constraint
+from opd_jax.models.qwen3 import Qwen3, positions_from_mask
+from opd_jax.sampling import SampleOutput, SamplingParams, sample
+from opd_jax.train_state import ModelDef, TrainState
+
+F32 = jnp.float32
+
+
+@struct.dataclass
+class PromptBatch:
+    """One step's prompts (groups_per_batch rows; each is sampled group_size times inside the step)."""
+
+    tokens: jax.Array  # [G, P] student-template prompt, left-padded
+    mask: jax.Array  # [G, P]
+    teacher_tokens: jax.Array  # [G, Pt] the same prompt in the teacher's template
+    teacher_mask: jax.Array  # [G, Pt]
+    teacher_index: jax.Array  # int32 scalar: which teacher scores this batch (routed per dataset)
+    answer: jax.Array  # [G, A] int32 reference tokens for an in-graph task reward (pad -1); may be [G, 0]
+
+
+# A task reward computed inside the program: (completion tokens [B, N], mask [B, N], answer [B, A]) -> [B].
+RewardFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def _rows(x: jax.Array, n: int) -> jax.Array:
+    """[B, ...] -> [n, B/n, ...] micro-batches."""
+    if x.shape[0] % n:
+        raise ValueError(f"batch of {x.shape[0]} rows is not divisible into {n} micro-batches")
+    return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+
+
+def _unrows(x: jax.Array) -> jax.Array:
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def group_normalized(rewards: jax.Array, group_size: int, eps: float = 1e-6) -> jax.Array:
+    """GRPO advantage: reward minus its group mean, over the group std."""
+    r = rewards.reshape(-1, group_size)
+    adv = (r - r.mean(-1, keepdims=True)) / (r.std(-1, keepdims=True) + eps)
+    return adv.reshape(-1)
+
+
+def completion_hidden(model: Qwen3, prompt: jax.Array, prompt_mask: jax.Array, completion: jax.Array,
+                      completion_mask: jax.Array, mesh: Mesh | None) -> jax.Array:
+    """Hidden states that predict each completion token: [B, N, hidden]. The prompt may be in any template;
+    the completion tokens are exactly the sampled ones."""
+    P = prompt.shape[1]
+    N = completion.shape[1]
+    tokens = jnp.concatenate([prompt, completion], axis=1)
+    mask = jnp.concatenate([prompt_mask.astype(bool), completion_mask.astype(bool)], axis=1)
+    hidden, _ = model(tokens, positions_from_mask(mask), mask, mesh=mesh)
+    return hidden[:, P - 1: P + N - 1]
+
+
+@dataclass(frozen=True)
+class StepBuilder:
+    """Holds the static parts of the step; its methods are traced inside jit."""
+
+    cfg: ExperimentConfig
+    student: ModelDef
+    teachers: Sequence[ModelDef]
+    mesh: Mesh | None
+    optimizer: optax.GradientTransformation
+    reward_fn: RewardFn | None = None
+
+    # ---- sampling ------------------------------------------------------------------------------------
+    def sample_phase(self, state: TrainState, batch: PromptBatch, key: jax.Array, sp: SamplingParams) -> SampleOutput:
+        c = self.cfg
+        student = self.student.merge(jax.lax.stop_gradient(state.trainable), state.frozen)
+        prompts = jnp.repeat(batch.tokens, c.group_size, axis=0)
+        pmask = jnp.repeat(batch.mask, c.group_size, axis=0)
+        prompts = with_logical_constraint(prompts, ("batch", "seq"), self.mesh)
+        M = c.sampling.micro_batches
+
+        def one(xs):
+            i, toks, m = xs
+            return sample(student, toks, m, jax.random.fold_in(key, i), sp,
+                          max_new_tokens=c.sampling.max_new_tokens, stop_token_ids=tuple(c.sampling.stop_token_ids),
+                          mesh=self.mesh, layout=c.sampling.layout)
+
+        if M == 1:
+            return one((0, prompts, pmask))
+        out = jax.lax.map(one, (jnp.arange(M), _rows(prompts, M), _rows(pmask, M)))
+        return jax.tree.map(_unrows, out)
+
+    # ---- teacher -------------------------------------------------------------------------------------
+    def teacher_outputs(self, teachers_params: Sequence[Any], index: jax.Array, t_prompt, t_pmask, completion, cmask):
+        """Per-token teacher logprobs [b, N] and (for full-vocabulary losses) hidden states + head weight.
+        Frozen: stop_gradient on the weights, never differentiated."""
+        chunk = self.cfg.loss.logprob_chunk
+        full_vocab = self.cfg.loss.kind in losses.FULL_VOCAB_KINDS
+
+        def branch(i):
+            def run(_):
+                teacher = self.teachers[i].merge(jax.lax.stop_gradient(teachers_params[i]))
+                h = completion_hidden(teacher, t_prompt, t_pmask, completion, cmask, self.mesh)
+                lp = losses.chunked_map(lambda hh, y: {"lp": losses.token_logprobs(teacher.logits(hh), y)},
+                                        chunk, h, completion)["lp"]
+                if full_vocab:
+                    return lp, h, teacher.head_weight().astype(teacher.dtype)
+                return lp, None, None
+            return run
+
+        branches = [branch(i) for i in range(len(self.teachers))]
+        if len(branches) == 1:
+            return branches[0](None)
+        return jax.lax.switch(index, branches, None)
+
+    # ---- update --------------------------------------------------------------------------------------
+    def update_phase(self, state: TrainState, teachers_params: Sequence[Any], batch: PromptBatch,
+                     samples: SampleOutput, task_reward: jax.Array | None = None) -> tuple[TrainState, dict]:
+        c = self.cfg
+        lc = c.loss
+        K = c.group_size
+        B = samples.tokens.shape[0]
+        mask = samples.mask.astype(F32)
+        prompts = jnp.repeat(batch.tokens, K, axis=0)
+        pmask = jnp.repeat(batch.mask, K, axis=0)
+        t_prompts = jnp.repeat(batch.teacher_tokens, K, axis=0)
+        t_pmask = jnp.repeat(batch.teacher_mask, K, axis=0)
+        if task_reward is None and self.reward_fn is not None:
+            task_reward = self.reward_fn(samples.tokens, samples.mask, jnp.repeat(batch.answer, K, axis=0))
+        task_adv = None if task_reward is None else group_normalized(task_reward.astype(F32), K)
+        denom = losses.normalizer(lc.normalization, mask)
+        Mg = c.micro_batches
+        if B % Mg:
+            raise ValueError(f"micro_batches={Mg} does not divide the batch of {B} samples")
+
+        def mb_loss(trainable, mb, t_out):
+            p, pm, toks, m, lp_s, tadv = mb
+            t_lp, t_h, t_head = t_out
+            student = self.student.merge(trainable, state.frozen)
+            h = completion_hidden(student, p, pm, toks, m, self.mesh)
+            full_vocab = lc.kind in losses.FULL_VOCAB_KINDS
+
+            def chunk_fn(hh, y, *t):
+                logits = student.logits(hh)
+                out = {"lp": losses.token_logprobs(logits, y), "ent": jax.lax.stop_gradient(losses.entropy(logits))}
+                if full_vocab:
+                    t_logits = jnp.einsum("...d,dv->...v", t[0], t_head, preferred_element_type=F32)
+                    out["div"] = losses.divergence(lc, logits, jax.lax.stop_gradient(t_logits))
+                return out
+
+            extra = (t_h,) if full_vocab else ()
+            tok_out = losses.chunked_map(chunk_fn, lc.logprob_chunk, h, toks, *extra)
+            lp_new = tok_out["lp"]
+            if full_vocab:
+                per_token = tok_out["div"] * m
+                ratio = jnp.exp(lp_new - lp_s)
+                adv = jnp.zeros_like(lp_new)
+            else:
+                adv = losses.opd_advantages(lc, lp_s, t_lp, m, tadv) if self.teachers else \
+                    jax.lax.stop_gradient(lc.task_reward_coef * tadv[:, None] * m)
+                per_token, ratio = losses.policy_gradient_loss(lc, lp_new, lp_s, adv, m)
+            loss = losses.reduce_tokens(per_token, m, lc.normalization, denom)
+            aux = dict(
+                entropy=jnp.sum(tok_out["ent"] * m), ratio=jnp.sum(ratio * m), advantage=jnp.sum(adv * m),
+                logprob_diff=jnp.sum(jnp.abs(jax.lax.stop_gradient(lp_new) - lp_s) * m),
+            )
+            return loss, aux
+
+        def mb_body(grads, mb):
+            p, pm, tp, tpm, toks, m, lp_s, tadv = mb
+            if self.teachers:
+                t_out = self.teacher_outputs(teachers_params, batch.teacher_index, tp, tpm, toks, m)
+            else:  # pure RL: no teacher, zero KL
+                t_out = (lp_s, None, None)
+            (loss, aux), g = jax.value_and_grad(mb_loss, has_aux=True)(
+                state.trainable, (p, pm, toks, m, lp_s, tadv), t_out)
+            aux["loss"] = loss
+            aux["teacher_kl"] = jnp.sum((lp_s - t_out[0]) * m)
+            return jax.tree.map(jnp.add, grads, g), aux
+
+        tadv_rows = task_adv if task_adv is not None else jnp.zeros((B,), F32)
+        xs = (prompts, pmask, t_prompts, t_pmask, samples.tokens, mask, samples.logprobs, tadv_rows)
+        zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+        if Mg == 1:
+            grads, aux = mb_body(zeros, xs)
+        else:
+            grads, aux = jax.lax.scan(mb_body, zeros, tuple(_rows(x, Mg) for x in xs))
+            aux = jax.tree.map(jnp.sum, aux)
+
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt = self.optimizer.update(grads, state.opt_state, state.trainable)
+        new_params = optax.apply_updates(state.trainable, updates)
+        finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
+        # A non-finite loss skips the update: weights and moments stay as they were.
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = TrainState(step=state.step + 1, trainable=keep(new_params, state.trainable), frozen=state.frozen,
+                               opt_state=keep(new_opt, state.opt_state))
+
+        n_tok = jnp.maximum(jnp.sum(mask), 1.0)
+        metrics = dict(
+            loss=aux["loss"],
+            teacher_kl=aux["teacher_kl"] / n_tok,
+            entropy=aux["entropy"] / n_tok,
+            ratio_mean=aux["ratio"] / n_tok,
+            advantage_mean=aux["advantage"] / n_tok,
+            logprob_diff=aux["logprob_diff"] / n_tok,
+            grad_norm=grad_norm,
+            num_tokens=jnp.sum(mask),
+            mean_length=jnp.mean(samples.lengths.astype(F32)),
+            truncation_rate=jnp.mean(samples.truncated.astype(F32)),
+            skipped=(~finite).astype(F32),
+        )
+        if task_reward is not None:
+            metrics["task_reward"] = jnp.mean(task_reward.astype(F32))
+        return new_state, metrics
+
+    # ---- the fused step ------------------------------------------------------------------------------
+    def fused(self, state: TrainState, teachers_params, batch: PromptBatch, key: jax.Array, sp: SamplingParams):
+        key = jax.random.fold_in(key, state.step)
+        samples = self.sample_phase(state, batch, key, sp)
+        return self.update_phase(state, teachers_params, batch, samples)
+
+
+def batch_shardings(mesh: Mesh, batch: PromptBatch) -> PromptBatch:
+    return PromptBatch(
+        tokens=batch_sharding(mesh, batch.tokens.shape), mask=batch_sharding(mesh, batch.mask.shape),
+        teacher_tokens=batch_sharding(mesh, batch.teacher_tokens.shape),
+        teacher_mask=batch_sharding(mesh, batch.teacher_mask.shape),
+        teacher_index=replicated(mesh), answer=batch_sharding(mesh, batch.answer.shape),
+    )
+
+
+def make_opd_step(builder: StepBuilder, state_shardings: TrainState | None, teacher_shardings, example_batch):
+    """The fused step as one `jax.jit` with explicit in/out shardings and the train state donated.
+
+    Call: `state, metrics = step(state, teachers_params, batch, key, sampling_params)`."""
+    mesh = builder.mesh
+    if mesh is None or state_shardings is None:
+        return jax.jit(builder.fused, donate_argnums=(0,))
+    rep = replicated(mesh)
+    sp_sh = SamplingParams(temperature=rep, top_k=rep, top_p=rep)
+    return jax.jit(
+        builder.fused,
+        in_shardings=(state_shardings, teacher_shardings, batch_shardings(mesh, example_batch), rep, sp_sh),
+        out_shardings=(state_shardings, rep),
+        donate_argnums=(0,),
+    )
