@@ -99,7 +99,7 @@ class TeacherConfig:
 @dataclass
 class DataConfig:
     source: str = "synthetic:arithmetic"  # hf:NAME, jsonl:PATH, parquet:PATH, tfds:NAME/CONFIG:SPLIT, synthetic:TASK
-    name: str = "train"
+    name: str = ""  # dataset name used for teacher routing; "" = derived from the source
     prompt_field: str = "question"
     answer_field: str = "answer"
     split: str = "train"

@@ -17,7 +17,8 @@ Spec grammar (the same as `DataConfig.source` / `EvalConfig.source`):
   tfds:NAME[/CONFIG][:SPLIT]  `tfds.builder(NAME/CONFIG, data_dir=...)` read with `as_data_source(split)`; the
                           builder must be (or is) prepared with `file_format="array_record"`, so TensorFlow is
                           never needed. SPLIT defaults to the `split` argument.
-  preset:NAME[:SPLIT]     a `PRESETS` entry: source + prompt extraction + answer field in one name.
+  preset:NAME[:SPLIT]     a `PRESETS` entry: source + prompt extraction + answer field in one name (the split and
+                          field arguments of `open_source` are ignored; SPLIT defaults to the preset's).
   synthetic:TASK          not a record source: generated tasks live in `opd_jax.data.synthetic` (`build_task`).
 
 A record becomes chat messages by `Source.extract`: the prompt field may hold a string (one user message), a list of
@@ -314,6 +315,7 @@ class JsonlSource(Source):
                         self._index.append((fi, offset))
                     offset += len(line)
         self._handles: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     @property
     def num_records(self) -> int:
@@ -321,6 +323,8 @@ class JsonlSource(Source):
 
     def record(self, index: int) -> dict:
         fi, offset = self._index[index]
+        if self._pid != os.getpid():  # a forked worker must not share (and move) the parent's file offsets
+            self._handles, self._pid = {}, os.getpid()
         fh = self._handles.get(fi)
         if fh is None:
             fh = self._handles[fi] = open(self.files[fi], "rb")  # noqa: SIM115 - kept open for random reads
@@ -548,13 +552,13 @@ def _split_hf_name(rest: str) -> tuple[str, str | None]:
     return path, (config or None) if sep else None
 
 
-def _open_preset(rest: str, *, split: str | None, name: str | None, prefer_local: bool,
-                 data_dir: str | None, **kwargs: Any) -> Source:
+def _open_preset(rest: str, *, name: str | None, prefer_local: bool, data_dir: str | None,
+                 **kwargs: Any) -> Source:
     pname, _, spec_split = rest.partition(":")
     if pname not in PRESETS:
         raise KeyError(f"unknown data preset {pname!r}; known: {sorted(PRESETS)}")
     p = PRESETS[pname]
-    want_split = spec_split or split or p.split
+    want_split = spec_split or p.split
     spec = f"preset:{rest}"
     common = dict(name=name or p.name, prompt_field=p.prompt_field, answer_field=p.answer_field,
                   prompt_mode=p.prompt_mode, answer_mode=p.answer_mode, spec=spec)
@@ -577,10 +581,11 @@ def open_source(spec: str, *, split: str | None = None, prompt_field: str | None
                 **kwargs: Any) -> Source:
     """Open a record source from a spec string (grammar in the module docstring).
 
-    split: HF / TFDS split (default "train"); for `preset:` the preset's split unless given (here or as
-      `preset:NAME:SPLIT`).
-    prompt_field / answer_field: record fields (defaults "question" / "answer"); `answer_field=None` means no gold
-      answer. Presets fix their own fields and ignore these.
+    split: HF / TFDS split (default "train").
+    prompt_field / answer_field: record fields (defaults "question" / "answer"); `answer_field=None` or "" means no
+      gold answer.
+    Presets fix their own split and fields and ignore these three (callers pass DataConfig values, whose defaults
+      would be wrong for them); `preset:NAME:SPLIT` picks another split.
     name: the dataset name carried by each Example (default: preset name, file stem, hub id or TFDS name).
     data_dir: TFDS data_dir, or the shared data directory for presets.
     kwargs: source-specific: HF `streaming`, `data_files`, `cache_dir`, `revision`...; TFDS `download`; Parquet
@@ -591,8 +596,8 @@ def open_source(spec: str, *, split: str | None = None, prompt_field: str | None
         raise ValueError(f"data source {spec!r}: expected PREFIX:VALUE with PREFIX in hf, jsonl, parquet, tfds, "
                          "preset, synthetic")
     if kind == "preset":
-        return _open_preset(rest, split=split, name=name, prefer_local=prefer_local, data_dir=data_dir, **kwargs)
-    common = dict(name=name, prompt_field=prompt_field or "question", answer_field=answer_field,
+        return _open_preset(rest, name=name, prefer_local=prefer_local, data_dir=data_dir, **kwargs)
+    common = dict(name=name, prompt_field=prompt_field or "question", answer_field=answer_field or None,
                   prompt_mode=prompt_mode, answer_mode=answer_mode, spec=spec)
     if kind == "jsonl":
         return JsonlSource(rest, **common, **kwargs)
@@ -612,8 +617,6 @@ def open_source(spec: str, *, split: str | None = None, prompt_field: str | None
 
 
 def source_from_config(cfg: Any, **kwargs: Any) -> Source:
-    """Open `cfg.source` of a `DataConfig`: its split and fields apply except to presets, which carry their own."""
-    if cfg.source.startswith("preset:"):
-        return open_source(cfg.source, **kwargs)
-    return open_source(cfg.source, split=cfg.split, prompt_field=cfg.prompt_field,
-                       answer_field=cfg.answer_field or None, **kwargs)
+    """Open `cfg.source` of a `DataConfig` with its split and fields (presets keep their own)."""
+    return open_source(cfg.source, split=cfg.split, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
+                       **kwargs)

@@ -1,0 +1,455 @@
+"""Ahead-of-time compilation of the real fused OPD step for a TPU slice, on any machine (no TPU, no weights).
+
+`opd-jax compile CONFIG [k=v ...] --topology v5p-64` builds abstract TPU devices with libtpu's topology API, the
+config's mesh over them, abstract sharded parameters / optimizer state / prompt batch (`jax.ShapeDtypeStruct`s
+carrying their `NamedSharding`s: nothing is allocated), then lowers and compiles exactly the program the trainer
+runs (`StepBuilder.fused` through `make_opd_step`). It reports per-chip memory from `memory_analysis()` against
+the chip's HBM, the FLOPs XLA counts, the analytic FLOPs of `opd_jax.flops`, and the compile time.
+
+Topology names. Cloud TPU names count TensorCores for v4 and v5p (two per chip, fused into one "megacore" JAX
+device) and chips for v5e / v6e:
+    v5p-8 = 4 chips = v5p:2x2x1 ... v5p-64 = 32 chips = v5p:2x4x4, v5p-128 = 64 chips = v5p:4x4x4
+    v4-8  = 4 chips = v4:2x2x1 (megacore)  ...  v4-128 = v4:4x4x4
+    v5e-8 = 8 chips = v5e:2x4, v5e-256 = v5e:16x16; v6e likewise.
+(The same table as Google's MaxText `accelerator_to_spec_map.py`.) A raw libtpu name such as `v5p:4x4x4` is
+accepted as well.
+
+libtpu. `jax[tpu]` must not become the default install (plain JAX would then try to start a TPU). The libtpu
+wheel is kept in a separate directory (CI: `pip install --target $VENV/tpu_site libtpu==0.0.42.1`, exported as
+`OPD_TPU_SITE`); `ensure_libtpu()` appends it to `sys.path` only when an AOT compile asks for it. libtpu loads
+lazily at the first topology request, so the process's default backend stays the CPU.
+
+FLOPs caveat: XLA's `cost_analysis()` counts the body of a `while` / `scan` loop ONCE, and the step is made of
+loops (layers, decode steps, sampling and gradient micro-batches, logprob chunks). Its number is therefore a
+small fraction of the real work; the analytic count is the one to use for MFU. Both are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+TPU_SITE_ENV = "OPD_TPU_SITE"
+GB = 1e9
+
+# Cloud TPU accelerator suffix -> physical topology (chips per axis).
+_CORE_COUNTED = {  # v4-N / v5p-N: N TensorCores = N/2 chips
+    8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4", 128: "4x4x4", 256: "4x4x8", 512: "4x8x8",
+    1024: "8x8x8", 2048: "8x8x16", 4096: "8x16x16", 8192: "16x16x16",
+}
+_CHIP_COUNTED = {  # v5e-N / v6e-N: N chips
+    1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16",
+}
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e", "v5": "v5p"}
+
+
+# ---- libtpu --------------------------------------------------------------------------------------------------
+def tpu_site_candidates() -> list[str]:
+    """Directories that may hold a `--target`-installed libtpu: $OPD_TPU_SITE, then <venv>/tpu_site."""
+    out = []
+    if os.environ.get(TPU_SITE_ENV):
+        out.append(os.environ[TPU_SITE_ENV])
+    out.append(os.path.join(sys.prefix, "tpu_site"))
+    return out
+
+
+def libtpu_importable() -> bool:
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def find_tpu_site() -> str | None:
+    """The first candidate directory that holds the libtpu package."""
+    for d in tpu_site_candidates():
+        if os.path.isfile(os.path.join(d, "libtpu", "__init__.py")):
+            return os.path.abspath(d)
+    return None
+
+
+def ensure_libtpu() -> bool:
+    """Make `import libtpu` work (appending a TPU site dir to sys.path); quiet libtpu's start-up. True if found."""
+    if not libtpu_importable():
+        site = find_tpu_site()
+        if site is None:
+            return False
+        sys.path.append(site)
+        importlib.invalidate_caches()
+    return libtpu_importable()
+
+
+# ---- topology ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Topology:
+    name: str  # as given, e.g. "v5p-64"
+    chip: str  # key of flops.CHIPS: "v4" | "v5p" | "v5e" | "v6e"
+    topology_name: str  # libtpu's name, e.g. "v5p:2x4x4"
+    num_chips: int
+
+    @property
+    def chip_config_name(self) -> str:
+        return "megacore" if self.chip in ("v4", "v5p") else "default"
+
+
+def parse_topology(name: str) -> Topology:
+    """`v5p-64` (Cloud TPU accelerator type) or `v5p:2x4x4` (libtpu topology) -> Topology."""
+    s = name.strip().lower()
+    m = re.fullmatch(r"([a-z0-9]+?)(?:p?od)?[:]([0-9x]+)", s)
+    if m:
+        chip = _ALIASES.get(m.group(1), m.group(1))
+        dims = m.group(2)
+    else:
+        m = re.fullmatch(r"([a-z0-9]+?)-([0-9]+)", s)
+        if not m:
+            raise ValueError(f"topology {name!r}: expected e.g. 'v5p-64' or 'v5p:2x4x4'")
+        chip = _ALIASES.get(m.group(1), m.group(1))
+        n = int(m.group(2))
+        table = _CORE_COUNTED if chip in ("v4", "v5p") else _CHIP_COUNTED
+        if chip not in ("v4", "v5p", "v5e", "v6e"):
+            raise ValueError(f"topology {name!r}: unknown TPU generation {chip!r}; valid: v4, v5p, v5e, v6e")
+        if n not in table:
+            unit = "TensorCores (2 per chip)" if table is _CORE_COUNTED else "chips"
+            raise ValueError(f"topology {name!r}: no standard {chip} slice with {n} {unit}; valid sizes: "
+                             f"{sorted(table)} (or pass a libtpu name such as '{chip}:{table[max(table)]}')")
+        dims = table[n]
+    if chip not in ("v4", "v5p", "v5e", "v6e"):
+        raise ValueError(f"topology {name!r}: unknown TPU generation {chip!r}; valid: v4, v5p, v5e, v6e")
+    num_chips = math.prod(int(d) for d in dims.split("x"))
+    return Topology(name=name, chip=chip, topology_name=f"{chip}:{dims}", num_chips=num_chips)
+
+
+def accelerator_type(topo: Topology) -> str:
+    """The Cloud TPU accelerator type string libtpu expects in TPU_ACCELERATOR_TYPE."""
+    n = topo.num_chips * (2 if topo.chip in ("v4", "v5p") else 1)
+    return f"{'v5litepod' if topo.chip == 'v5e' else topo.chip}-{n}"
+
+
+def topology_devices(topo: Topology) -> list:
+    """Compile-only (abstract) TPU devices for `topo`; needs libtpu, never a TPU."""
+    if not ensure_libtpu():
+        raise RuntimeError(
+            "libtpu is not installed: AOT TPU compilation needs it. Install it OUTSIDE the default site, e.g. "
+            f"`pip install --no-deps --target {os.path.join(sys.prefix, 'tpu_site')} libtpu==0.0.42.1`, or point "
+            f"${TPU_SITE_ENV} at such a directory.")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type(topo))
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    from jax.experimental import topologies
+
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.topology_name,
+                                        chip_config_name=topo.chip_config_name)
+    devices = list(desc.devices)
+    if len(devices) != topo.num_chips:
+        raise RuntimeError(f"topology {topo.topology_name}: libtpu returned {len(devices)} devices, expected "
+                           f"{topo.num_chips} (one per chip)")
+    return devices
+
+
+# ---- report --------------------------------------------------------------------------------------------------
+@dataclass
+class AotReport:
+    topology: str
+    topology_name: str
+    chip: str
+    num_chips: int
+    mesh: dict[str, int]
+    hbm_bytes: float
+    # compiled.memory_analysis(), per chip
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    temp_bytes: int = 0
+    generated_code_bytes: int = 0
+    alias_bytes: int = 0
+    # exact per-chip shard bytes of the inputs, from their shardings
+    state_bytes: int = 0  # student train state (weights + optimizer moments)
+    teacher_bytes: int = 0
+    # FLOPs
+    compiled_flops_per_chip: float = float("nan")  # cost_analysis(): every loop body counted once
+    analytic_flops: dict[str, float] = field(default_factory=dict)  # flops.opd_step_flops, whole step
+    lower_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    error: str = ""  # the compiler's message when it refused the program (e.g. out of HBM)
+
+    @property
+    def total_bytes(self) -> int:
+        """Peak HBM per chip: inputs + outputs not aliased to (donated) inputs + scratch + program."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.generated_code_bytes
+
+    @property
+    def fits(self) -> bool:
+        return not self.error and self.total_bytes <= self.hbm_bytes
+
+    @property
+    def compiled_flops(self) -> float:
+        return self.compiled_flops_per_chip * self.num_chips
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(total_bytes=self.total_bytes, fits=self.fits, compiled_flops=self.compiled_flops)
+        return d
+
+    def lines(self) -> list[str]:
+        g = lambda b: f"{b / GB:8.2f} GB"
+        mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
+        out = [f"topology: {self.topology} = {self.topology_name}, {self.num_chips} {self.chip} chips "
+               f"({self.hbm_bytes / GB:.0f} GB HBM each); mesh {mesh}",
+               f"lower: {self.lower_seconds:.1f} s, compile: {self.compile_seconds:.1f} s"]
+        if self.error:
+            out.append(f"COMPILE FAILED: {self.error}")
+        out += [
+            "memory per chip (compiled.memory_analysis()):",
+            f"  arguments      {g(self.argument_bytes)}   (student state {self.state_bytes / GB:.2f} GB, "
+            f"teacher weights {self.teacher_bytes / GB:.2f} GB, batch)",
+            f"  outputs        {g(self.output_bytes)}",
+            f"  aliased        {g(self.alias_bytes)}   (donated train state reused for the new state)",
+            f"  temporaries    {g(self.temp_bytes)}",
+            f"  generated code {g(self.generated_code_bytes)}",
+            f"  total          {g(self.total_bytes)}   of {self.hbm_bytes / GB:.0f} GB "
+            f"({100 * self.total_bytes / self.hbm_bytes:.0f}%): {'FITS' if self.fits else 'DOES NOT FIT'}",
+        ]
+        a = self.analytic_flops
+        if a:
+            out += [
+                "FLOPs per step:",
+                f"  analytic (flops.opd_step_flops, causal attention): {a.get('total', float('nan')):.3e}  "
+                f"(student sampling {a.get('student_sampling', 0):.2e}, teacher scoring "
+                f"{a.get('teacher_scoring', 0):.2e}, student training {a.get('student_training', 0):.2e})",
+                f"  analytic, dense attention as implemented (einsum + mask, static cache): "
+                f"{a.get('dense_total', float('nan')):.3e}",
+            ]
+        out.append(f"  XLA cost_analysis(): {self.compiled_flops_per_chip:.3e} per chip x {self.num_chips} = "
+                   f"{self.compiled_flops:.3e}; XLA counts each scan/while body once (layers, decode steps, "
+                   "micro-batches, logprob chunks), so this is far below the real work; use the analytic number")
+        return out
+
+
+def levers(cfg, report: AotReport) -> list[str]:
+    """Suggestions when the program does not fit."""
+    c = cfg
+    out = []
+    if c.micro_batches < c.batch_size:
+        out.append(f"micro_batches={c.micro_batches} -> {c.micro_batches * 2} (gradient accumulation: halves "
+                   "training activations)")
+    if c.sampling.micro_batches < c.batch_size:
+        out.append(f"sampling.micro_batches={c.sampling.micro_batches} -> {c.sampling.micro_batches * 2} "
+                   "(halves the KV cache and prefill activations)")
+    if c.student.remat != "full":
+        out.append(f"student.remat={c.student.remat} -> full (store one activation per layer)")
+    for name, m in [("student", c.student)] + [(f"teachers.{i}.model", t.model) for i, t in enumerate(c.teachers)]:
+        if m.param_dtype != "bfloat16" or m.dtype != "bfloat16":
+            out.append(f"{name}.param_dtype/dtype -> bfloat16 (halves weights, moments and activations)")
+    if c.mesh.tensor == 1:
+        out.append("mesh.tensor=2..8 (shards heads / MLP / vocab: smaller attention-score and logit tensors)")
+    out.append("a larger slice (--topology), or shorter sampling.max_prompt_len / max_new_tokens")
+    return out
+
+
+# ---- abstract inputs -----------------------------------------------------------------------------------------
+def _sds(tree, shardings):
+    import jax
+
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def shard_bytes(tree) -> int:
+    """Bytes of one device's shard of every ShapeDtypeStruct (with sharding) in `tree`."""
+    import jax
+
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+        total += math.prod(shape) * x.dtype.itemsize
+    return total
+
+
+def model_for_aot(mcfg):
+    """Model dimensions without loading weights: the preset (else the explicit fields); an `hf_path` whose
+    config.json is readable here fills the rest."""
+    from opd_jax.models.presets import resolve_model_config
+
+    cfg = resolve_model_config(mcfg)
+    if cfg.preset is None and cfg.hf_path:
+        try:
+            from opd_jax.models.hf_io import load_hf_config
+
+            cfg = load_hf_config(cfg.hf_path, param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat)
+        except Exception as e:  # placeholder path: keep the explicit fields
+            print(f"note: could not read {cfg.hf_path}/config.json ({e}); using the explicit model fields")
+    return cfg
+
+
+def abstract_model_params(mcfg, mesh, lora=None):
+    """(ModelDef, trainable SDS, frozen SDS, trainable shardings, frozen shardings, resolved cfg)."""
+    from opd_jax.models.qwen3 import abstract_model
+    from opd_jax.train_state import split_model, tree_shardings
+
+    mcfg = model_for_aot(mcfg)
+    mdef, t_abs, f_abs, t_axes, f_axes = split_model(abstract_model(mcfg, lora))
+    t_sh, f_sh = tree_shardings(mesh, t_axes, t_abs), tree_shardings(mesh, f_axes, f_abs)
+    return mdef, _sds(t_abs, t_sh), _sds(f_abs, f_sh), t_sh, f_sh, mcfg
+
+
+def _zero_reward(tokens, mask, answer):
+    import jax.numpy as jnp
+
+    return jnp.zeros((tokens.shape[0],), jnp.float32)
+
+
+def lower_step(cfg, devices: Sequence):
+    """Lower the fused step on `devices` with abstract inputs. -> (lowered, info dict)."""
+    import jax
+    import jax.numpy as jnp
+
+    from opd_jax.mesh import make_mesh, replicated
+    from opd_jax.sampling import SamplingParams
+    from opd_jax.step import PromptBatch, StepBuilder, make_opd_step
+    from opd_jax.train_state import TrainState, make_optimizer, opt_state_shardings
+
+    if cfg.algorithm not in ("opd", "rl"):
+        raise ValueError(f"algorithm {cfg.algorithm!r}: only the fused OPD / RL step is AOT-compiled")
+    mesh = make_mesh(cfg.mesh, devices)
+    rep = replicated(mesh)
+    lora = cfg.lora if cfg.lora.rank > 0 else None
+    s_def, s_t, s_f, s_tsh, s_fsh, s_cfg = abstract_model_params(cfg.student, mesh, lora)
+    use_teachers = cfg.algorithm == "opd" or cfg.loss.kl_penalty_coef != 0
+    teachers = [abstract_model_params(t.model, mesh) for t in cfg.teachers] if use_teachers else []
+
+    optimizer = make_optimizer(cfg.optim, cfg.steps)
+    opt_sh = opt_state_shardings(optimizer, s_t, s_tsh, mesh)
+    opt_abs = _sds(jax.eval_shape(optimizer.init, s_t), opt_sh)
+    state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), trainable=s_t, frozen=s_f,
+                       opt_state=opt_abs)
+    shardings = TrainState(step=rep, trainable=s_tsh, frozen=s_fsh, opt_state=opt_sh)
+    t_params = [t[1] for t in teachers]
+    t_shardings = [t[3] for t in teachers]
+
+    G, P = cfg.groups_per_batch, cfg.sampling.max_prompt_len
+    example = PromptBatch(
+        tokens=jax.ShapeDtypeStruct((G, P), jnp.int32), mask=jax.ShapeDtypeStruct((G, P), jnp.bool_),
+        teacher_tokens=jax.ShapeDtypeStruct((G, P), jnp.int32),
+        teacher_mask=jax.ShapeDtypeStruct((G, P), jnp.bool_),
+        teacher_index=jax.ShapeDtypeStruct((), jnp.int32), answer=jax.ShapeDtypeStruct((G, 0), jnp.int32),
+    )
+    # RL: the real run grades on the host between the two halves; an in-graph placeholder reward keeps the
+    # program's shapes (and its memory / FLOPs) the same.
+    reward_fn = _zero_reward if cfg.algorithm == "rl" else None
+    builder = StepBuilder(cfg, s_def, [t[0] for t in teachers], mesh, optimizer, reward_fn=reward_fn)
+    step = make_opd_step(builder, shardings, t_shardings, example)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
+    sp = SamplingParams(temperature=jax.ShapeDtypeStruct((), jnp.float32), top_k=jax.ShapeDtypeStruct((), jnp.int32),
+                        top_p=jax.ShapeDtypeStruct((), jnp.float32))
+    with mesh:
+        lowered = step.lower(state, t_params, example, key, sp)
+    info = dict(mesh={k: int(v) for k, v in mesh.shape.items()}, state_bytes=shard_bytes(state),
+                teacher_bytes=shard_bytes(t_params), student_cfg=s_cfg,
+                teacher_cfg=teachers[0][5] if teachers else None)
+    return lowered, info
+
+
+def _analytic(cfg, info) -> dict[str, float]:
+    from opd_jax import flops
+
+    s, t = info["student_cfg"], info["teacher_cfg"]
+    P, N, B = cfg.sampling.max_prompt_len, cfg.sampling.max_new_tokens, cfg.batch_size
+    rank = cfg.lora.rank
+    if t is None:
+        causal = flops.rl_step_flops(s, B, P, N, rank, lora_targets=tuple(cfg.lora.targets))
+        dense = flops.rl_step_flops(s, B, P, N, rank, lora_targets=tuple(cfg.lora.targets), attention="dense")
+    else:
+        causal = flops.opd_step_flops(s, t, B, P, N, rank, lora_targets=tuple(cfg.lora.targets))
+        dense = flops.opd_step_flops(s, t, B, P, N, rank, lora_targets=tuple(cfg.lora.targets), attention="dense")
+    return {**causal, "dense_total": dense["total"]}
+
+
+_OOM_RE = re.compile(r"[Uu]sed ([0-9.]+)([KMGT]?) of ([0-9.]+)([KMGT]?) hbm")
+
+
+def compile_step(cfg, topology: str | None = None) -> AotReport:
+    """AOT-compile the config's fused step for `topology` (default `cfg.topology`) and measure it."""
+    from opd_jax import flops
+
+    topology = topology or cfg.topology
+    if not topology:
+        raise ValueError("no topology: pass --topology (e.g. v5p-64) or set `topology:` in the config")
+    topo = parse_topology(topology)
+    devices = topology_devices(topo)
+    chip = flops.CHIPS[topo.chip]
+    t0 = time.perf_counter()
+    lowered, info = lower_step(cfg, devices)
+    t1 = time.perf_counter()
+    report = AotReport(topology=topology, topology_name=topo.topology_name, chip=topo.chip, num_chips=topo.num_chips,
+                       mesh=info["mesh"], hbm_bytes=chip.hbm_gb * GB, state_bytes=info["state_bytes"],
+                       teacher_bytes=info["teacher_bytes"], lower_seconds=t1 - t0)
+    report.analytic_flops = _analytic(cfg, info)
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # the TPU compiler refuses programs that exceed HBM
+        report.compile_seconds = time.perf_counter() - t1
+        msg = str(e)
+        report.error = msg.splitlines()[0][:2000] if msg else type(e).__name__
+        m = _OOM_RE.search(msg)
+        if m:
+            unit = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+            report.temp_bytes = int(float(m.group(1)) * unit[m.group(2)])  # the compiler's total, as one number
+        return report
+    report.compile_seconds = time.perf_counter() - t1
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        report.argument_bytes = int(mem.argument_size_in_bytes)
+        report.output_bytes = int(mem.output_size_in_bytes)
+        report.temp_bytes = int(mem.temp_size_in_bytes)
+        report.generated_code_bytes = int(mem.generated_code_size_in_bytes)
+        report.alias_bytes = int(mem.alias_size_in_bytes)
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):  # older JAX: one dict per program
+        cost = cost[0] if cost else {}
+    if cost:
+        report.compiled_flops_per_chip = float(cost.get("flops", float("nan")))
+    return report
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------------
+def compile_main(args) -> int:
+    """`opd-jax compile CONFIG [k=v ...] [--topology T] [--json PATH]`: 0 if the step fits, 3 if not."""
+    from opd_jax.config import load_config
+
+    cfg = load_config(args.config, list(getattr(args, "overrides", []) or []))
+    topology = getattr(args, "topology", None) or cfg.topology
+    print(f"AOT-compiling the fused {cfg.algorithm} step of {args.config} for {topology} "
+          f"({cfg.groups_per_batch} prompts x {cfg.group_size} samples, prompt {cfg.sampling.max_prompt_len} + "
+          f"{cfg.sampling.max_new_tokens} new tokens, micro_batches={cfg.micro_batches}, "
+          f"sampling.micro_batches={cfg.sampling.micro_batches})", flush=True)
+    report = compile_step(cfg, topology)
+    for line in report.lines():
+        print(line)
+    if not report.fits:
+        print("levers to make it fit:")
+        for lever in levers(cfg, report):
+            print(f"  - {lever}")
+    out = getattr(args, "json", None)
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(report.to_dict(), f, indent=1, default=str)
+    return 0 if report.fits else 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m opd_jax.aot", description=compile_main.__doc__)
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--topology", default=None)
+    p.add_argument("--json", default=None, help="also write the report as JSON here")
+    return compile_main(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
