@@ -21,6 +21,10 @@ def cmd_train(args) -> int:
         from opd_jax.baselines.sft import train_sft
 
         result = train_sft(cfg)
+    elif cfg.algorithm == "rl":  # in-program reward: the fused step; host grader: split sample/grade/update
+        from opd_jax.baselines.rl import train_rl
+
+        result = train_rl(cfg)
     else:
         from opd_jax.trainer import train
 

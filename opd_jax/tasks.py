@@ -61,13 +61,23 @@ class Task(ABC):
         return {}
 
     def restore(self, state: dict) -> None:
-        pass
+        return None  # stateless by default
 
     def skip_report(self) -> str:
         return ""
 
     def grade_batch(self, completions: list[list[int]], answers: list[str]) -> list[bool]:
         return [self.grade(c, a) for c, a in zip(completions, answers, strict=True)]
+
+    def sft_examples(self, n: int) -> list[tuple[list[int], list[int]]]:
+        """Optional, for `algorithm: sft`: this process's next `n` supervised examples as (tokens, loss_mask)
+        pairs, one conversation each: the prompt in the student's template followed by the target completion,
+        loss_mask 1 on the tokens to learn (the assistant turn, its stop token included), 0 elsewhere. Advances
+        the same resumable position as `next_prompts` (`state()` / `restore()`).
+
+        Text tasks: render each conversation with `renderer.build_conversation(messages)` (e.g. draw from an
+        `opd_jax.data.dataset.SFTDataset` / `PromptDataset` of conversations and return its rendered rows)."""
+        raise NotImplementedError(f"{type(self).__name__} has no SFT examples (Task.sft_examples)")
 
     # ---- host-side packing --------------------------------------------------------------------------
     def pack(self, rows: PromptRows, max_prompt_len: int, truncate: bool) -> dict[str, np.ndarray]:

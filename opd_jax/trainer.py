@@ -6,7 +6,6 @@ reads scalar metrics out.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import signal
@@ -14,7 +13,6 @@ import time
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
@@ -25,16 +23,22 @@ from opd_jax.checkpoint import Checkpointer
 from opd_jax.config import ExperimentConfig, save_config
 from opd_jax.config.schema import LoRAConfig, ModelConfig
 from opd_jax.distributed import initialize_distributed
-from opd_jax.eval.evaluate import evaluate, write_eval
-from opd_jax.mesh import make_mesh
+from opd_jax.mesh import make_mesh, replicated
 from opd_jax.metrics import MetricsLogger
 from opd_jax.models.presets import resolve_model_config
 from opd_jax.models.qwen3 import abstract_model, build_model, model_axes
-from opd_jax.sampling import SamplingParams, sample
+from opd_jax.run_setup import make_eval_sampler, task_eval
+from opd_jax.sampling import SamplingParams
 from opd_jax.step import PromptBatch, StepBuilder, batch_shardings, make_opd_step
 from opd_jax.tasks import Task, build_task
 from opd_jax.train_state import (
-    ModelDef, TrainState, init_train_state, make_optimizer, split_model, state_shardings, tree_shardings,
+    ModelDef,
+    TrainState,
+    init_train_state,
+    make_optimizer,
+    split_model,
+    state_shardings,
+    tree_shardings,
 )
 
 
@@ -69,31 +73,35 @@ def load_model(cfg: ModelConfig, *, seed: int, mesh: Mesh, lora: LoRAConfig | No
     mdef, t_abs, f_abs, t_axes, f_axes = split_model(abstract_model(cfg, lora))
     t_sh, f_sh = tree_shardings(mesh, t_axes, t_abs), tree_shardings(mesh, f_axes, f_abs)
 
-    def init():
-        _, t, f, _, _ = split_model(build_model(cfg, seed, lora))
-        return t, f
+    if not cfg.hf_path:
+        def init():
+            _, t, f, _, _ = split_model(build_model(cfg, seed, lora))
+            return t, f
 
-    trainable, frozen = jax.jit(init, out_shardings=(t_sh, f_sh))()
-    if cfg.hf_path:
-        from opd_jax.models.hf_io import load_hf_params
+        trainable, frozen = jax.jit(init, out_shardings=(t_sh, f_sh))()
+        return LoadedModel(cfg, mdef, trainable, frozen, t_axes, f_axes)
 
-        base = load_hf_params(cfg.hf_path, cfg, mesh=mesh)
-        if mdef.lora:
-            frozen = base
-        else:
-            trainable = base
+    from opd_jax.models.hf_io import load_hf_params
+
+    base = load_hf_params(cfg.hf_path, cfg, mesh=mesh)
+    if not mdef.lora:
+        return LoadedModel(cfg, mdef, base, {}, t_axes, f_axes)
+
+    def init_adapters():  # only the LoRA leaves are materialized; the base comes from the checkpoint
+        return split_model(build_model(cfg, seed, lora))[1]
+
+    trainable = jax.jit(init_adapters, out_shardings=t_sh)()
+    frozen = base
     return LoadedModel(cfg, mdef, trainable, frozen, t_axes, f_axes)
-
-
-def merged_params(model: LoadedModel) -> tuple[dict, dict]:
-    return model.trainable, model.frozen
 
 
 # ---- run directory -----------------------------------------------------------------------------------
 def prepare_run_dir(cfg: ExperimentConfig) -> None:
     """Refuse to reuse a run directory unless resuming; `overwrite=true` moves the old one aside (never deletes)."""
     path = epath.Path(cfg.run_dir)
-    if path.exists() and any(path.iterdir()):
+    used = path.exists() and any(path.iterdir())
+    _sync_processes("opd_jax:run_dir_checked")  # all processes look before any of them writes to it
+    if used:
         if cfg.resume:
             return
         if not cfg.overwrite:
@@ -107,7 +115,15 @@ def prepare_run_dir(cfg: ExperimentConfig) -> None:
             else:
                 shutil.move(cfg.run_dir, backup)
             print(f"overwrite=true: moved the previous run to {backup}")
+        _sync_processes("opd_jax:run_dir_moved")
     path.mkdir(parents=True, exist_ok=True)
+
+
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def peak_flops_per_device(device: jax.Device) -> float:
@@ -150,7 +166,6 @@ class Trainer:
                          for i, t in enumerate(cfg.teachers)] if use_teachers else []
         self.teacher_params = [t.trainable for t in self.teachers]
         self.teacher_shardings = [tree_shardings(self.mesh, t.t_axes, t.trainable) for t in self.teachers]
-        self.route = {name: i for i, t in enumerate(cfg.teachers) for name in t.datasets}
 
         self.optimizer = make_optimizer(cfg.optim, cfg.steps)
         s = self.student
@@ -185,15 +200,29 @@ class Trainer:
         rows = self.task.next_prompts(n_local)
         if peek:
             self.task.restore(saved)
-        rows.teacher_index = self.route.get(getattr(rows, "dataset", ""), rows.teacher_index)
+        else:
+            self.last_rows = rows  # this step's prompts and answers, for a host-side grader (baselines.rl)
         arrays = self.task.pack(rows, c.sampling.max_prompt_len, c.sampling.truncate_prompts)
-        if peek:
-            return PromptBatch(**{k: jnp.asarray(v) for k, v in arrays.items()})
+        if peek:  # shapes of the global batch (every process's rows), for the shardings
+            return PromptBatch(**{k: np.zeros((c.groups_per_batch, *v.shape[1:]), v.dtype) if v.ndim else v
+                                  for k, v in arrays.items()})
         out = {}
         for name, arr in arrays.items():
             sh = getattr(self.batch_shardings, name)
-            out[name] = (jax.device_put(arr, sh) if arr.ndim == 0 else
-                         jax.make_array_from_process_local_data(sh, arr))
+            if arr.ndim == 0:
+                out[name] = jax.device_put(arr, sh)
+                continue
+            shape = (c.groups_per_batch, *arr.shape[1:])
+            mine = range(jax.process_index() * n_local, (jax.process_index() + 1) * n_local)
+            if jax.process_count() > 1 and _addressable_rows(sh, shape) != set(mine):
+                # this process's devices hold other rows than the task's slice (e.g. rows replicated when the batch
+                # does not divide over the batch axes): gather all processes' rows first
+                from jax.experimental import multihost_utils
+
+                full = multihost_utils.process_allgather(arr, tiled=True)
+                out[name] = jax.make_array_from_callback(shape, sh, lambda idx, full=full: full[idx])
+            else:
+                out[name] = jax.make_array_from_process_local_data(sh, arr, shape)
         return PromptBatch(**out)
 
     # ---- checkpoints -------------------------------------------------------------------------------------
@@ -214,36 +243,13 @@ class Trainer:
 
     # ---- eval ------------------------------------------------------------------------------------------
     def run_eval(self, tag: str) -> dict:
-        c = self.cfg
-        problems = self.task.eval_problems()
-        if c.eval.num_problems:
-            problems = problems[: c.eval.num_problems]
-        if not problems:
-            return {}
         if self._eval_fn is None:
-            mdef, mesh, N = self.student.mdef, self.mesh, c.eval.max_new_tokens
-            stops = tuple(c.sampling.stop_token_ids)
-
-            @jax.jit
-            def eval_fn(params, tokens, mask, key, sp):
-                model = mdef.merge(*params)
-                return sample(model, tokens, mask, key, sp, max_new_tokens=N, stop_token_ids=stops, mesh=mesh,
-                              layout=c.sampling.layout)
-
-            self._eval_fn = eval_fn
-        sp = SamplingParams.create(c.eval.temperature, c.eval.top_k, c.eval.top_p, greedy=c.eval.temperature <= 0)
-        n_dev = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        batch = max(n_dev, min(64, len(problems) * c.eval.k))
-        batch = int(math.ceil(batch / n_dev) * n_dev)
-        result = evaluate(
-            self._eval_fn, (self.state.trainable, self.state.frozen), problems, k=c.eval.k,
-            grade_batch=self.task.grade_batch, decode=self.task.decode, max_prompt_len=c.sampling.max_prompt_len,
-            sampling=sp, key=jax.random.fold_in(jax.random.key(c.seed + 7), int(self.state.step)),
-            batch_size=batch, pad_id=self.task.pad_id, truncate_prompts=c.sampling.truncate_prompts,
-        )
-        if jax.process_index() == 0:
-            write_eval(result, os.path.join(c.run_dir, "eval"), name=tag)
-        return result.summary()
+            # replicated samples: every process reads them back (a batch-sharded array spans other hosts' devices)
+            self._eval_fn = jax.jit(make_eval_sampler(self.student.mdef, self.mesh, self.cfg),
+                                    out_shardings=replicated(self.mesh))
+        result = task_eval(self.cfg, self.task, self._eval_fn, (self.state.trainable, self.state.frozen), self.mesh,
+                           step=int(self.state.step), out_dir=os.path.join(self.cfg.run_dir, "eval"), tag=tag)
+        return {} if result is None else result.summary()
 
     # ---- loop ------------------------------------------------------------------------------------------
     def _on_sigterm(self, signum, frame) -> None:
@@ -296,7 +302,9 @@ class Trainer:
                     self.save()
                 if self._stop_agreed():
                     print(f"SIGTERM: saving at step {done} and exiting")
-                    self.save(force=True)
+                    self.checkpointer.wait()
+                    if self.checkpointer.latest_step() != done:  # not just saved by checkpoint.every
+                        self.save(force=True)
                     self.checkpointer.wait()
                     history["preempted_at"] = done
                     return history
@@ -328,6 +336,14 @@ class Trainer:
         else:
             self.consecutive_skips = 0
         metrics["skipped_total"] = float(self.skipped_total)
+
+
+def _addressable_rows(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> set[int]:
+    """The global row indices that this process's devices hold."""
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        rows.update(range(*index[0].indices(shape[0])))
+    return rows
 
 
 def _main_thread() -> bool:

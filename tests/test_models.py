@@ -24,6 +24,7 @@ from opd_jax.mesh import make_mesh
 from opd_jax.models import hf_io
 from opd_jax.models.hf_io import convert_main, export_hf, load_hf_config, load_hf_params, merge_lora
 from opd_jax.models.qwen3 import abstract_model, positions_from_mask
+from opd_jax.models.weight_mapping import hf_to_ours
 
 torch.set_num_threads(1)
 
@@ -88,12 +89,16 @@ def maxdiff(a, b, mask) -> float:
 
 
 # ---- parity ----------------------------------------------------------------------------------------------
+GQA2_TIED_3L = dict(layers=3, heads=4, kv=2, head_dim=12, tied=True)  # head_dim == hidden/heads
+GQA4_UNTIED_3L = dict(layers=3, heads=4, kv=1, head_dim=24, tied=False)
+
+
 @pytest.mark.parametrize(
     "kw",
     [
         dict(layers=1, heads=4, kv=4, head_dim=16, tied=False),  # MHA, head_dim != hidden/heads
-        dict(layers=3, heads=4, kv=2, head_dim=12, tied=True),  # GQA 2, head_dim == hidden/heads, tied
-        dict(layers=3, heads=4, kv=1, head_dim=24, tied=False),  # GQA 4
+        GQA2_TIED_3L,
+        GQA4_UNTIED_3L,
         dict(layers=1, heads=6, kv=2, head_dim=8, tied=True),  # GQA 3, head_dim < hidden/heads
     ],
     ids=["mha-untied-1L", "gqa2-tied-3L", "gqa4-untied-3L", "gqa3-tied-1L"],
@@ -112,11 +117,11 @@ def test_parity_with_transformers(tmp_path, kw):
 
 
 def test_kv_cache_decode_matches_full_forward(tmp_path):
-    make_hf(tmp_path, layers=3, kv=2)
+    make_hf(tmp_path, **GQA2_TIED_3L)  # a parity config: the full forward's compile is shared
     cfg = load_hf_config(tmp_path)
     params = load_hf_params(tmp_path, cfg)
     graphdef = nnx.split(abstract_model(cfg))[0]
-    tokens, mask = batch(t=9)
+    tokens, mask = batch()
     tok, msk = jnp.asarray(tokens), jnp.asarray(mask)
     pos = positions_from_mask(msk)
     full = our_logits(cfg, params, tokens, mask)
@@ -147,8 +152,13 @@ def test_round_trip_single_file(tmp_path):
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     tokens, mask = batch()
     assert maxdiff(hf_logits(back, tokens, mask), hf_logits(hf, tokens, mask), mask) <= 1e-5
+    params = load_hf_params(tmp_path / "src", cfg)
     with pytest.raises(ValueError, match="already holds weights"):
-        export_hf(load_hf_params(tmp_path / "src", cfg), cfg, tmp_path / "out")
+        export_hf(params, cfg, tmp_path / "out")
+    # overwrite removes the stale single file, which transformers would otherwise prefer over the index
+    export_hf(params, cfg, tmp_path / "out", max_shard_bytes=30_000, overwrite=True)
+    assert "model.safetensors" not in os.listdir(tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
 
 
 def test_round_trip_sharded_files(tmp_path):
@@ -199,7 +209,7 @@ def test_convert_cli_bf16(tmp_path):
 
 
 # ---- errors ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fault", ["missing", "extra", "shape"])
+@pytest.mark.parametrize("fault", ["missing", "extra", "shape", "index"])
 def test_bad_checkpoint_names_the_tensor(tmp_path, fault):
     hf = make_hf(tmp_path, layers=2)
     sd = {k: v.numpy().copy() for k, v in hf.state_dict().items()}
@@ -209,15 +219,44 @@ def test_bad_checkpoint_names_the_tensor(tmp_path, fault):
     elif fault == "extra":
         name = "model.layers.0.mlp.extra_proj.weight"
         sd[name] = np.zeros((4, 4), np.float32)
-    else:
+    elif fault == "shape":
         name = "model.layers.0.self_attn.k_proj.weight"
         sd[name] = np.zeros((sd[name].shape[0] + 16, sd[name].shape[1]), np.float32)
-    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    if fault == "index":  # two shards, and an index that puts a tensor in the wrong one
+        name = "model.norm.weight"
+        os.remove(tmp_path / "model.safetensors")
+        first = {k: v for k, v in sd.items() if "layers.1." not in k}
+        save_file(first, str(tmp_path / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+        save_file({k: v for k, v in sd.items() if k not in first}, str(tmp_path / "model-00002-of-00002.safetensors"))
+        weight_map = {k: f"model-0000{1 if k in first else 2}-of-00002.safetensors" for k in sd}
+        weight_map[name] = "model-00002-of-00002.safetensors"
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    else:
+        save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     cfg = load_hf_config(tmp_path)
     with pytest.raises(ValueError, match=name.replace(".", r"\.")) as err:
         load_hf_params(tmp_path, cfg)
     if fault != "missing":
-        assert "model.safetensors" in str(err.value)
+        assert ".safetensors" in str(err.value)
+
+
+def test_slice_reads_match_full_layout_change(tmp_path):
+    """Any block of our layout read straight from the HF tensor equals the block of the fully converted one
+    (covers shardings the default rules do not use, e.g. a split head_dim)."""
+    rng = np.random.RandomState(0)
+    hf_q = rng.randn(6 * 4, 10).astype(np.float32)  # q_proj [heads*head_dim, hidden]
+    hf_o = rng.randn(10, 6 * 4).astype(np.float32)  # o_proj [hidden, heads*head_dim]
+    save_file({"q": hf_q, "o": hf_o}, str(tmp_path / "t.safetensors"))
+    tensors = hf_io._read_header(str(tmp_path / "t.safetensors"), "t.safetensors")
+    full = {"q": hf_to_ours(hf_q, True, (10, 6, 4)), "o": hf_to_ours(hf_o, True, (6, 4, 10))}
+    for _ in range(20):
+        for name, shape, n_in in (("q", (10, 6, 4), 1), ("o", (6, 4, 10), 2)):
+            idx = []
+            for d in shape:
+                a, b = sorted(rng.choice(d + 1, 2, replace=False))
+                idx.append(slice(int(a), int(b)))
+            got = hf_io._read_ours(tensors[name], True, n_in, shape, tuple(idx))
+            np.testing.assert_array_equal(got, full[name][tuple(idx)])
 
 
 # ---- sharded loading -------------------------------------------------------------------------------------
@@ -271,7 +310,7 @@ def test_bf16_load(tmp_path):
 
 # ---- LoRA ------------------------------------------------------------------------------------------------
 def test_lora_zero_b_is_base_and_merge_matches(tmp_path):
-    make_hf(tmp_path / "src", layers=2, kv=2)
+    make_hf(tmp_path / "src", **GQA4_UNTIED_3L)
     cfg = load_hf_config(tmp_path / "src")
     base = load_hf_params(tmp_path / "src", cfg)
     lora_cfg = LoRAConfig(rank=4, alpha=8.0)

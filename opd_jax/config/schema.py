@@ -112,6 +112,9 @@ class DataConfig:
 @dataclass
 class EvalConfig:
     source: str = ""  # same grammar as DataConfig.source; "" disables eval
+    prompt_field: str = "question"
+    answer_field: str = "answer"
+    split: str = "test"
     every: int = 0  # steps; 0 = only at the end
     k: int = 1  # samples per problem
     num_problems: int = 0  # 0 = all

@@ -127,6 +127,12 @@ class ArithmeticTask(Task):
         completion = self.tok.encode(p.solution) + [EOS]
         return prompt + completion, [0] * len(prompt) + [1] * len(completion)
 
+    def sft_examples(self, n: int) -> list[tuple[list[int], list[int]]]:
+        # the reference scratchpad solutions of the same row stream as next_prompts
+        start = self.position + self.process_index * n
+        self.position += n * self.process_count
+        return [self.sft_example(self.problem(start + i)) for i in range(n)]
+
     def eval_problems(self) -> list[EvalProblem]:
         return [EvalProblem(self.prompt_tokens(p), str(p.answer), p.expression) for p in self._eval]
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from etils import epath
@@ -217,6 +219,9 @@ def _normalize(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice,
 # ---- loading -------------------------------------------------------------------------------------------
 def load_hf_config(path: str | os.PathLike, **overrides) -> ModelConfig:
     """ModelConfig from `path/config.json`; keyword overrides set any field (param_dtype, dtype, remat...)."""
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:  # config_from_hf would silently setattr them
+        raise ValueError(f"load_hf_config: unknown ModelConfig field(s) {unknown}")
     hf = json.loads((epath.Path(path) / "config.json").read_text())
     overrides.setdefault("hf_path", os.fspath(path))
     return config_from_hf(hf, **overrides)
@@ -251,6 +256,8 @@ def load_hf_params(
     With a mesh, each parameter is created directly in its `opd_jax.mesh` sharding; without, on one device.
     `dtype` ("float32" / "bfloat16") defaults to `cfg.param_dtype`; the checkpoint's own dtype is cast.
     Raises ValueError naming the tensor and file for a missing, unexpected or mis-shaped tensor."""
+    if (dtype or cfg.param_dtype) not in _NP_DTYPES:
+        raise ValueError(f"load_hf_params: dtype must be one of {sorted(_NP_DTYPES)}, got {dtype or cfg.param_dtype!r}")
     target = _NP_DTYPES[dtype or cfg.param_dtype]
     _, state = nnx.split(abstract_model(cfg))
     abstract, axes = nnx.to_pure_dict(state), model_axes(state)
@@ -259,7 +266,7 @@ def load_hf_params(
         params = {}
         for name, leaf in abstract.items():
             if mesh is None:
-                sharding: Sharding = SingleDeviceSharding(jax.devices()[0])
+                sharding: Sharding = SingleDeviceSharding(jax.local_devices()[0])
             else:
                 sharding = named_sharding(mesh, axes[name], leaf.shape, rules)
             params[name] = _load_param(name, tuple(leaf.shape), tensors, cfg, sharding, target)
@@ -314,7 +321,7 @@ def merge_lora(
             raise ValueError(f"merge_lora: adapter {ka!r}/{kb!r} missing for target {name!r}")
         if name not in base_params:
             raise ValueError(f"merge_lora: base parameter {name!r} missing")
-        triples[name] = (jax.numpy.asarray(base_params[name]), lora_params[ka], lora_params[kb])
+        triples[name] = (jnp.asarray(base_params[name]), lora_params[ka], lora_params[kb])
     shardings = {name: w.sharding for name, (w, _, _) in triples.items()}
     # One jit for all targets (one compile); outputs keep each W's sharding.
     merged = jax.jit(_merge_all, static_argnums=1, out_shardings=shardings)(triples, lora_cfg.alpha / lora_cfg.rank)
@@ -325,7 +332,7 @@ def _merge_all(triples: dict[str, tuple[jax.Array, jax.Array, jax.Array]], scale
     out = {}
     for name, (w, a, b) in triples.items():
         L, r = a.shape[0], a.shape[-1]
-        delta = jax.numpy.einsum("lir,lro->lio", a.reshape(L, -1, r).astype(np.float32),
+        delta = jnp.einsum("lir,lro->lio", a.reshape(L, -1, r).astype(np.float32),
                                  b.reshape(L, r, -1).astype(np.float32), precision=jax.lax.Precision.HIGHEST)
         out[name] = (w.astype(np.float32) + scale * delta.reshape(w.shape)).astype(w.dtype)
     return out

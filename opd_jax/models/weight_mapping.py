@@ -7,6 +7,7 @@ one layer slice of our parameter, and back.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,9 +100,7 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
+    return dataclasses.replace(cfg, **overrides)  # a misspelled override raises
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:

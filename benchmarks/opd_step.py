@@ -1,0 +1,335 @@
+"""Trained tokens/s of one full OPD iteration (sample -> teacher-score -> update), three ways, in one run:
+
+1. fused:   `make_opd_step` — the whole iteration in ONE jitted XLA program.
+2. unfused: the same opd_jax arithmetic as three jitted programs (sample, teacher-score, update) with host
+            round trips between them (`jax.device_get` to numpy, back with `jnp.asarray`) — what a framework
+            with a separate inference engine does. The update reuses `StepBuilder.update_phase` with the
+            teacher scoring replaced by the precomputed, host-transferred teacher outputs, so no work is
+            duplicated; the first step is checked to give the fused step's metrics.
+3. trl:     TRL `GKDTrainer` (torch CPU), lmbda=1 (student generates: fully on-policy), beta=1 (reverse KL),
+            the same student/teacher architectures as HF `Qwen3ForCausalLM`, same batch and lengths.
+
+Every completion runs to `--new-tokens` (no stop tokens), so each iteration trains exactly
+batch * new_tokens completion tokens in every variant. Variants are interleaved per round (rotating order)
+so they share machine noise; medians are reported.
+
+    python benchmarks/opd_step.py --rounds 7
+    python benchmarks/opd_step.py --skip-trl --new-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opd_jax.config.schema import ExperimentConfig, ModelConfig
+from opd_jax.models.qwen3 import build_model, param_count
+from opd_jax.sampling import SampleOutput, SamplingParams
+from opd_jax.step import PromptBatch, StepBuilder, make_opd_step
+from opd_jax.train_state import TrainState, init_train_state, make_optimizer, split_model
+
+F32 = jnp.float32
+
+# Tiny Qwen3 configs: student ~3.4M params, teacher a bit larger (~11M).
+STUDENT = dict(vocab_size=512, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4, num_kv_heads=2,
+               head_dim=64)
+TEACHER = dict(vocab_size=512, hidden_size=384, intermediate_size=1152, num_layers=6, num_heads=6, num_kv_heads=2,
+               head_dim=64)
+
+
+class _PrecomputedTeacher(StepBuilder):
+    """`update_phase` whose teacher scoring is replaced by outputs computed earlier in a separate program:
+    pass the precomputed `(logprobs, hidden, head)` tuple where `update_phase` expects the teacher params."""
+
+    def teacher_outputs(self, teachers_params, index, t_prompt, t_pmask, completion, cmask):
+        return teachers_params
+
+
+def _copy(tree: Any) -> Any:
+    """Fresh buffers (the fused/unfused updates donate their state)."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def _block(tree: Any) -> Any:
+    return jax.block_until_ready(tree)
+
+
+class OpdBench:
+    """Builds the opd_jax student/teacher/state once and exposes one fused and one unfused iteration."""
+
+    def __init__(self, args: argparse.Namespace):
+        cfg = ExperimentConfig(groups_per_batch=args.groups, group_size=args.group_size)
+        cfg.sampling.max_new_tokens = args.new_tokens
+        cfg.sampling.max_prompt_len = args.prompt_len
+        cfg.sampling.stop_token_ids = []  # every row is full length
+        cfg.loss.kind = args.loss
+        cfg.loss.normalization = "token_mean"
+        cfg.optim.learning_rate = args.lr
+        self.cfg = cfg
+        student = build_model(ModelConfig(**STUDENT), 0)
+        teacher = build_model(ModelConfig(**TEACHER), 1)
+        sdef, trainable, frozen, _, _ = split_model(student)
+        tdef, tparams, _, _, _ = split_model(teacher)
+        self.n_student, self.n_teacher = param_count(trainable), param_count(tparams)
+        opt = make_optimizer(cfg.optim, cfg.steps)
+        base = init_train_state(opt, trainable, frozen)
+        self.teachers = [tparams]
+        rng = np.random.default_rng(0)
+        toks = jnp.asarray(rng.integers(2, STUDENT["vocab_size"], (args.groups, args.prompt_len)), jnp.int32)
+        ones = jnp.ones(toks.shape, bool)
+        self.batch = PromptBatch(tokens=toks, mask=ones, teacher_tokens=toks, teacher_mask=ones,
+                                 teacher_index=jnp.zeros((), jnp.int32), answer=jnp.zeros((args.groups, 0), jnp.int32))
+        self.prompt_tokens = np.asarray(toks)
+        self.key = jax.random.key(args.seed)
+        self.sp = SamplingParams.create(temperature=1.0)
+        builder = StepBuilder(cfg, sdef, [tdef], None, opt)
+        pre = _PrecomputedTeacher(cfg, sdef, [tdef], None, opt)
+        if cfg.micro_batches != 1:
+            raise ValueError("the unfused update feeds whole-batch teacher outputs: micro_batches must be 1")
+        self.fused_state, self.unfused_state = _copy(base), _copy(base)
+        K = cfg.group_size
+
+        def sample_fn(state: TrainState, batch: PromptBatch, key: jax.Array, sp: SamplingParams) -> SampleOutput:
+            # the fused step folds the step into the key first; do the same so both draw identical samples
+            return builder.sample_phase(state, batch, jax.random.fold_in(key, state.step), sp)
+
+        def teacher_fn(teachers: list, batch: PromptBatch, samples: SampleOutput):
+            tp = jnp.repeat(batch.teacher_tokens, K, axis=0)
+            tpm = jnp.repeat(batch.teacher_mask, K, axis=0)
+            return builder.teacher_outputs(teachers, batch.teacher_index, tp, tpm, samples.tokens,
+                                           samples.mask.astype(F32))
+
+        # AOT-compile everything up front so compile time is measured apart from run time.
+        t0 = time.perf_counter()
+        self.fused = make_opd_step(builder, None, None, self.batch).lower(
+            self.fused_state, self.teachers, self.batch, self.key, self.sp).compile()
+        self.compile_fused = time.perf_counter() - t0
+        s_abs = jax.eval_shape(sample_fn, base, self.batch, self.key, self.sp)
+        t_abs = jax.eval_shape(teacher_fn, self.teachers, self.batch, s_abs)
+        t0 = time.perf_counter()
+        self.sample = jax.jit(sample_fn).lower(base, self.batch, self.key, self.sp).compile()
+        self.teacher = jax.jit(teacher_fn).lower(self.teachers, self.batch, s_abs).compile()
+        self.update = jax.jit(pre.update_phase, donate_argnums=(0,)).lower(
+            self.unfused_state, t_abs, self.batch, s_abs).compile()
+        self.compile_unfused = time.perf_counter() - t0
+        self.phases: dict[str, list[float]] = {"sample": [], "teacher": [], "update": [], "host_transfer": []}
+
+    def fused_iter(self) -> tuple[float, dict]:
+        t0 = time.perf_counter()
+        self.fused_state, m = self.fused(self.fused_state, self.teachers, self.batch, self.key, self.sp)
+        _block((self.fused_state, m))
+        return time.perf_counter() - t0, m
+
+    def unfused_iter(self, record: bool = True) -> tuple[float, dict]:
+        t = [time.perf_counter()]
+        samples = _block(self.sample(self.unfused_state, self.batch, self.key, self.sp))
+        t.append(time.perf_counter())
+        samples = jax.tree.map(jnp.asarray, jax.device_get(samples))  # to the "trainer" via host
+        t.append(time.perf_counter())
+        t_out = _block(self.teacher(self.teachers, self.batch, samples))
+        t.append(time.perf_counter())
+        t_out = jax.tree.map(jnp.asarray, jax.device_get(t_out))  # teacher outputs back via host
+        t.append(time.perf_counter())
+        self.unfused_state, m = self.update(self.unfused_state, t_out, self.batch, samples)
+        _block((self.unfused_state, m))
+        t.append(time.perf_counter())
+        d = np.diff(t)
+        if record:
+            for name, v in zip(("sample", "teacher", "update"), (d[0], d[2], d[4]), strict=True):
+                self.phases[name].append(float(v))
+            self.phases["host_transfer"].append(float(d[1] + d[3]))
+        return t[-1] - t[0], m
+
+    def check_same_work(self) -> None:
+        """First step from identical states and key: fused and unfused must agree (also the warm-up)."""
+        _, mf = self.fused_iter()
+        _, mu = self.unfused_iter(record=False)
+        mf, mu = jax.device_get(mf), jax.device_get(mu)
+        print("first-step check (fused vs unfused, same key):")
+        for k in ("loss", "teacher_kl", "grad_norm", "entropy", "num_tokens"):
+            print(f"  {k:<11} fused={float(mf[k]): .6e}  unfused={float(mu[k]): .6e}")
+            if not np.allclose(mf[k], mu[k], rtol=1e-4, atol=1e-6):
+                raise SystemExit(f"fused and unfused pipelines disagree on {k}: not the same work")
+        diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+            jax.tree.leaves(self.fused_state.trainable), jax.tree.leaves(self.unfused_state.trainable), strict=True))
+        print(f"  max |param diff| after the update: {diff:.2e}")
+
+
+def _tiny_tokenizer(vocab_size: int):
+    """A local word-level tokenizer over "t{i}" words (no download); chat template = contents joined by spaces."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1} | {f"t{i}": i for i in range(2, vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+        chat_template="{% for m in messages %}{{ m['content'] }} {% endfor %}",
+    )
+
+
+def _hf_qwen3(dims: dict, seed: int):
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=dims["vocab_size"], hidden_size=dims["hidden_size"],
+                      intermediate_size=dims["intermediate_size"], num_hidden_layers=dims["num_layers"],
+                      num_attention_heads=dims["num_heads"], num_key_value_heads=dims["num_kv_heads"],
+                      head_dim=dims["head_dim"], max_position_embeddings=512, tie_word_embeddings=False,
+                      rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    model = Qwen3ForCausalLM(cfg)
+    model.generation_config.eos_token_id = None  # no stop token: every completion is full length
+    return model
+
+
+def run_with_trl(args: argparse.Namespace, prompts: np.ndarray, rounds: list[Callable[[str], None]],
+                 times: list[float], tokens: list[int]) -> dict:
+    """Run GKDTrainer.train() for warm-up + rounds steps. Each step is timed from on_step_begin to on_step_end
+    (generate -> student/teacher forward -> loss -> backward -> optimizer step; batch collation excluded).
+    The opd_jax variants of each round run inside the callbacks, before or after the TRL step."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from transformers.utils import logging as hf_logging
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    hf_logging.set_verbosity_error()
+    student, teacher = _hf_qwen3(STUDENT, 0), _hf_qwen3(TEACHER, 1)
+    tokenizer = _tiny_tokenizer(STUDENT["vocab_size"])
+    # Each of the G prompts appears group_size times: the same 32 sequences per step as opd_jax.
+    rows = np.repeat(prompts, args.group_size, axis=0)
+    data = Dataset.from_list([{"messages": [{"role": "user", "content": " ".join(f"t{t}" for t in r)},
+                                            {"role": "assistant", "content": "t2"}]} for r in rows])
+
+    class Trainer(GKDTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            tokens.append(int((inputs["labels"][:, 1:] != -100).sum()))  # trained completion tokens
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    class Interleave(TrainerCallback):
+        """Round r runs opd_jax variants before/after TRL's step r (order rotates across rounds)."""
+
+        def __init__(self):
+            self.t0 = 0.0
+
+        def _round(self, state) -> int:
+            return state.global_step - args.trl_warmup  # global_step counts completed steps
+
+        def on_step_begin(self, a, state, control, **kw):
+            r = self._round(state)
+            if r >= 0:
+                rounds[r]("before")
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            dt = time.perf_counter() - self.t0
+            r = self._round(state) - 1  # global_step was incremented before on_step_end
+            if r >= 0:
+                times.append(dt)
+                rounds[r]("after")
+
+    with tempfile.TemporaryDirectory() as out:
+        gcfg = GKDConfig(
+            output_dir=out, per_device_train_batch_size=rows.shape[0], max_steps=args.trl_warmup + args.rounds,
+            learning_rate=args.lr, lr_scheduler_type="constant", lmbda=1.0, beta=1.0, temperature=1.0,
+            max_new_tokens=args.new_tokens, gradient_checkpointing=False, bf16=False, use_cpu=True,
+            report_to="none", save_strategy="no", logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0,
+            seed=args.seed,
+        )
+        trainer = Trainer(model=student, teacher_model=teacher, args=gcfg, train_dataset=data,
+                          processing_class=tokenizer, callbacks=[Interleave()])
+        trainer.train()
+    return dict(trl=trl.__version__, torch=torch.__version__, threads=torch.get_num_threads(),
+                gkd_loss="generalized JSD, beta=1 (full-vocab reverse KL)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5, help="timed iterations per variant (after warm-up)")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--groups", type=int, default=8, help="prompts per step (groups_per_batch)")
+    p.add_argument("--group-size", type=int, default=4, help="samples per prompt")
+    p.add_argument("--loss", default="importance_sampling", choices=["importance_sampling", "reverse_kl"],
+                   help="opd_jax loss: sampled-token OPD (default) or full-vocab reverse KL (= GKD beta=1)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trl-warmup", type=int, default=1, help="untimed TRL steps before the rounds")
+    p.add_argument("--skip-trl", action="store_true")
+    args = p.parse_args()
+
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}; "
+          f"batch {args.groups}x{args.group_size}, prompt {args.prompt_len}, new tokens {args.new_tokens}, "
+          f"loss {args.loss}")
+    bench = OpdBench(args)
+    print(f"student {bench.n_student / 1e6:.2f}M params, teacher {bench.n_teacher / 1e6:.2f}M params")
+    print(f"compile: fused {bench.compile_fused:.1f}s, unfused (3 programs) {bench.compile_unfused:.1f}s")
+    bench.check_same_work()
+
+    times: dict[str, list[float]] = {"fused": [], "unfused": []}
+    tokens: dict[str, list[int]] = {"fused": [], "unfused": []}
+    names = ["fused", "unfused"] + ([] if args.skip_trl else ["trl"])
+
+    def run_variant(name: str) -> None:
+        dt, m = bench.fused_iter() if name == "fused" else bench.unfused_iter()
+        times[name].append(dt)
+        tokens[name].append(int(m["num_tokens"]))
+
+    def make_round(r: int) -> Callable[[str], None]:
+        order = names[r % len(names):] + names[: r % len(names)]
+        before = order[: order.index("trl")] if "trl" in order else order
+        after = order[order.index("trl") + 1:] if "trl" in order else []
+        return lambda when: [run_variant(n) for n in (before if when == "before" else after)]
+
+    rounds = [make_round(r) for r in range(args.rounds)]
+    info: dict = {}
+    if args.skip_trl:
+        for r in range(args.rounds):
+            rounds[r]("before")
+    else:
+        times["trl"], tokens["trl"] = [], []
+        info = run_with_trl(args, bench.prompt_tokens, rounds, times["trl"], tokens["trl"])
+        tokens["trl"] = tokens["trl"][args.trl_warmup:]
+
+    per_iter = args.groups * args.group_size * args.new_tokens
+    rate = {}
+    print(f"\n{'variant':<10} {'median s/iter':>14} {'min s/iter':>11} {'tokens/iter':>12} {'tokens/s':>10}  n")
+    for n in names:
+        ts = times[n]
+        if not tokens[n] or set(tokens[n]) != {per_iter}:
+            raise SystemExit(f"{n}: trained {sorted(set(tokens[n]))} tokens per iteration, expected {per_iter}")
+        rate[n] = per_iter / statistics.median(ts)
+        print(f"{n:<10} {statistics.median(ts):>14.3f} {min(ts):>11.3f} {per_iter:>12d} {rate[n]:>10.0f}  {len(ts)}")
+    ph = {k: statistics.median(v) for k, v in bench.phases.items()}
+    total = sum(ph.values())
+    print("\nunfused phase medians: " + ", ".join(f"{k} {v * 1e3:.1f} ms ({100 * v / total:.1f}%)"
+                                                 for k, v in ph.items()))
+    if info:
+        print(f"trl {info['trl']} GKDTrainer, torch {info['torch']} ({info['threads']} threads), "
+              f"loss {info['gkd_loss']}")
+    print()
+    print(f"fused_compile_s: {bench.compile_fused:.1f}")
+    print(f"fused_tokens_per_s: {rate['fused']:.0f}")
+    print(f"unfused_tokens_per_s: {rate['unfused']:.0f}")
+    if "trl" in rate:
+        print(f"trl_tokens_per_s: {rate['trl']:.0f}")
+    print(f"fused_vs_unfused: {rate['fused'] / rate['unfused']:.2f}x")
+    if "trl" in rate:
+        print(f"fused_vs_trl: {rate['fused'] / rate['trl']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

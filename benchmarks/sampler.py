@@ -1,0 +1,123 @@
+"""Generated tokens/s: opd_jax's KV-cache sampler vs `transformers.generate` (torch, CPU), in one run.
+
+Both run the same weights of a tiny random Qwen3 (4 layers, hidden 256, vocab 512, 4 heads / 2 KV heads,
+head_dim 64, intermediate 768: ~3.4M params) in fp32, batch 32, 32-token prompts, for 64 and 256 new tokens
+with no stop token (HF is forced to full length with `min_new_tokens`). Sampling is plain T=1 (HF's default
+top-k 50 is switched off), plus greedy. Compile time / first-call overhead is excluded by one warm-up call;
+each figure is the median of `--runs` timed calls, with opd_jax and HF calls interleaved so both see the same
+machine load. Threads: torch uses its default intra-op thread count (`torch.get_num_threads()`, printed);
+XLA's CPU backend uses its own default pool over all cores. Run: `python benchmarks/sampler.py [--runs 5]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+import torch
+from flax import nnx
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from opd_jax.models.hf_io import load_hf_config, load_hf_params
+from opd_jax.models.qwen3 import abstract_model, param_count
+from opd_jax.sampling import SamplingParams, make_sampler
+
+HF_CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=64, tie_word_embeddings=False, rope_theta=10000.0,
+                 max_position_embeddings=1024)
+BATCH, PROMPT_LEN, PAD = 32, 32, 0
+
+
+def build(tmp: str) -> tuple[Qwen3ForCausalLM, Callable[[int], Callable]]:
+    """The HF model, and `sampler(max_new_tokens) -> fn(key, sp)` running opd_jax on the same weights."""
+    torch.manual_seed(0)
+    hf = Qwen3ForCausalLM(Qwen3Config(**HF_CONFIG)).eval()
+    hf.save_pretrained(tmp)
+    cfg = load_hf_config(tmp)
+    params = load_hf_params(tmp, cfg)
+    graphdef, _ = nnx.split(abstract_model(cfg))
+    prompts = np.random.RandomState(0).randint(1, cfg.vocab_size, (BATCH, PROMPT_LEN)).astype(np.int32)
+    tokens, mask = jax.device_put(prompts), jax.device_put(np.ones_like(prompts, bool))
+
+    def sampler(n: int) -> Callable:
+        fn = make_sampler(graphdef, max_new_tokens=n, pad_id=PAD)
+        return lambda key, sp: fn(params, tokens, mask, key, sp)
+
+    print(f"model: {param_count(params) / 1e6:.2f}M params, batch {BATCH}, prompt {PROMPT_LEN} tokens")
+    hf.prompts = torch.tensor(prompts, dtype=torch.long)
+    return hf, sampler
+
+
+def hf_generate(hf: Qwen3ForCausalLM, n: int, greedy: bool) -> None:
+    kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+    with torch.inference_mode():
+        out = hf.generate(hf.prompts, attention_mask=torch.ones_like(hf.prompts), max_new_tokens=n,
+                          min_new_tokens=n, eos_token_id=None, pad_token_id=PAD, **kw)
+    assert out.shape[1] == PROMPT_LEN + n
+
+
+def bench(hf: Qwen3ForCausalLM, sampler: Callable, n: int, greedy: bool, runs: int) -> tuple[float, float]:
+    """Median seconds per call (opd_jax, HF) after one warm-up each; calls interleaved."""
+    fn = sampler(n)
+    sp = SamplingParams.create(greedy=greedy, temperature=1.0)
+    out = jax.block_until_ready(fn(jax.random.key(0), sp))  # compile
+    assert int(out.lengths.min()) == n
+    hf_generate(hf, n, greedy)
+    ours, theirs = [], []
+    for i in range(runs):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(jax.random.key(i + 1), sp))
+        ours.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        hf_generate(hf, n, greedy)
+        theirs.append(time.perf_counter() - t)
+    return statistics.median(ours), statistics.median(theirs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=5, help="timed calls per setting (median reported)")
+    ap.add_argument("--new-tokens", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--no-greedy", action="store_true", help="only time T=1 sampling")
+    args = ap.parse_args(argv)
+
+    print(f"jax {jax.__version__} backend={jax.default_backend()} devices={len(jax.devices())}; "
+          f"torch {torch.__version__} threads={torch.get_num_threads()}; cpu_count={os.cpu_count()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        hf, sampler = build(tmp)
+    results: dict[tuple[str, int], tuple[float, float]] = {}
+    modes = ["sample"] + ([] if args.no_greedy else ["greedy"])
+    for mode in modes:
+        for n in args.new_tokens:
+            results[mode, n] = bench(hf, sampler, n, mode == "greedy", args.runs)
+
+    print(f"\n{'mode':<7} {'new':>4} {'opd_jax s':>10} {'hf s':>8} {'opd_jax tok/s':>14} {'hf tok/s':>9} "
+          f"{'speedup':>8} {'opd_jax ms/step':>16}")
+    for (mode, n), (ours, theirs) in results.items():
+        print(f"{mode:<7} {n:>4} {ours:>10.3f} {theirs:>8.3f} {BATCH * n / ours:>14.0f} {BATCH * n / theirs:>9.0f} "
+              f"{theirs / ours:>7.2f}x {1e3 * ours / n:>16.2f}")
+
+    print()
+    for n in args.new_tokens:  # headline figures: T=1 sampling
+        ours, theirs = results["sample", n]
+        print(f"opd_jax_tok_s_{n}: {BATCH * n / ours:.0f}")
+        print(f"hf_tok_s_{n}: {BATCH * n / theirs:.0f}")
+        print(f"speedup_{n}: {theirs / ours:.2f}x")
+    if not args.no_greedy:
+        for n in args.new_tokens:
+            ours, theirs = results["greedy", n]
+            print(f"greedy_speedup_{n}: {theirs / ours:.2f}x")
+    lo, hi = min(args.new_tokens), max(args.new_tokens)
+    if lo != hi:
+        growth = (results["sample", hi][0] / hi) / (results["sample", lo][0] / lo)
+        print(f"per_token_time_growth_{lo}_to_{hi}: {growth:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

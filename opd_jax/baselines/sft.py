@@ -1,0 +1,402 @@
+"""SFT / off-policy distillation baseline: token-level cross entropy on the assistant tokens (loss mask) only.
+
+One jitted program per step (forward, chunked cross entropy, backward, optax update, non-finite skip), with
+explicit in/out shardings and the train state donated. Logits exist one sequence chunk at a time
+(`losses.chunked_map`), so no [batch, seq, vocab] fp32 tensor is ever live.
+
+Data. Rows are (tokens, loss_mask) pairs, one conversation per row, right-padded (no sequence packing: the model
+has a pad mask but no segment ids, so packed conversations would attend to each other). Each batch is padded
+to the smallest power-of-two length bucket that fits its longest row (single-process runs; several processes
+pad to the cap so every host feeds one shape); the cap is `sampling.max_prompt_len + sampling.max_new_tokens`,
+longer rows are cut to it and counted (`truncated_rows`). Rows per step: `groups_per_batch * group_size`
+(the number of sequences an OPD step trains on). The objective is the mean NLL over the batch's loss tokens.
+
+Where rows come from:
+- the task: `Task.sft_examples(n)` (synthetic: the reference scratchpad solutions; text tasks: rendered
+  conversations), resumable through the task's state;
+- a fixed list: `train_sft(cfg, examples=...)`, e.g. teacher samples (off-policy distillation proper):
+
+      teacher, _ = load_run_model(cfg.teachers[0].model, teacher_run_dir, seed=0, mesh=mesh)
+      rows = teacher_sft_examples(teacher, task, 4096, SamplingParams.create(0.7), max_new_tokens=256,
+                                  max_prompt_len=cfg.sampling.max_prompt_len, mesh=mesh, only_correct=True)
+      train_sft(cfg, examples=rows)
+
+The training loop (eval schedule, checkpoints and resume, metrics, SIGTERM, non-finite tracking) is the
+OPD `Trainer`'s: `SFTTrainer` subclasses it with its own set-up, data and step.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from opd_jax import flops, losses
+from opd_jax.checkpoint import Checkpointer
+from opd_jax.config import ExperimentConfig, save_config
+from opd_jax.distributed import initialize_distributed
+from opd_jax.mesh import batch_sharding, make_mesh, replicated
+from opd_jax.metrics import MetricsLogger
+from opd_jax.models.qwen3 import positions_from_mask
+from opd_jax.run_setup import global_rows, resolve_stop_tokens
+from opd_jax.sampling import SamplingParams, pad_prompts, sample
+from opd_jax.tasks import Task, build_task
+from opd_jax.train_state import ModelDef, TrainState, init_train_state, make_optimizer, state_shardings
+from opd_jax.trainer import LoadedModel, Trainer, load_model, prepare_run_dir
+
+__all__ = ["SFTBatch", "SFTTrainer", "ListSFTSource", "TaskSFTSource", "length_buckets", "make_sft_step",
+           "pack_rows", "sft_step", "teacher_sft_examples", "train_sft"]
+
+F32 = jnp.float32
+Example = tuple[list[int], list[int]]  # (tokens, loss_mask)
+
+
+# ---- batches -----------------------------------------------------------------------------------------
+@struct.dataclass
+class SFTBatch:
+    tokens: jax.Array  # [B, S] int32, right-padded
+    mask: jax.Array  # [B, S] bool: real tokens
+    loss_mask: jax.Array  # [B, S] f32: 1 where tokens[b, t] is a target (predicted from position t-1)
+
+
+def length_buckets(max_len: int, min_bucket: int = 16) -> list[int]:
+    """Powers of two from `min_bucket` below `max_len`, then `max_len` itself."""
+    out, b = [], min_bucket
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    return out + [max_len]
+
+
+def pack_rows(rows: Sequence[Example], max_len: int, *, pad_id: int = 0,
+              buckets: Sequence[int] | None = None) -> tuple[dict[str, np.ndarray], int]:
+    """Right-pad (tokens, loss_mask) rows to the smallest bucket >= the longest row (or to `max_len`).
+    Rows over `max_len` are cut to it. Returns (arrays for `SFTBatch`, number of cut rows)."""
+    if not rows:
+        raise ValueError("SFT: no rows to pack")
+    cut = sum(len(t) > max_len for t, _ in rows)
+    rows = [(list(t)[:max_len], list(m)[:max_len]) for t, m in rows]
+    longest = max(len(t) for t, _ in rows)
+    width = next((b for b in sorted(buckets) if longest <= b <= max_len), max_len) if buckets else max_len
+    B = len(rows)
+    tokens = np.full((B, width), pad_id, np.int32)
+    mask = np.zeros((B, width), bool)
+    loss_mask = np.zeros((B, width), np.float32)
+    for i, (t, m) in enumerate(rows):
+        if len(t) != len(m):
+            raise ValueError(f"SFT row {i}: {len(t)} tokens but {len(m)} loss-mask entries")
+        tokens[i, : len(t)] = t
+        mask[i, : len(t)] = True
+        loss_mask[i, : len(m)] = m
+    loss_mask[:, 0] = 0.0  # nothing predicts the first token
+    return dict(tokens=tokens, mask=mask, loss_mask=loss_mask), cut
+
+
+# ---- data sources ------------------------------------------------------------------------------------
+class TaskSFTSource:
+    """Rows from `task.sft_examples(n)`; the position is the task's own state."""
+
+    def __init__(self, task: Task):
+        self.task = task
+
+    def next(self, n: int) -> list[Example]:
+        return self.task.sft_examples(n)
+
+    def state(self) -> dict:
+        return {"task": self.task.state()}
+
+    def restore(self, state: dict) -> None:
+        self.task.restore(state.get("task", {}))
+
+
+class ListSFTSource:
+    """Rows from a fixed list (this process's), visited in a seeded permutation per epoch; resumable."""
+
+    def __init__(self, examples: Sequence[Example], seed: int = 0):
+        if not examples:
+            raise ValueError("SFT: the example list is empty")
+        self.examples = list(examples)
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
+
+    def next(self, n: int) -> list[Example]:
+        out = []
+        while len(out) < n:
+            if self.position >= len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation()
+            out.append(self.examples[int(self._order[self.position])])
+            self.position += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "num_examples": len(self.examples)}
+
+    def restore(self, state: dict) -> None:
+        if state.get("num_examples", len(self.examples)) != len(self.examples):
+            raise ValueError(f"SFT resume: the checkpoint was written with {state['num_examples']} examples, "
+                             f"this run has {len(self.examples)}")
+        self.epoch, self.position = int(state.get("epoch", 0)), int(state.get("position", 0))
+        self._order = self._permutation()
+
+
+# ---- the step ----------------------------------------------------------------------------------------
+def sft_step(mdef: ModelDef, optimizer: optax.GradientTransformation, mesh: Mesh | None, state: TrainState,
+             batch: SFTBatch, *, logprob_chunk: int, micro_batches: int = 1) -> tuple[TrainState, dict]:
+    """One SFT update (traced): mean NLL over the loss tokens, gradients accumulated over `micro_batches`,
+    skipped (weights and moments unchanged) when the loss or the gradient norm is not finite."""
+    B, S = batch.tokens.shape
+    if B % micro_batches:
+        raise ValueError(f"micro_batches={micro_batches} does not divide the SFT batch of {B} rows")
+    targets_w = batch.loss_mask[:, 1:].astype(F32)
+    n_loss = jnp.maximum(jnp.sum(targets_w), 1.0)  # one global denominator: micro-batches add up
+
+    def mb_loss(trainable, tok, m, w):
+        model = mdef.merge(trainable, state.frozen)
+        h, _ = model(tok, positions_from_mask(m), m, mesh=mesh)
+
+        def chunk_fn(hh, y):
+            logits = model.logits(hh)
+            hit = jax.lax.stop_gradient(jnp.argmax(logits, -1) == y).astype(F32)
+            return {"lp": losses.token_logprobs(logits, y), "hit": hit}
+
+        out = losses.chunked_map(chunk_fn, logprob_chunk, h[:, :-1], tok[:, 1:])
+        nll = -jnp.sum(out["lp"] * w)
+        return nll / n_loss, {"nll": jax.lax.stop_gradient(nll), "hit": jnp.sum(out["hit"] * w)}
+
+    def mb_body(grads, xs):
+        tok, m, w = xs
+        (_, aux), g = jax.value_and_grad(mb_loss, has_aux=True)(state.trainable, tok, m, w)
+        return jax.tree.map(jnp.add, grads, g), aux
+
+    xs = (batch.tokens, batch.mask, targets_w)
+    zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+    if micro_batches == 1:
+        grads, aux = mb_body(zeros, xs)
+    else:
+        split = lambda x: x.reshape(micro_batches, B // micro_batches, *x.shape[1:])
+        grads, aux = jax.lax.scan(mb_body, zeros, tuple(split(x) for x in xs))
+        aux = jax.tree.map(jnp.sum, aux)
+
+    loss = aux["nll"] / n_loss
+    grad_norm = optax.tree.norm(grads)
+    updates, new_opt = optimizer.update(grads, state.opt_state, state.trainable)
+    new_params = optax.apply_updates(state.trainable, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = TrainState(step=state.step + 1, trainable=keep(new_params, state.trainable), frozen=state.frozen,
+                           opt_state=keep(new_opt, state.opt_state))
+    real = jnp.sum(batch.mask.astype(F32))
+    metrics = dict(
+        loss=loss, token_accuracy=aux["hit"] / n_loss, grad_norm=grad_norm, num_tokens=jnp.sum(targets_w),
+        seq_tokens=real, pad_fraction=1.0 - real / (B * S), skipped=(~finite).astype(F32),
+    )
+    return new_state, metrics
+
+
+def make_sft_step(mdef: ModelDef, optimizer: optax.GradientTransformation, mesh: Mesh, *, logprob_chunk: int,
+                  micro_batches: int = 1, shardings: TrainState | None = None, batch_size: int | None = None):
+    """`step(state, SFTBatch) -> (state, metrics)` as one `jax.jit`: state donated, explicit shardings when
+    `shardings` and `batch_size` are given. Every length bucket is one compile (the row sharding does not
+    depend on the length)."""
+
+    def fn(state, batch):
+        return sft_step(mdef, optimizer, mesh, state, batch, logprob_chunk=logprob_chunk,
+                        micro_batches=micro_batches)
+
+    if shardings is None or batch_size is None:
+        return jax.jit(fn, donate_argnums=(0,))
+    rows = batch_sharding(mesh, (batch_size, 1))
+    batch_sh = SFTBatch(tokens=rows, mask=rows, loss_mask=rows)
+    return jax.jit(fn, in_shardings=(shardings, batch_sh), out_shardings=(shardings, replicated(mesh)),
+                   donate_argnums=(0,))
+
+
+# ---- trainer -------------------------------------------------------------------------------------------
+class SFTTrainer(Trainer):
+    """`Trainer`'s loop (`run`: eval schedule, checkpoints, resume, metrics, SIGTERM, non-finite tracking) with
+    the SFT set-up, data and step. `examples`: train on this fixed list instead of `task.sft_examples`."""
+
+    def __init__(self, cfg: ExperimentConfig, task: Task | None = None, examples: Sequence[Example] | None = None):
+        if cfg.algorithm != "sft":
+            raise ValueError(f"SFTTrainer: algorithm must be 'sft', got {cfg.algorithm!r}")
+        initialize_distributed(cfg.distributed)
+        self.cfg = cfg
+        prepare_run_dir(cfg)
+        if jax.process_index() == 0:
+            save_config(cfg, cfg.run_dir)
+        self.mesh = make_mesh(cfg.mesh)
+        n_proc = jax.process_count()
+        if cfg.batch_size % n_proc:
+            raise ValueError(f"batch of {cfg.batch_size} rows must divide over {n_proc} processes")
+        self.task = task or build_task(cfg, process_index=jax.process_index(), process_count=n_proc)
+        resolve_stop_tokens(cfg, self.task)
+        self.source = ListSFTSource(examples, seed=cfg.data.shuffle_seed) if examples is not None else \
+            TaskSFTSource(self.task)
+        self.max_len = cfg.sampling.max_prompt_len + cfg.sampling.max_new_tokens
+        self.buckets = length_buckets(self.max_len) if n_proc == 1 else None  # hosts must agree on shapes
+
+        self.student = load_model(cfg.student, seed=cfg.seed, mesh=self.mesh, lora=cfg.lora)
+        self.teachers, self.teacher_params, self.teacher_shardings, self.route = [], [], [], {}
+        self.optimizer = make_optimizer(cfg.optim, cfg.steps)
+        s = self.student
+        self.shardings = state_shardings(self.optimizer, s.trainable, s.frozen, s.t_axes, s.f_axes, self.mesh)
+        self.state = init_train_state(self.optimizer, s.trainable, s.frozen, self.shardings)
+        self.batch_sharding = batch_sharding(self.mesh, (cfg.batch_size, 1))
+        self.sft_fn = make_sft_step(s.mdef, self.optimizer, self.mesh, logprob_chunk=cfg.loss.logprob_chunk,
+                                    micro_batches=cfg.micro_batches, shardings=self.shardings,
+                                    batch_size=cfg.batch_size)
+        self.step_fn = self._step
+        self.key, self.sp = jax.random.key(cfg.seed), None  # unused: SFT does not sample
+        self.checkpointer = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"),
+                                         max_to_keep=cfg.checkpoint.max_to_keep, async_save=cfg.checkpoint.async_save)
+        self.logger = MetricsLogger(cfg.run_dir, total_steps=cfg.steps, tensorboard=cfg.logging.tensorboard,
+                                    wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
+                                    progress=cfg.logging.progress)
+        self._eval_fn = None
+        self._stop_requested = False
+        self.skipped_total = 0
+        self.consecutive_skips = 0
+        self.truncated_rows = 0
+        self.start_step = 0
+        if cfg.resume and self.checkpointer.latest_step() is not None:
+            self._restore()
+
+    # ---- data ------------------------------------------------------------------------------------------
+    def _next_batch(self, peek: bool = False) -> SFTBatch:
+        n_local = self.cfg.batch_size // jax.process_count()
+        arrays, cut = pack_rows(self.source.next(n_local), self.max_len, pad_id=self.task.pad_id,
+                                buckets=self.buckets)
+        if cut and self.truncated_rows == 0:
+            print(f"SFT: {cut} row(s) longer than sampling.max_prompt_len + max_new_tokens = {self.max_len} were "
+                  "cut (counted in the truncated_rows metric)")
+        self.truncated_rows += cut
+        return SFTBatch(**{k: global_rows(v, self.batch_sharding) for k, v in arrays.items()})
+
+    def _step(self, state, teacher_params, batch: SFTBatch, key, sp):
+        state, metrics = self.sft_fn(state, batch)
+        width = batch.tokens.shape[1]
+        f = flops.sft_flops(self.student.cfg, self.cfg.batch_size, width, lora_rank=self.cfg.lora.rank)["total"]
+        return state, {**metrics, "seq_len": width, "truncated_rows": self.truncated_rows,
+                       "step_flops": float(f)}
+
+    def step_flops(self) -> float:
+        # constant only without length buckets; with them see the per-step `step_flops` metric
+        if self.buckets is not None and len(self.buckets) > 1:
+            return float("nan")
+        c = self.cfg
+        return float(flops.sft_flops(self.student.cfg, c.batch_size, self.max_len, lora_rank=c.lora.rank)["total"])
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+    def _meta(self) -> dict:
+        return {"data": self.source.state(), "seed": self.cfg.seed, "skipped_total": self.skipped_total,
+                "truncated_rows": self.truncated_rows}
+
+    def _restore(self) -> None:
+        self.state, meta, step = self.checkpointer.restore(self.state)
+        self.source.restore(meta.get("data", {}))
+        self.skipped_total = int(meta.get("skipped_total", 0))
+        self.truncated_rows = int(meta.get("truncated_rows", 0))
+        self.start_step = step
+        if jax.process_index() == 0:
+            print(f"resumed from {self.cfg.run_dir} at step {step}")
+
+
+def train_sft(cfg: ExperimentConfig, *, task: Task | None = None, examples: Sequence[Example] | None = None) -> dict:
+    """`opd-jax train` with `algorithm: sft`. Same return shape as `Trainer.run()` (first/last/eval_start/eval_end)."""
+    return SFTTrainer(cfg, task, examples).run()
+
+
+# ---- teacher samples (off-policy distillation) --------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _sampler(mdef: ModelDef, max_new_tokens: int, stops: tuple[int, ...], pad_id: int, mesh: Mesh | None,
+             layout: str):
+    """One jitted sampler per teacher and shape settings, so repeated calls do not recompile."""
+
+    @jax.jit
+    def sample_fn(params, tokens, mask, key, sp):
+        return sample(mdef.merge(*params), tokens, mask, key, sp, max_new_tokens=max_new_tokens,
+                      stop_token_ids=stops, pad_id=pad_id, mesh=mesh, layout=layout)
+
+    return sample_fn
+
+
+def teacher_sft_examples(
+    teacher: LoadedModel,
+    task: Task,
+    n: int,
+    sp: SamplingParams,
+    *,
+    max_new_tokens: int,
+    max_prompt_len: int,
+    mesh: Mesh | None = None,
+    key: jax.Array | None = None,
+    batch_size: int = 64,
+    samples_per_prompt: int = 1,
+    only_correct: bool = True,
+    drop_truncated: bool = True,
+    max_rounds: int = 1000,
+    truncate_prompts: bool = False,
+    layout: str = "train",
+    stats: dict | None = None,
+) -> list[Example]:
+    """`n` SFT rows (this process's) from teacher samples: prompts from `task.next_prompts` (this consumes the
+    task's training stream), sampled in the teacher's template with one jitted sampler, kept when graded
+    correct (`only_correct`) and stopped (`drop_truncated`). Each row is the student-template prompt (loss 0)
+    + the teacher's completion with its stop token (loss 1). Teacher and student must share the vocabulary.
+
+    `stats` (optional dict) receives sampled / kept / correct / truncated counts. Raises after `max_rounds`
+    batches without `n` kept rows."""
+    if n <= 0:
+        return []
+    mdef, params = teacher.mdef, (teacher.trainable, teacher.frozen)
+    stops = tuple(task.stop_token_ids)
+    n_dev = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    n_prompts = max(1, batch_size // samples_per_prompt)
+    rows_per_batch = int(math.ceil(n_prompts * samples_per_prompt / n_dev) * n_dev)
+
+    sample_fn = _sampler(mdef, max_new_tokens, stops, task.pad_id, mesh, layout)
+    key = jax.random.key(0) if key is None else key
+    counts = {"sampled": 0, "kept": 0, "correct": 0, "truncated": 0}
+    out: list[Example] = []
+    for r in range(max_rounds):
+        rows = task.next_prompts(n_prompts)
+        idx = [i for i in range(len(rows.teacher)) for _ in range(samples_per_prompt)]
+        prompts = [rows.teacher[i] for i in idx]
+        prompts += [prompts[-1]] * (rows_per_batch - len(prompts))  # fixed shape: one compile
+        tok, mask, _ = pad_prompts(prompts, max_prompt_len, truncate=truncate_prompts, pad_id=task.pad_id)
+        s = jax.device_get(sample_fn(params, tok, mask, jax.random.fold_in(key, r), sp))
+        comps = [s.tokens[j, : int(s.lengths[j])].tolist() for j in range(len(idx))]
+        answers = [rows.answers[i] if rows.answers[i] is not None else "" for i in idx]
+        correct = task.grade_batch(comps, answers)
+        for j, i in enumerate(idx):
+            counts["sampled"] += 1
+            counts["correct"] += int(bool(correct[j]))
+            counts["truncated"] += int(bool(s.truncated[j]))
+            if (drop_truncated and s.truncated[j]) or (only_correct and not correct[j]) or len(out) >= n:
+                continue
+            prompt = rows.student[i]
+            out.append((list(prompt) + comps[j], [0] * len(prompt) + [1] * len(comps[j])))
+        counts["kept"] = len(out)
+        if len(out) >= n:
+            break
+    if stats is not None:
+        stats.update(counts)
+    if len(out) < n:
+        raise RuntimeError(f"teacher_sft_examples: kept {len(out)} of {n} rows after {counts['sampled']} samples "
+                           f"({counts['correct']} correct, {counts['truncated']} truncated); raise max_rounds or "
+                           "relax only_correct / drop_truncated")
+    return out
