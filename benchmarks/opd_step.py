@@ -194,7 +194,7 @@ def _hf_qwen3(dims: dict, seed: int):
 
 
 def run_with_trl(args: argparse.Namespace, prompts: np.ndarray, rounds: list[Callable[[str], None]],
-                 times: list[float], tokens: list[int]) -> dict:
+                 times: list[float], cpus: list[float], tokens: list[int]) -> dict:
     """Run GKDTrainer.train() for warm-up + rounds steps. Each step is timed from on_step_begin to on_step_end
     (generate -> student/teacher forward -> loss -> backward -> optimizer step; batch collation excluded).
     The opd_jax variants of each round run inside the callbacks, before or after the TRL step."""
@@ -207,6 +207,7 @@ def run_with_trl(args: argparse.Namespace, prompts: np.ndarray, rounds: list[Cal
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     hf_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
     student, teacher = _hf_qwen3(STUDENT, 0), _hf_qwen3(TEACHER, 1)
     tokenizer = _tiny_tokenizer(STUDENT["vocab_size"])
     # Each of the G prompts appears group_size times: the same 32 sequences per step as opd_jax.
@@ -223,7 +224,7 @@ def run_with_trl(args: argparse.Namespace, prompts: np.ndarray, rounds: list[Cal
         """Round r runs opd_jax variants before/after TRL's step r (order rotates across rounds)."""
 
         def __init__(self):
-            self.t0 = 0.0
+            self.t0 = self.c0 = 0.0
 
         def _round(self, state) -> int:
             return state.global_step - args.trl_warmup  # global_step counts completed steps
@@ -232,13 +233,14 @@ def run_with_trl(args: argparse.Namespace, prompts: np.ndarray, rounds: list[Cal
             r = self._round(state)
             if r >= 0:
                 rounds[r]("before")
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, a, state, control, **kw):
-            dt = time.perf_counter() - self.t0
+            dt, dc = time.perf_counter() - self.t0, time.process_time() - self.c0
             r = self._round(state) - 1  # global_step was incremented before on_step_end
             if r >= 0:
                 times.append(dt)
+                cpus.append(dc)
                 rounds[r]("after")
 
     with tempfile.TemporaryDirectory() as out:
@@ -256,6 +258,16 @@ def run_with_trl(args: argparse.Namespace, prompts: np.ndarray, rounds: list[Cal
                 gkd_loss="generalized JSD, beta=1 (full-vocab reverse KL)")
 
 
+def _set_threads(n: int) -> None:
+    """Same intra-op thread count for XLA and torch. XLA_FLAGS is read when the CPU backend starts (first
+    JAX op), so setting it here, before any JAX op, takes effect."""
+    if n == 1:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_cpu_multi_thread_eigen" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5, help="timed iterations per variant (after warm-up)")
@@ -267,24 +279,39 @@ def main() -> None:
                    help="opd_jax loss: sampled-token OPD (default) or full-vocab reverse KL (= GKD beta=1)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads for both XLA (1: single-threaded Eigen) and torch; 0: each runtime's "
+                        "default. 1 by default: on a shared, oversubscribed host torch's OpenMP pool slows 5-9x")
     p.add_argument("--trl-warmup", type=int, default=1, help="untimed TRL steps before the rounds")
     p.add_argument("--skip-trl", action="store_true")
     args = p.parse_args()
+    if args.threads > 0:
+        _set_threads(args.threads)
+    else:
+        import torch
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}; "
-          f"batch {args.groups}x{args.group_size}, prompt {args.prompt_len}, new tokens {args.new_tokens}, "
-          f"loss {args.loss}")
+        args.threads = torch.get_num_threads()
+
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()} "
+          f"(XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}); batch {args.groups}x{args.group_size}, "
+          f"prompt {args.prompt_len}, new tokens {args.new_tokens}, loss {args.loss}")
+    c0 = time.process_time()
     bench = OpdBench(args)
+    setup_cpu = time.process_time() - c0
     print(f"student {bench.n_student / 1e6:.2f}M params, teacher {bench.n_teacher / 1e6:.2f}M params")
-    print(f"compile: fused {bench.compile_fused:.1f}s, unfused (3 programs) {bench.compile_unfused:.1f}s")
+    print(f"compile (wall): fused {bench.compile_fused:.1f}s, unfused (3 programs) {bench.compile_unfused:.1f}s; "
+          f"setup+compile CPU {setup_cpu:.1f}s")
     bench.check_same_work()
 
-    times: dict[str, list[float]] = {"fused": [], "unfused": []}
-    tokens: dict[str, list[int]] = {"fused": [], "unfused": []}
     names = ["fused", "unfused"] + ([] if args.skip_trl else ["trl"])
+    times: dict[str, list[float]] = {n: [] for n in names}  # wall seconds per iteration
+    cpus: dict[str, list[float]] = {n: [] for n in names}  # process CPU seconds per iteration
+    tokens: dict[str, list[int]] = {n: [] for n in names}
 
     def run_variant(name: str) -> None:
+        c = time.process_time()
         dt, m = bench.fused_iter() if name == "fused" else bench.unfused_iter()
+        cpus[name].append(time.process_time() - c)
         times[name].append(dt)
         tokens[name].append(int(m["num_tokens"]))
 
@@ -300,23 +327,24 @@ def main() -> None:
         for r in range(args.rounds):
             rounds[r]("before")
     else:
-        times["trl"], tokens["trl"] = [], []
-        info = run_with_trl(args, bench.prompt_tokens, rounds, times["trl"], tokens["trl"])
+        info = run_with_trl(args, bench.prompt_tokens, rounds, times["trl"], cpus["trl"], tokens["trl"])
         tokens["trl"] = tokens["trl"][args.trl_warmup:]
 
     per_iter = args.groups * args.group_size * args.new_tokens
-    rate = {}
-    print(f"\n{'variant':<10} {'median s/iter':>14} {'min s/iter':>11} {'tokens/iter':>12} {'tokens/s':>10}  n")
+    rate, cpu_rate = {}, {}
+    print(f"\n{'variant':<9} {'median s/iter':>13} {'min s/iter':>10} {'median CPU s':>12} {'tokens/iter':>11} "
+          f"{'tokens/s':>9} {'tokens/CPU-s':>12}  n")
     for n in names:
-        ts = times[n]
         if not tokens[n] or set(tokens[n]) != {per_iter}:
             raise SystemExit(f"{n}: trained {sorted(set(tokens[n]))} tokens per iteration, expected {per_iter}")
-        rate[n] = per_iter / statistics.median(ts)
-        print(f"{n:<10} {statistics.median(ts):>14.3f} {min(ts):>11.3f} {per_iter:>12d} {rate[n]:>10.0f}  {len(ts)}")
+        wall, cpu = statistics.median(times[n]), statistics.median(cpus[n])
+        rate[n], cpu_rate[n] = per_iter / wall, per_iter / cpu
+        print(f"{n:<9} {wall:>13.3f} {min(times[n]):>10.3f} {cpu:>12.3f} {per_iter:>11d} {rate[n]:>9.0f} "
+              f"{cpu_rate[n]:>12.0f}  {len(times[n])}")
     ph = {k: statistics.median(v) for k, v in bench.phases.items()}
     total = sum(ph.values())
-    print("\nunfused phase medians: " + ", ".join(f"{k} {v * 1e3:.1f} ms ({100 * v / total:.1f}%)"
-                                                 for k, v in ph.items()))
+    print("unfused phase medians (wall): " + ", ".join(f"{k} {v * 1e3:.1f} ms ({100 * v / total:.1f}%)"
+                                                        for k, v in ph.items()))
     if info:
         print(f"trl {info['trl']} GKDTrainer, torch {info['torch']} ({info['threads']} threads), "
               f"loss {info['gkd_loss']}")
@@ -329,6 +357,10 @@ def main() -> None:
     print(f"fused_vs_unfused: {rate['fused'] / rate['unfused']:.2f}x")
     if "trl" in rate:
         print(f"fused_vs_trl: {rate['fused'] / rate['trl']:.2f}x")
+    # CPU-time ratios: robust to how much of the shared host each iteration happened to get
+    print(f"fused_vs_unfused_cpu: {cpu_rate['fused'] / cpu_rate['unfused']:.2f}x")
+    if "trl" in rate:
+        print(f"fused_vs_trl_cpu: {cpu_rate['fused'] / cpu_rate['trl']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`opd-jax` command line: train, sweep, eval, convert, compile, visualize."""
+"""`opd-jax` command line: train, sweep, eval, convert, compile, visualize, demo."""
 
 from __future__ import annotations
 
@@ -81,6 +81,17 @@ def cmd_visualize(args) -> int:
     return visualize_main(args)
 
 
+def cmd_demo(args) -> int:
+    import os
+
+    try:
+        from experiments.mini_reasoning.demo import main as demo_main
+    except ImportError:  # an editable install made before `experiments` was packaged: use the checkout
+        sys.path.insert(0, os.getcwd())
+        from experiments.mini_reasoning.demo import main as demo_main
+    return demo_main(["--steps", str(args.steps)] + (["--fresh"] if args.fresh else []))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opd-jax", description="On-policy distillation in one XLA program per step.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -106,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config("visualize", cmd_visualize, "render a student completion colored by per-token reverse KL")
     sp.add_argument("--prompt", default=None, help="prompt text (default: the first eval problem)")
     sp.add_argument("--out", default=None, help="output HTML path (default: RUN_DIR/kl.html)")
+    sp = sub.add_parser("demo", help="CPU demo: teacher + student (cached), then OPD with before/after accuracy")
+    sp.add_argument("--fresh", action="store_true", help="retrain the cached teacher and student")
+    sp.add_argument("--steps", type=int, default=40, help="OPD steps")
+    sp.set_defaults(fn=cmd_demo)
     return p
 
 

@@ -111,6 +111,11 @@ class StepBuilder:
         Frozen: stop_gradient on the weights, never differentiated."""
         chunk = self.cfg.loss.logprob_chunk
         full_vocab = self.cfg.loss.kind in losses.FULL_VOCAB_KINDS
+        # lax.switch needs equal branch outputs: teachers of different widths/dtypes are zero-padded on the
+        # contracted hidden dim (logits unchanged) and cast to one dtype.
+        models = [d.merge(p) for d, p in zip(self.teachers, teachers_params, strict=True)]
+        width = max(m.cfg.hidden_size for m in models)
+        dtype = jnp.result_type(*(m.dtype for m in models))
 
         def branch(i):
             def run(_):
@@ -119,7 +124,9 @@ class StepBuilder:
                 lp = losses.chunked_map(lambda hh, y: {"lp": losses.token_logprobs(teacher.logits(hh), y)},
                                         chunk, h, completion)["lp"]
                 if full_vocab:
-                    return lp, h, teacher.head_weight().astype(teacher.dtype)
+                    pad = width - h.shape[-1]
+                    h = jnp.pad(h.astype(dtype), [(0, 0), (0, 0), (0, pad)])
+                    return lp, h, jnp.pad(teacher.head_weight().astype(dtype), [(0, pad), (0, 0)])
                 return lp, None, None
             return run
 

@@ -16,15 +16,18 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from opd_jax.baselines import rl as rl_mod
 from opd_jax.baselines.rl import HostRewardRLTrainer, check_rl_config, make_rl_trainer
 from opd_jax.baselines.sft import (
     ListSFTSource,
+    SFTBatch,
     SFTTrainer,
     length_buckets,
     pack_rows,
+    sft_step,
     teacher_sft_examples,
 )
 from opd_jax.config import config_from_dict
@@ -68,6 +71,7 @@ def sft_run(tmp_path_factory):
     return run_dir, history, jax.device_get(trainer.state.trainable)
 
 
+@pytest.mark.slow
 def test_sft_loss_drops_and_checkpoints(sft_run):
     run_dir, history, _ = sft_run
     first, last = history["first"], history["last"]
@@ -82,8 +86,10 @@ def test_sft_loss_drops_and_checkpoints(sft_run):
     assert sorted(f for f in os.listdir(os.path.join(run_dir, "eval")) if f.endswith(".csv")) == [
         "eval_step0.csv", "eval_step150.csv", "eval_step75.csv"]
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["100", "150"]
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    assert [r["step"] for r in rows] == list(range(1, 151))
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 151))
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [0, 75, 150]
 
 
 def test_sft_data_pieces():
@@ -116,19 +122,63 @@ def test_sft_data_pieces():
         Task.sft_examples(task, 1)
 
 
+@pytest.mark.slow
+def test_sft_step_matches_reference_and_micro_batches():
+    """The chunked, shifted CE is the plain masked mean NLL; 2 micro-batches give the same update as 1."""
+    from opd_jax.config.schema import ModelConfig
+    from opd_jax.models.qwen3 import abstract_model, build_model, positions_from_mask
+    from opd_jax.train_state import init_train_state, split_model
+
+    task = ArithmeticTask(seed=2, num_ops=2, max_operand=9)
+    arrays, _ = pack_rows(task.sft_examples(4), 32, buckets=length_buckets(32))
+    batch = SFTBatch(**{k: jnp.asarray(v) for k, v in arrays.items()})
+    mcfg = ModelConfig(vocab_size=32)
+    mdef = split_model(abstract_model(mcfg))[0]
+    trainable, frozen = jax.jit(lambda: split_model(build_model(mcfg, seed=0))[1:3])()  # jitted: no eager init
+    opt = optax.sgd(1.0)  # the update is the gradient itself
+
+    @jax.jit
+    def reference(params, b):  # full logits, shifted by hand
+        model = mdef.merge(params)
+        h, _ = model(b.tokens, positions_from_mask(b.mask), b.mask)
+        logp = jax.nn.log_softmax(model.logits(h), -1)[:, :-1]
+        lp = jnp.take_along_axis(logp, b.tokens[:, 1:, None], -1)[..., 0]
+        w = b.loss_mask[:, 1:]
+        return -(lp * w).sum() / w.sum(), w.sum()
+
+    want, n_tok = map(float, reference(trainable, batch))
+
+    out = {}
+    for mb in (1, 2):
+        step = jax.jit(lambda s, b, mb=mb: sft_step(mdef, opt, None, s, b, logprob_chunk=5, micro_batches=mb))
+        state, metrics = step(init_train_state(opt, trainable, frozen), batch)
+        out[mb] = (state, jax.device_get(metrics))
+    assert out[1][1]["loss"] == pytest.approx(want, rel=1e-5)
+    assert out[1][1]["num_tokens"] == n_tok and out[1][1]["skipped"] == 0
+    assert out[2][1]["loss"] == pytest.approx(want, rel=1e-5)
+    assert out[2][1]["grad_norm"] == pytest.approx(out[1][1]["grad_norm"], rel=1e-4)
+    for a, b in zip(_leaves(out[1][0].trainable), _leaves(out[2][0].trainable), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert any(not np.array_equal(a, b) for a, b in zip(_leaves(trainable), _leaves(out[1][0].trainable),
+                                                       strict=True))
+
+
 # ---- opd-jax eval --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_eval_cli_end_to_end(sft_run, capsys):
     from opd_jax.cli import main
 
-    run_dir, _, trained = sft_run
+    run_dir, _, _ = sft_run
     cfg_path = os.path.join(run_dir, "config.yaml")
     assert main(["eval", cfg_path, "eval.k=2", "eval.num_problems=3", "eval.max_new_tokens=12"]) == 0
     out = capsys.readouterr().out
     summary_line = json.loads(out.strip().splitlines()[-1])
     base = os.path.join(run_dir, "eval", "eval_cli_step150")  # the latest checkpoint was loaded
-    summary = json.load(open(base + "_summary.json"))
+    with open(base + "_summary.json") as f:
+        summary = json.load(f)
     assert summary == summary_line
-    rows = [json.loads(line) for line in open(base + ".jsonl")]
+    with open(base + ".jsonl") as f:
+        rows = [json.loads(line) for line in f]
     with open(base + ".csv") as f:
         csv_rows = list(csv.DictReader(f))
     assert len(rows) == 3 and len(csv_rows) == 3
@@ -140,19 +190,17 @@ def test_eval_cli_end_to_end(sft_run, capsys):
     assert [int(r["correct"]) for r in csv_rows] == [r["correct"] for r in rows]
     assert summary["eval_mean_length"] == pytest.approx(np.mean([r["mean_length"] for r in rows]))
     assert 0 < summary["eval_mean_length"] <= 12
-    # the restored weights are the trained ones (trainable only: the optimizer state is not read)
-    cfg = sft_config(run_dir)
-    model, step = load_run_model(cfg.student, run_dir, seed=99, mesh=make_mesh(cfg.mesh))
-    assert step == 150
-    for a, b in zip(_leaves(model.trainable), _leaves(trained), strict=True):
-        np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_teacher_sft_examples(sft_run):
-    run_dir, _, _ = sft_run
+    run_dir, _, trained = sft_run
     cfg = sft_config(run_dir)
     mesh = make_mesh(cfg.mesh)
-    teacher, _ = load_run_model(cfg.student, run_dir, seed=0, mesh=mesh)  # a checkpoint as the teacher
+    teacher, step = load_run_model(cfg.student, run_dir, seed=99, mesh=mesh)  # a checkpoint as the teacher
+    assert step == 150  # the latest; its trainable weights only (the optimizer state is not read)
+    for a, b in zip(_leaves(teacher.trainable), _leaves(trained), strict=True):
+        np.testing.assert_array_equal(a, b)
     task = ArithmeticTask(seed=5, num_ops=1, max_operand=5)
     stats: dict = {}
     rows = teacher_sft_examples(teacher, task, 6, SamplingParams.create(1.0), max_new_tokens=12,
@@ -200,6 +248,7 @@ def rl_config(run_dir: str):
     ))
 
 
+@pytest.mark.slow
 def test_rl_both_modes(tmp_path):
     runs = {}
     for name, task_cls, want in (("fused", InGraphRewardTask, Trainer), ("host", HostRewardTask,

@@ -27,7 +27,6 @@ OPD `Trainer`'s: `SFTTrainer` subclasses it with its own set-up, data and step.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from collections.abc import Sequence
@@ -46,7 +45,7 @@ from opd_jax.distributed import initialize_distributed
 from opd_jax.mesh import batch_sharding, make_mesh, replicated
 from opd_jax.metrics import MetricsLogger
 from opd_jax.models.qwen3 import positions_from_mask
-from opd_jax.run_setup import global_rows, resolve_stop_tokens
+from opd_jax.run_setup import global_rows, host_local, resolve_stop_tokens
 from opd_jax.sampling import SamplingParams, pad_prompts, sample
 from opd_jax.tasks import Task, build_task
 from opd_jax.train_state import ModelDef, TrainState, init_train_state, make_optimizer, state_shardings
@@ -244,8 +243,13 @@ class SFTTrainer(Trainer):
             raise ValueError(f"batch of {cfg.batch_size} rows must divide over {n_proc} processes")
         self.task = task or build_task(cfg, process_index=jax.process_index(), process_count=n_proc)
         resolve_stop_tokens(cfg, self.task)
-        self.source = ListSFTSource(examples, seed=cfg.data.shuffle_seed) if examples is not None else \
-            TaskSFTSource(self.task)
+        if examples is not None:
+            self.source = ListSFTSource(examples, seed=cfg.data.shuffle_seed)
+        else:  # fail now, not at the first step, when the task has no SFT data
+            saved = self.task.state()
+            self.task.sft_examples(1)
+            self.task.restore(saved)
+            self.source = TaskSFTSource(self.task)
         self.max_len = cfg.sampling.max_prompt_len + cfg.sampling.max_new_tokens
         self.buckets = length_buckets(self.max_len) if n_proc == 1 else None  # hosts must agree on shapes
 
@@ -321,17 +325,25 @@ def train_sft(cfg: ExperimentConfig, *, task: Task | None = None, examples: Sequ
 
 
 # ---- teacher samples (off-policy distillation) --------------------------------------------------------
-@functools.lru_cache(maxsize=8)
+_SAMPLERS: dict[tuple, tuple] = {}  # key -> (mdef, mesh, jitted sampler)
+
+
 def _sampler(mdef: ModelDef, max_new_tokens: int, stops: tuple[int, ...], pad_id: int, mesh: Mesh | None,
              layout: str):
-    """One jitted sampler per teacher and shape settings, so repeated calls do not recompile."""
+    """One jitted sampler per teacher and shape settings, so repeated calls do not recompile. (Keyed by the
+    ModelDef's id, kept alive by the cache: a GraphDef holding a ModelConfig is not hashable.)"""
+    key = (id(mdef), max_new_tokens, stops, pad_id, id(mesh), layout)
+    if key not in _SAMPLERS:
 
-    @jax.jit
-    def sample_fn(params, tokens, mask, key, sp):
-        return sample(mdef.merge(*params), tokens, mask, key, sp, max_new_tokens=max_new_tokens,
-                      stop_token_ids=stops, pad_id=pad_id, mesh=mesh, layout=layout)
+        @jax.jit
+        def sample_fn(params, tokens, mask, key, sp):
+            return sample(mdef.merge(*params), tokens, mask, key, sp, max_new_tokens=max_new_tokens,
+                          stop_token_ids=stops, pad_id=pad_id, mesh=mesh, layout=layout)
 
-    return sample_fn
+        if len(_SAMPLERS) >= 8:
+            _SAMPLERS.pop(next(iter(_SAMPLERS)))
+        _SAMPLERS[key] = (mdef, mesh, sample_fn)
+    return _SAMPLERS[key][-1]
 
 
 def teacher_sft_examples(
@@ -364,7 +376,8 @@ def teacher_sft_examples(
         return []
     mdef, params = teacher.mdef, (teacher.trainable, teacher.frozen)
     stops = tuple(task.stop_token_ids)
-    n_dev = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    n_proc = jax.process_count()
+    n_dev = 1 if mesh is None else max(1, mesh.shape["data"] * mesh.shape["fsdp"] // n_proc)  # local rows
     n_prompts = max(1, batch_size // samples_per_prompt)
     rows_per_batch = int(math.ceil(n_prompts * samples_per_prompt / n_dev) * n_dev)
 
@@ -378,7 +391,10 @@ def teacher_sft_examples(
         prompts = [rows.teacher[i] for i in idx]
         prompts += [prompts[-1]] * (rows_per_batch - len(prompts))  # fixed shape: one compile
         tok, mask, _ = pad_prompts(prompts, max_prompt_len, truncate=truncate_prompts, pad_id=task.pad_id)
-        s = jax.device_get(sample_fn(params, tok, mask, jax.random.fold_in(key, r), sp))
+        if mesh is not None:  # each process feeds its own prompts as its rows of one global batch
+            sh = batch_sharding(mesh, (tok.shape[0] * n_proc, tok.shape[1]))
+            tok, mask = global_rows(tok, sh), global_rows(mask, sh)
+        s = jax.tree.map(host_local, sample_fn(params, tok, mask, jax.random.fold_in(key, r), sp))
         comps = [s.tokens[j, : int(s.lengths[j])].tolist() for j in range(len(idx))]
         answers = [rows.answers[i] if rows.answers[i] is not None else "" for i in idx]
         correct = task.grade_batch(comps, answers)

@@ -108,6 +108,11 @@ class ArithmeticTask(Task):
     def prompt_tokens(self, p: Problem) -> list[int]:
         return [BOS, *self.tok.encode(p.expression + "=")]
 
+    def prompt_tokens_from_text(self, text: str) -> list[int]:
+        """[BOS] + an expression typed by a user, with the trailing '=' added when missing (`opd-jax visualize`)."""
+        text = text.strip()
+        return [BOS, *self.tok.encode(text if text.endswith("=") else text + "=")]
+
     def problem(self, global_index: int) -> Problem:
         # one RNG per row index: any process can regenerate any row, so per-host slicing and resume are exact
         idx = 0 if self.fixed_prompt else global_index

@@ -1,0 +1,188 @@
+"""Stage 0: the teacher (SFT from scratch on reference scratchpad solutions) and the student (mid-trained by SFT
+on a limited set of teacher samples: off-policy distillation), cached as HF checkpoint dirs.
+
+    python -m experiments.mini_reasoning.prepare [--fresh] [key=value ...]
+
+Cache: <cache_root()>/<hash of models + task + recipe>/{teacher,student}/ (config.json + safetensors) and
+prep.json with both accuracies (greedy decoding, the held-out eval problems).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from experiments.mini_reasoning import common
+
+
+@dataclass
+class PrepRecipe:
+    teacher_steps: int = 1000
+    teacher_batch: int = 32
+    teacher_lr: float = 6e-3
+    student_examples: int = 192  # the limited off-policy set: this many correct teacher samples
+    student_steps: int = 120
+    student_batch: int = 32
+    student_lr: float = 3e-3
+    seed: int = 0
+    only_correct: bool = True  # keep only graded-correct teacher samples (off for the CI test's tiny teacher)
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Prepared:
+    root: Path
+    teacher: str
+    student: str
+    info: dict
+
+    def overrides(self) -> list[str]:
+        """Config overrides that start a stage from the cached pair."""
+        return [f"student.hf_path={self.student}", f"teachers.0.model.hf_path={self.teacher}"]
+
+
+def _sft_cfg(cfg, model, *, steps: int, batch: int, lr: float, run_dir: str, seed: int, progress: bool):
+    c = common.load("base")
+    c.__dict__.update({k: copy.deepcopy(getattr(cfg, k)) for k in ("sampling", "data", "eval", "mesh")})
+    c.algorithm, c.run_dir, c.steps, c.seed = "sft", run_dir, steps, seed
+    c.groups_per_batch, c.group_size = batch, 1
+    c.student = model
+    c.teachers = []
+    c.optim.learning_rate, c.optim.schedule, c.optim.warmup_steps = lr, "cosine", min(20, steps // 10)
+    c.eval.every, c.eval.source = 0, ""  # no eval at step 0: one eval after training (`_final_accuracy`)
+    c.logging.progress = progress
+    c.logging.tensorboard = False
+    c.checkpoint.every = 0
+    return c
+
+
+def _export(trainer, model_cfg, out: Path) -> None:
+    from opd_jax.models.hf_io import export_hf
+
+    if out.exists():
+        shutil.rmtree(out)
+    export_hf(trainer.state.trainable, trainer.student.cfg if model_cfg is None else model_cfg, out,
+              dtype="float32")
+
+
+def _check_finished(history: dict) -> None:
+    if "preempted_at" in history:  # SIGTERM: never cache a half-trained model
+        raise SystemExit(f"[prepare] stopped at step {history['preempted_at']}; nothing cached")
+
+
+def _final_accuracy(trainer) -> float:
+    """Greedy accuracy on the task's held-out eval problems (written to the run's eval/ dir)."""
+    return float(trainer.run_eval("eval_final")["eval_accuracy"])
+
+
+def prepare(cfg=None, recipe: PrepRecipe | None = None, *, root: str | os.PathLike | None = None,
+            fresh: bool = False, progress: bool = True, log=print) -> Prepared:
+    """The cached (teacher, student) pair for `cfg` (default configs/mini_reasoning/base.yaml), training what is
+    missing."""
+
+    cfg = cfg or common.load("base")
+    recipe = recipe or PrepRecipe()
+    key = common.prep_key(cfg, recipe.as_dict())
+    root = Path(root) if root else common.cache_root()
+    out = root / key
+    info_path = out / "prep.json"
+    t_dir, s_dir = out / "teacher", out / "student"
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    out.mkdir(parents=True, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="opd_mini_prep_")
+
+    from opd_jax.baselines.sft import SFTTrainer, teacher_sft_examples
+    from opd_jax.sampling import SamplingParams
+    from opd_jax.tasks import build_task
+    from opd_jax.trainer import load_model
+
+    try:
+        if "teacher_accuracy" not in info or not (t_dir / "config.json").exists():
+            t_model = copy.deepcopy(cfg.teachers[0].model)
+            t_model.hf_path = None
+            c = _sft_cfg(cfg, t_model, steps=recipe.teacher_steps, batch=recipe.teacher_batch,
+                         lr=recipe.teacher_lr, run_dir=os.path.join(work, "teacher"), seed=recipe.seed,
+                         progress=progress)
+            log(f"[prepare] training the teacher from scratch: {t_model.num_layers} layers, hidden "
+                f"{t_model.hidden_size}, SFT on reference solutions, {recipe.teacher_steps} steps x "
+                f"{recipe.teacher_batch} rows")
+            t0 = time.time()
+            tr = SFTTrainer(c)
+            _check_finished(tr.run())
+            _export(tr, None, t_dir)
+            info.update(teacher_accuracy=_final_accuracy(tr), teacher_seconds=time.time() - t0,
+                        teacher_steps=recipe.teacher_steps, teacher_batch=recipe.teacher_batch)
+            info.pop("student_accuracy", None)  # a new teacher invalidates the student
+            info_path.write_text(json.dumps(info, indent=1))
+            log(f"[prepare] teacher: held-out greedy accuracy {info['teacher_accuracy']:.3f} "
+                f"({info['teacher_seconds']:.0f}s) -> {t_dir}")
+        if "student_accuracy" not in info or not (s_dir / "config.json").exists():
+            s_model = copy.deepcopy(cfg.student)
+            s_model.hf_path = None
+            c = _sft_cfg(cfg, s_model, steps=recipe.student_steps, batch=recipe.student_batch,
+                         lr=recipe.student_lr, run_dir=os.path.join(work, "student"), seed=recipe.seed,
+                         progress=progress)
+            t0 = time.time()
+            import jax
+
+            from opd_jax.mesh import make_mesh
+
+            mesh = make_mesh(c.mesh)
+            t_cfg = copy.deepcopy(cfg.teachers[0].model)
+            t_cfg.hf_path = str(t_dir)
+            teacher = load_model(t_cfg, seed=0, mesh=mesh)
+            task = build_task(c)
+            stats: dict = {}
+            sp = SamplingParams.create(1.0, 0, 1.0, False)
+            log(f"[prepare] sampling {recipe.student_examples} correct teacher solutions for the student's "
+                "mid-training (off-policy distillation)")
+            examples = teacher_sft_examples(teacher, task, recipe.student_examples, sp,
+                                            max_new_tokens=c.sampling.max_new_tokens,
+                                            max_prompt_len=c.sampling.max_prompt_len, mesh=mesh,
+                                            key=jax.random.key(recipe.seed + 123), batch_size=64, stats=stats,
+                                            only_correct=recipe.only_correct)
+            log(f"[prepare] training the student: {s_model.num_layers} layers, hidden {s_model.hidden_size}, "
+                f"SFT on the {len(examples)} teacher samples, {recipe.student_steps} steps x {recipe.student_batch}")
+            tr = SFTTrainer(c, task, examples)
+            _check_finished(tr.run())
+            _export(tr, None, s_dir)
+            info.update(student_accuracy=_final_accuracy(tr), student_seconds=time.time() - t0,
+                        student_examples=len(examples), student_steps=recipe.student_steps,
+                        student_batch=recipe.student_batch, teacher_sample_stats=stats,
+                        teacher_prompt_len=c.sampling.max_prompt_len)
+            info_path.write_text(json.dumps(info, indent=1))
+            log(f"[prepare] student: held-out greedy accuracy {info['student_accuracy']:.3f} "
+                f"({info['student_seconds']:.0f}s) -> {s_dir}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    info.update(key=key, recipe=recipe.as_dict())
+    info_path.write_text(json.dumps(info, indent=1))
+    return Prepared(out, str(t_dir), str(s_dir), info)
+
+
+def main(argv: list[str] | None = None) -> int:
+    common.quiet_jax()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fresh", action="store_true", help="retrain even when cached")
+    p.add_argument("--recipe", default="{}", help="JSON of PrepRecipe fields, e.g. '{\"teacher_steps\": 800}'")
+    p.add_argument("overrides", nargs="*", help="config overrides of configs/mini_reasoning/base.yaml")
+    a = p.parse_args(argv)
+    prep = prepare(common.load("base", a.overrides), PrepRecipe(**json.loads(a.recipe)), fresh=a.fresh)
+    print(json.dumps(prep.info, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

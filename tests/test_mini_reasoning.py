@@ -1,0 +1,53 @@
+"""The mini reasoning experiment end to end, scaled down: tiny teacher and student prepared into a tmp cache,
+a few steps of SFT, RL and OPD from the same student, then the report (table + plots). OPD must lower teacher_kl."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+TINY = [
+    "student.hidden_size=32", "student.intermediate_size=64", "student.num_layers=1", "student.head_dim=8",
+    "teachers.0.model.hidden_size=48", "teachers.0.model.intermediate_size=96", "teachers.0.model.num_layers=1",
+    "teachers.0.model.head_dim=12", "data.source=synthetic:arithmetic:1:9", "eval.source=synthetic:arithmetic:1:9",
+    "eval.num_problems=16", "sampling.max_prompt_len=8", "sampling.max_new_tokens=12", "eval.max_new_tokens=12",
+    "groups_per_batch=4", "group_size=4", "optim.learning_rate=3e-3",
+]
+RECIPE = {"teacher_steps": 40, "teacher_batch": 16, "student_examples": 16, "student_steps": 5, "student_batch": 8,
+          "only_correct": False}  # the tiny teacher is not accurate enough for rejection sampling
+
+
+@pytest.mark.slow
+def test_mini_reasoning_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPD_JAX_CACHE", str(tmp_path / "cache"))
+    from experiments.mini_reasoning import run_all
+    from experiments.mini_reasoning.common import metric_curve
+
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    rc = run_all.main(["--seeds", "0", "--steps", "12", "--eval-every", "6", "--results", str(results),
+                       "--runs", str(runs), "--recipe", json.dumps(RECIPE), "--target", "0.3", *TINY])
+    assert rc == 0
+
+    # the cache: HF dirs of both models and their accuracies
+    (key_dir,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and p.name != "xla_cache"]
+    info = json.loads((key_dir / "prep.json").read_text())
+    assert 0.0 <= info["teacher_accuracy"] <= 1.0 and 0.0 <= info["student_accuracy"] <= 1.0
+    for name in ("teacher", "student"):
+        assert (key_dir / name / "config.json").exists()
+
+    # every method ran and left its metrics, the table and the plots exist
+    for m in ("sft", "rl", "opd"):
+        assert (runs / f"{m}_s0" / "metrics.jsonl").exists()
+        assert (results / "runs" / f"{m}_s0.jsonl").exists()
+    for f in ("results.md", "accuracy_vs_flops.png", "accuracy_vs_steps.png", "curves.jsonl", "summary.json"):
+        assert (results / f).stat().st_size > 0, f
+    md = (results / "results.md").read_text()
+    assert "OPD" in md and "SFT" in md and "RL" in md
+
+    # OPD pulls the student towards the teacher: teacher_kl falls (fixed seeds, first vs last steps)
+    kl = [v for _, v in metric_curve(os.fspath(runs / "opd_s0"), "teacher_kl")]
+    assert len(kl) == 12
+    first, last = sum(kl[:4]) / 4, sum(kl[-4:]) / 4
+    assert last < first, kl
