@@ -14,12 +14,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from functools import partial
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from opd_jax.config.schema import ExperimentConfig, LoRAConfig, ModelConfig
 from opd_jax.eval.evaluate import EvalResult, evaluate, write_eval
@@ -40,11 +41,14 @@ def resolve_stop_tokens(cfg: ExperimentConfig, task: Task) -> list[int]:
 
 
 def make_eval_sampler(mdef: ModelDef, mesh: Mesh | None, cfg: ExperimentConfig) -> Callable:
-    """Jitted `fn((trainable, frozen), tokens, mask, key, sp) -> SampleOutput` with `eval.max_new_tokens`."""
+    """Jitted `fn((trainable, frozen), tokens, mask, key, sp) -> SampleOutput` with `eval.max_new_tokens`.
+
+    Outputs are replicated so every process can read the samples back (a batch-sharded array would span other
+    hosts' devices)."""
     n_new, layout = cfg.eval.max_new_tokens, cfg.sampling.layout
     stops = tuple(cfg.sampling.stop_token_ids)
 
-    @jax.jit
+    @partial(jax.jit, out_shardings=None if mesh is None else NamedSharding(mesh, PartitionSpec()))
     def eval_fn(params, tokens, mask, key, sp):
         model = mdef.merge(*params)
         return sample(model, tokens, mask, key, sp, max_new_tokens=n_new, stop_token_ids=stops, mesh=mesh,

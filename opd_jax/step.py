@@ -209,7 +209,7 @@ class StepBuilder:
             grads, aux = jax.lax.scan(mb_body, zeros, tuple(_rows(x, Mg) for x in xs))
             aux = jax.tree.map(jnp.sum, aux)
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, new_opt = self.optimizer.update(grads, state.opt_state, state.trainable)
         new_params = optax.apply_updates(state.trainable, updates)
         finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)

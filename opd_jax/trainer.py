@@ -23,7 +23,7 @@ from opd_jax.checkpoint import Checkpointer
 from opd_jax.config import ExperimentConfig, save_config
 from opd_jax.config.schema import LoRAConfig, ModelConfig
 from opd_jax.distributed import initialize_distributed
-from opd_jax.mesh import make_mesh, replicated
+from opd_jax.mesh import make_mesh
 from opd_jax.metrics import MetricsLogger
 from opd_jax.models.presets import resolve_model_config
 from opd_jax.models.qwen3 import abstract_model, build_model, model_axes
@@ -244,9 +244,7 @@ class Trainer:
     # ---- eval ------------------------------------------------------------------------------------------
     def run_eval(self, tag: str) -> dict:
         if self._eval_fn is None:
-            # replicated samples: every process reads them back (a batch-sharded array spans other hosts' devices)
-            self._eval_fn = jax.jit(make_eval_sampler(self.student.mdef, self.mesh, self.cfg),
-                                    out_shardings=replicated(self.mesh))
+            self._eval_fn = make_eval_sampler(self.student.mdef, self.mesh, self.cfg)
         result = task_eval(self.cfg, self.task, self._eval_fn, (self.state.trainable, self.state.frozen), self.mesh,
                            step=int(self.state.step), out_dir=os.path.join(self.cfg.run_dir, "eval"), tag=tag)
         return {} if result is None else result.summary()

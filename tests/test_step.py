@@ -76,14 +76,14 @@ def init_model(cfg: ModelConfig, seed: int, lora: LoRAConfig | None = None):
 
 
 def unigram_teacher(params: dict) -> dict:
-    """A peaky teacher whose next-token distribution barely depends on the context (layers zeroed, embeddings
-    near one shared vector): a target a tiny student can learn in a few hundred steps."""
+    """From the main teacher (head already 8x): a peaky teacher whose next-token distribution barely depends on
+    the context (layers zeroed, embeddings near one shared vector), which a tiny student learns in ~100 steps."""
     rng = np.random.RandomState(7)
     p = {k: np.asarray(v) for k, v in params.items()}
     for name in PROJECTIONS:
         p[name] = np.zeros_like(p[name])
     p["embed"] = 0.02 * rng.randn(1, p["embed"].shape[1]) + 0.3 * p["embed"]
-    p["lm_head"] = 16 * p["lm_head"]
+    p["lm_head"] = 2 * p["lm_head"]  # logits ~16x those of a fresh model
     return {k: jnp.asarray(v, jnp.float32) for k, v in p.items()}
 
 
@@ -223,7 +223,6 @@ def test_fused_step_is_one_program(env, tmp_path):
 
 
 # ---- learning -----------------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_distillation_moves_student_to_teacher(env):
     """200 fused steps toward a fixed, different (wider, peaky) teacher: the per-token reverse KL of the
     student's own samples halves, and the student's greedy completions on held-out prompts become likely under
@@ -307,14 +306,15 @@ def test_nonfinite_loss_skips_the_update(env):
 # ---- update phase: micro-batches, teacher routing and templates -----------------------------------------
 @pytest.fixture(scope="module")
 def updates(env) -> dict:
-    """Jitted update phases (SGD lr 1: new params = params - grads) on the same fixed samples."""
+    """Jitted update phases (SGD lr 1: new params = params - grads) on the same fixed samples: teacher A alone,
+    teacher B alone, and both teachers routed by index with 2 gradient-accumulation micro-batches (one program
+    serves the micro-batch and the routing tests: each update-phase compile costs ~10 s of CPU)."""
     def update(teachers, micro_batches=1, kind="importance_sampling"):
         cfg = make_cfg()
         cfg.micro_batches, cfg.loss.kind = micro_batches, kind
         return jax.jit(StepBuilder(cfg, env.sdef, teachers, None, env.sgd).update_phase)
 
-    return {"A": update([env.tdef]), "A/2": update([env.tdef], 2), "B": update([env.t2def]),
-            "A+B": update([env.tdef, env.t2def])}
+    return {"A": update([env.tdef]), "B": update([env.t2def]), "AB/2": update([env.tdef, env.t2def], 2)}
 
 
 def run_update(env, fn, teachers, index=0):
@@ -330,7 +330,7 @@ def test_samples_have_stops_and_full_rows(env):
 
 def test_micro_batches_give_the_same_update(env, updates):
     s1, m1 = run_update(env, updates["A"], [env.tp])
-    s2, m2 = run_update(env, updates["A/2"], [env.tp])
+    s2, m2 = run_update(env, updates["AB/2"], [env.tp, env.tp2], index=0)
     assert float(m1["grad_norm"]) > 1e-3
     for k in m1:
         np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=1e-5, atol=1e-6, err_msg=k)
@@ -341,11 +341,11 @@ def test_micro_batches_give_the_same_update(env, updates):
 
 def test_teachers_routed_by_index_match_each_teacher_alone(env, updates):
     for index, alone, params in ((0, "A", env.tp), (1, "B", env.tp2)):
-        s_multi, m_multi = run_update(env, updates["A+B"], [env.tp, env.tp2], index)
+        s_multi, m_multi = run_update(env, updates["AB/2"], [env.tp, env.tp2], index)
         s_alone, m_alone = run_update(env, updates[alone], [params])
-        np.testing.assert_allclose(float(m_multi["teacher_kl"]), float(m_alone["teacher_kl"]), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(float(m_multi["teacher_kl"]), float(m_alone["teacher_kl"]), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(np.asarray(s_multi.trainable["embed"]), np.asarray(s_alone.trainable["embed"]),
-                                   atol=1e-6)
+                                   atol=1e-5)
     # the two teachers really differ
     assert abs(float(run_update(env, updates["A"], [env.tp])[1]["teacher_kl"])
                - float(run_update(env, updates["B"], [env.tp2])[1]["teacher_kl"])) > 1e-2
@@ -356,8 +356,8 @@ def test_teacher_template_scores_exactly_the_completion(env):
     sampled completion tokens, as a plain forward over [teacher prompt, completion] (right-padded) gives."""
     samples = env.samples
     t_prompts, t_pmask = (jnp.repeat(x, K, axis=0) for x in (env.batch.teacher_tokens, env.batch.teacher_mask))
-    lp = jax.jit(env.builder.teacher_outputs)([env.tp], env.batch.teacher_index, t_prompts, t_pmask,
-                                              samples.tokens, samples.mask)[0]
+    teacher_outputs = jax.jit(env.builder.teacher_outputs)
+    lp = teacher_outputs([env.tp], env.batch.teacher_index, t_prompts, t_pmask, samples.tokens, samples.mask)[0]
     # manual: strip the teacher prompt's left padding, append the completion, right-pad
     rows, starts = [], []
     for i in range(G * K):
@@ -376,8 +376,8 @@ def test_teacher_template_scores_exactly_the_completion(env):
         np.testing.assert_allclose(np.asarray(lp[i, :n]), ref, rtol=1e-5, atol=2e-5, err_msg=f"row {i}")
     # the teacher template matters: scoring under the student's prompt gives different numbers
     p_s, m_s = (jnp.repeat(x, K, axis=0) for x in (env.batch.tokens, env.batch.mask))
-    lp_student_template = jax.jit(env.builder.teacher_outputs)([env.tp], env.batch.teacher_index, p_s, m_s,
-                                                               samples.tokens, samples.mask)[0]
+    lp_student_template = teacher_outputs([env.tp], env.batch.teacher_index, p_s, m_s, samples.tokens,
+                                          samples.mask)[0]
     assert float(jnp.max(jnp.abs(lp_student_template - lp) * samples.mask)) > 1e-3
 
 
@@ -398,11 +398,9 @@ def test_full_vocab_teachers_of_different_widths(env):
     lp, logits = teacher_logits(jnp.asarray(1, jnp.int32))
     assert logits.shape == (G * K, NEW, TEACHER.vocab_size)
     # the small teacher's own logits for the completion, from a plain forward
-    model = env.t2def.merge(env.tp2)
     tokens = jnp.concatenate([t_prompts, env.samples.tokens], 1)
     mask = jnp.concatenate([t_pmask, env.samples.mask], 1)
-    hidden, _ = model(tokens, positions_from_mask(mask), mask)
-    ref = model.logits(hidden)[:, PT - 1:-1]
+    ref = jax.jit(lambda p, t, m: full_logits(env.t2def, p, t, m))(env.tp2, tokens, mask)[:, PT - 1:-1]
     m = np.asarray(env.samples.mask)
     np.testing.assert_allclose(np.asarray(logits)[m], np.asarray(ref)[m], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(lp)[m], np.asarray(losses.token_logprobs(ref, env.samples.tokens))[m],

@@ -62,6 +62,20 @@ def write_kl_html(cfg, out_html: str, prompt: str | None) -> dict:
     return r
 
 
+def screenshot(html_path: str, png_path: str, size: str = "1000,400") -> str | None:
+    """PNG of an HTML page with headless chromium, when installed (None otherwise)."""
+    import shutil
+    import subprocess
+
+    exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    if exe is None:
+        return None
+    subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={os.path.abspath(png_path)}",
+                    f"--window-size={size}", f"file://{os.path.abspath(html_path)}"], check=False,
+                   capture_output=True, timeout=120)
+    return png_path if os.path.exists(png_path) else None
+
+
 def mean(xs: list[float]) -> float:
     return sum(xs) / max(1, len(xs))
 
@@ -72,15 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true", help="retrain the cached teacher and student")
     p.add_argument("--steps", type=int, default=40, help="OPD steps")
     p.add_argument("--run-dir", default="runs/mini_reasoning/demo")
+    p.add_argument("--recipe", default="{}", help="JSON of PrepRecipe fields (teacher/student preparation)")
     p.add_argument("overrides", nargs="*", help="config overrides of configs/mini_reasoning/base.yaml")
     a = p.parse_args(argv)
 
-    from experiments.mini_reasoning.prepare import prepare
+    from experiments.mini_reasoning.prepare import PrepRecipe, prepare
 
     t_start = time.time()
     base = common.load("base", a.overrides)
     print(f"opd-jax demo: cache {common.cache_root()}")
-    prep = prepare(base, fresh=a.fresh)
+    prep = prepare(base, PrepRecipe(**json.loads(a.recipe)), fresh=a.fresh)
     print(f"teacher: {prep.teacher}  (held-out greedy accuracy {prep.info['teacher_accuracy']:.3f})")
     print(f"student: {prep.student}  (held-out greedy accuracy {prep.info['student_accuracy']:.3f})")
 

@@ -36,7 +36,10 @@ class PrepRecipe:
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        if d["only_correct"]:  # the default, left out of the cache key (keys written before the field existed)
+            d.pop("only_correct")
+        return d
 
 
 @dataclass
@@ -167,7 +170,7 @@ def prepare(cfg=None, recipe: PrepRecipe | None = None, *, root: str | os.PathLi
                 f"({info['student_seconds']:.0f}s) -> {s_dir}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    info.update(key=key, recipe=recipe.as_dict())
+    info.update(key=key, recipe={**recipe.as_dict(), "only_correct": recipe.only_correct})
     info_path.write_text(json.dumps(info, indent=1))
     return Prepared(out, str(t_dir), str(s_dir), info)
 

@@ -115,6 +115,22 @@ def run_one(method: str, seed: int, prep, *, steps: int, eval_every: int, out_ro
     return {"rows": rows, "wall_s": wall, "keep_rate": keep}
 
 
+def kl_picture(prep, results: str, runs: str, overrides: list[str] = ()) -> str | None:
+    """`opd-jax visualize` of the cached student (before any method) on a problem it gets wrong, against the
+    teacher: results/kl_wrong_completion.html (+ .png with headless chromium when installed)."""
+    from experiments.mini_reasoning.demo import first_wrong_problem, screenshot, write_kl_html
+
+    start_eval = next((os.path.join(runs, d, "eval", "eval_step0.jsonl") for d in sorted(os.listdir(runs))
+                       if os.path.exists(os.path.join(runs, d, "eval", "eval_step0.jsonl"))), None)
+    prompt = first_wrong_problem(start_eval) if start_eval else None
+    cfg = common.load("base", [*prep.overrides(), f"run_dir={os.path.join(runs, '_no_checkpoint')}", *overrides])
+    html = os.path.join(results, "kl_wrong_completion.html")
+    r = write_kl_html(cfg, html, prompt)
+    print(f"per-token KL: {r['prompt']} -> {r['completion']!r} ({'correct' if r.get('correct') else 'wrong'}): "
+          f"{html}")
+    return screenshot(html, os.path.join(results, "kl_wrong_completion.png"))
+
+
 def main(argv: list[str] | None = None) -> int:
     common.quiet_jax()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=str(common.RESULTS_DIR))
     p.add_argument("--runs", default="runs/mini_reasoning/compare")
     p.add_argument("--target", type=float, default=None, help="accuracy target of the table (default: see report)")
+    p.add_argument("--no-kl-picture", action="store_true", help="skip the per-token KL page of the student")
     p.add_argument("--recipe", default="{}", help="JSON of PrepRecipe fields (teacher/student preparation)")
     p.add_argument("overrides", nargs="*", help="config overrides for the preparation and every run")
     a = p.parse_args(argv)
@@ -151,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copy(os.path.join(a.runs, name, "metrics.jsonl"), os.path.join(a.results, "runs",
                                                                                       f"{name}.jsonl"))
                 meta["runs"][name] = {"wall_s": r["wall_s"], "keep_rate": r["keep_rate"]}
+    if not a.no_kl_picture:
+        meta["kl_picture"] = kl_picture(prep, a.results, a.runs, a.overrides)
     with open(os.path.join(a.results, "meta.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
     from experiments.mini_reasoning.report import main as report_main
