@@ -3,7 +3,7 @@
 Both run the same weights of a tiny random Qwen3 (4 layers, hidden 256, vocab 512, 4 heads / 2 KV heads,
 head_dim 64, intermediate 768: ~3.4M params) in fp32, batch 32, 32-token prompts, for 64 and 256 new tokens
 with no stop token (HF is forced to full length with `min_new_tokens`). Sampling is plain T=1 (HF's default
-top-k 50 is switched off), plus greedy. Compile time / first-call overhead is excluded by one warm-up call;
+top-k 50 is switched off), and greedy with `--greedy`. Compile time / first-call overhead is excluded by one warm-up call;
 each figure is the median of `--runs` timed calls, with opd_jax and HF calls interleaved so both see the same
 machine load. Threads: torch uses its default intra-op thread count (`torch.get_num_threads()`, printed);
 XLA's CPU backend uses its own default pool over all cores. Run: `python benchmarks/sampler.py [--runs 5]`.
@@ -34,8 +34,8 @@ HF_CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=768, num_hid
 BATCH, PROMPT_LEN, PAD = 32, 32, 0
 
 
-def build(tmp: str) -> tuple[Qwen3ForCausalLM, Callable[[int], Callable]]:
-    """The HF model, and `sampler(max_new_tokens) -> fn(key, sp)` running opd_jax on the same weights."""
+def build(tmp: str) -> tuple[Qwen3ForCausalLM, torch.Tensor, Callable[[int], Callable]]:
+    """The HF model, the prompts, and `sampler(max_new_tokens) -> fn(key, sp)`: opd_jax on the same weights."""
     torch.manual_seed(0)
     hf = Qwen3ForCausalLM(Qwen3Config(**HF_CONFIG)).eval()
     hf.save_pretrained(tmp)
@@ -50,32 +50,36 @@ def build(tmp: str) -> tuple[Qwen3ForCausalLM, Callable[[int], Callable]]:
         return lambda key, sp: fn(params, tokens, mask, key, sp)
 
     print(f"model: {param_count(params) / 1e6:.2f}M params, batch {BATCH}, prompt {PROMPT_LEN} tokens")
-    hf.prompts = torch.tensor(prompts, dtype=torch.long)
-    return hf, sampler
+    return hf, torch.tensor(prompts, dtype=torch.long), sampler
 
 
-def hf_generate(hf: Qwen3ForCausalLM, n: int, greedy: bool) -> None:
+def hf_generate(hf: Qwen3ForCausalLM, prompts: torch.Tensor, n: int, greedy: bool) -> torch.Tensor:
     kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
     with torch.inference_mode():
-        out = hf.generate(hf.prompts, attention_mask=torch.ones_like(hf.prompts), max_new_tokens=n,
-                          min_new_tokens=n, eos_token_id=None, pad_token_id=PAD, **kw)
+        out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n,
+                          eos_token_id=None, pad_token_id=PAD, **kw)
     assert out.shape[1] == PROMPT_LEN + n
+    return out[:, PROMPT_LEN:]
 
 
-def bench(hf: Qwen3ForCausalLM, sampler: Callable, n: int, greedy: bool, runs: int) -> tuple[float, float]:
+def bench(hf: Qwen3ForCausalLM, prompts: torch.Tensor, sampler: Callable, n: int, greedy: bool,
+          runs: int) -> tuple[float, float]:
     """Median seconds per call (opd_jax, HF) after one warm-up each; calls interleaved."""
     fn = sampler(n)
     sp = SamplingParams.create(greedy=greedy, temperature=1.0)
     out = jax.block_until_ready(fn(jax.random.key(0), sp))  # compile
     assert int(out.lengths.min()) == n
-    hf_generate(hf, n, greedy)
+    ref = hf_generate(hf, prompts, n, greedy)
+    if greedy:  # same weights: the first tokens agree (later ones may drift on near-ties)
+        agree = float((np.asarray(out.tokens)[:, :8] == ref[:, :8].numpy()).mean())
+        print(f"greedy first-8-token agreement with HF at {n}: {agree:.3f}")
     ours, theirs = [], []
     for i in range(runs):
         t = time.perf_counter()
         jax.block_until_ready(fn(jax.random.key(i + 1), sp))
         ours.append(time.perf_counter() - t)
         t = time.perf_counter()
-        hf_generate(hf, n, greedy)
+        hf_generate(hf, prompts, n, greedy)
         theirs.append(time.perf_counter() - t)
     return statistics.median(ours), statistics.median(theirs)
 
@@ -84,18 +88,19 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=5, help="timed calls per setting (median reported)")
     ap.add_argument("--new-tokens", type=int, nargs="+", default=[64, 256])
-    ap.add_argument("--no-greedy", action="store_true", help="only time T=1 sampling")
+    ap.add_argument("--greedy", action="store_true", help="also time greedy decoding (doubles the run time)")
     args = ap.parse_args(argv)
 
     print(f"jax {jax.__version__} backend={jax.default_backend()} devices={len(jax.devices())}; "
           f"torch {torch.__version__} threads={torch.get_num_threads()}; cpu_count={os.cpu_count()}")
     with tempfile.TemporaryDirectory() as tmp:
-        hf, sampler = build(tmp)
+        hf, prompts, sampler = build(tmp)
     results: dict[tuple[str, int], tuple[float, float]] = {}
-    modes = ["sample"] + ([] if args.no_greedy else ["greedy"])
+    modes = ["sample"] + (["greedy"] if args.greedy else [])
     for mode in modes:
         for n in args.new_tokens:
-            results[mode, n] = bench(hf, sampler, n, mode == "greedy", args.runs)
+            results[mode, n] = bench(hf, prompts, sampler, n, mode == "greedy", args.runs)
+            print(f"done: {mode} {n}", flush=True)
 
     print(f"\n{'mode':<7} {'new':>4} {'opd_jax s':>10} {'hf s':>8} {'opd_jax tok/s':>14} {'hf tok/s':>9} "
           f"{'speedup':>8} {'opd_jax ms/step':>16}")
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"opd_jax_tok_s_{n}: {BATCH * n / ours:.0f}")
         print(f"hf_tok_s_{n}: {BATCH * n / theirs:.0f}")
         print(f"speedup_{n}: {theirs / ours:.2f}x")
-    if not args.no_greedy:
+    if args.greedy:
         for n in args.new_tokens:
             ours, theirs = results["greedy", n]
             print(f"greedy_speedup_{n}: {theirs / ours:.2f}x")

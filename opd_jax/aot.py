@@ -142,6 +142,8 @@ def topology_devices(topo: Topology) -> list:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type(topo))
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # libtpu holds /tmp/libtpu_lockfile per process by default; compile-only use needs no exclusive TPU.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.topology_name,
@@ -219,7 +221,7 @@ class AotReport:
         if a:
             out += [
                 "FLOPs per step:",
-                f"  analytic (flops.opd_step_flops, causal attention): {a.get('total', float('nan')):.3e}  "
+                f"  analytic (opd_jax.flops, causal attention): {a.get('total', float('nan')):.3e}  "
                 f"(student sampling {a.get('student_sampling', 0):.2e}, teacher scoring "
                 f"{a.get('teacher_scoring', 0):.2e}, student training {a.get('student_training', 0):.2e})",
                 f"  analytic, dense attention as implemented (einsum + mask, static cache): "
@@ -304,55 +306,62 @@ def _zero_reward(tokens, mask, answer):
 
 
 def lower_step(cfg, devices: Sequence):
-    """Lower the fused step on `devices` with abstract inputs. -> (lowered, info dict)."""
+    """Lower the config's step on `devices` with abstract inputs -> (lowered, info dict).
+
+    opd / rl: the fused step the trainer runs (`make_opd_step`). rl: the real run grades on the host between the
+    sample and update halves; here an in-graph placeholder reward keeps the program's shapes (so its memory and
+    FLOPs) the same. sft: the SFT baseline's step (`baselines.sft.make_sft_step`) at the length cap
+    `sampling.max_prompt_len + sampling.max_new_tokens`."""
     import jax
     import jax.numpy as jnp
 
     from opd_jax.mesh import make_mesh, replicated
-    from opd_jax.sampling import SamplingParams
-    from opd_jax.step import PromptBatch, StepBuilder, make_opd_step
     from opd_jax.train_state import TrainState, make_optimizer, opt_state_shardings
 
-    if cfg.algorithm not in ("opd", "rl"):
-        raise ValueError(f"algorithm {cfg.algorithm!r}: only the fused OPD / RL step is AOT-compiled")
     mesh = make_mesh(cfg.mesh, devices)
     rep = replicated(mesh)
     lora = cfg.lora if cfg.lora.rank > 0 else None
     s_def, s_t, s_f, s_tsh, s_fsh, s_cfg = abstract_model_params(cfg.student, mesh, lora)
-    use_teachers = cfg.algorithm == "opd" or cfg.loss.kl_penalty_coef != 0
-    teachers = [abstract_model_params(t.model, mesh) for t in cfg.teachers] if use_teachers else []
-
     optimizer = make_optimizer(cfg.optim, cfg.steps)
     opt_sh = opt_state_shardings(optimizer, s_t, s_tsh, mesh)
     opt_abs = _sds(jax.eval_shape(optimizer.init, s_t), opt_sh)
     state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), trainable=s_t, frozen=s_f,
                        opt_state=opt_abs)
     shardings = TrainState(step=rep, trainable=s_tsh, frozen=s_fsh, opt_state=opt_sh)
-    t_params = [t[1] for t in teachers]
-    t_shardings = [t[3] for t in teachers]
+    info = dict(mesh={k: int(v) for k, v in mesh.shape.items()}, state_bytes=shard_bytes(state), teacher_bytes=0,
+                student_cfg=s_cfg, teacher_cfg=None)
 
+    if cfg.algorithm == "sft":
+        from opd_jax.baselines.sft import SFTBatch, make_sft_step
+
+        B, S = cfg.batch_size, cfg.sampling.max_prompt_len + cfg.sampling.max_new_tokens
+        step = make_sft_step(s_def, optimizer, mesh, logprob_chunk=cfg.loss.logprob_chunk,
+                             micro_batches=cfg.micro_batches, shardings=shardings, batch_size=B)
+        batch = SFTBatch(tokens=jax.ShapeDtypeStruct((B, S), jnp.int32), mask=jax.ShapeDtypeStruct((B, S), jnp.bool_),
+                         loss_mask=jax.ShapeDtypeStruct((B, S), jnp.float32))
+        return step.lower(state, batch), info
+    if cfg.algorithm not in ("opd", "rl"):
+        raise ValueError(f"algorithm {cfg.algorithm!r}: expected opd, rl or sft")
+
+    from opd_jax.sampling import SamplingParams
+    from opd_jax.step import PromptBatch, StepBuilder, make_opd_step
+
+    use_teachers = cfg.algorithm == "opd" or cfg.loss.kl_penalty_coef != 0  # as the trainer decides
+    teachers = [abstract_model_params(t.model, mesh) for t in cfg.teachers] if use_teachers else []
+    t_params = [t[1] for t in teachers]
     G, P = cfg.groups_per_batch, cfg.sampling.max_prompt_len
-    example = PromptBatch(
-        tokens=jax.ShapeDtypeStruct((G, P), jnp.int32), mask=jax.ShapeDtypeStruct((G, P), jnp.bool_),
-        teacher_tokens=jax.ShapeDtypeStruct((G, P), jnp.int32),
-        teacher_mask=jax.ShapeDtypeStruct((G, P), jnp.bool_),
-        teacher_index=jax.ShapeDtypeStruct((), jnp.int32), answer=jax.ShapeDtypeStruct((G, 0), jnp.int32),
-    )
-    # RL: the real run grades on the host between the two halves; an in-graph placeholder reward keeps the
-    # program's shapes (and its memory / FLOPs) the same.
+    sds = jax.ShapeDtypeStruct
+    example = PromptBatch(tokens=sds((G, P), jnp.int32), mask=sds((G, P), jnp.bool_),
+                          teacher_tokens=sds((G, P), jnp.int32), teacher_mask=sds((G, P), jnp.bool_),
+                          teacher_index=sds((), jnp.int32), answer=sds((G, 0), jnp.int32))
     reward_fn = _zero_reward if cfg.algorithm == "rl" else None
     builder = StepBuilder(cfg, s_def, [t[0] for t in teachers], mesh, optimizer, reward_fn=reward_fn)
-    step = make_opd_step(builder, shardings, t_shardings, example)
+    step = make_opd_step(builder, shardings, [t[3] for t in teachers], example)
     key = jax.eval_shape(lambda: jax.random.key(0))
-    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
-    sp = SamplingParams(temperature=jax.ShapeDtypeStruct((), jnp.float32), top_k=jax.ShapeDtypeStruct((), jnp.int32),
-                        top_p=jax.ShapeDtypeStruct((), jnp.float32))
-    with mesh:
-        lowered = step.lower(state, t_params, example, key, sp)
-    info = dict(mesh={k: int(v) for k, v in mesh.shape.items()}, state_bytes=shard_bytes(state),
-                teacher_bytes=shard_bytes(t_params), student_cfg=s_cfg,
-                teacher_cfg=teachers[0][5] if teachers else None)
-    return lowered, info
+    key = sds(key.shape, key.dtype, sharding=rep)
+    sp = SamplingParams(temperature=sds((), jnp.float32), top_k=sds((), jnp.int32), top_p=sds((), jnp.float32))
+    info.update(teacher_bytes=shard_bytes(t_params), teacher_cfg=teachers[0][5] if teachers else None)
+    return step.lower(state, t_params, example, key, sp), info
 
 
 def _analytic(cfg, info) -> dict[str, float]:
@@ -361,7 +370,10 @@ def _analytic(cfg, info) -> dict[str, float]:
     s, t = info["student_cfg"], info["teacher_cfg"]
     P, N, B = cfg.sampling.max_prompt_len, cfg.sampling.max_new_tokens, cfg.batch_size
     rank = cfg.lora.rank
-    if t is None:
+    if cfg.algorithm == "sft":
+        causal = flops.sft_flops(s, B, P + N, lora_rank=rank, lora_targets=tuple(cfg.lora.targets))
+        dense = flops.sft_flops(s, B, P + N, lora_rank=rank, lora_targets=tuple(cfg.lora.targets), attention="dense")
+    elif t is None:
         causal = flops.rl_step_flops(s, B, P, N, rank, lora_targets=tuple(cfg.lora.targets))
         dense = flops.rl_step_flops(s, B, P, N, rank, lora_targets=tuple(cfg.lora.targets), attention="dense")
     else:
@@ -373,8 +385,12 @@ def _analytic(cfg, info) -> dict[str, float]:
 _OOM_RE = re.compile(r"[Uu]sed ([0-9.]+)([KMGT]?) of ([0-9.]+)([KMGT]?) hbm")
 
 
-def compile_step(cfg, topology: str | None = None) -> AotReport:
-    """AOT-compile the config's fused step for `topology` (default `cfg.topology`) and measure it."""
+def compile_step(cfg, topology: str | None = None, *, fast: bool = False) -> AotReport:
+    """AOT-compile the config's fused step for `topology` (default `cfg.topology`) and measure it.
+
+    fast: ask XLA for the least execution-time optimization effort (`exec_time_optimization_effort=-1`): several
+    times quicker to compile, for tests; the memory figures stay meaningful but the schedule is not the one a
+    real run gets."""
     from opd_jax import flops
 
     topology = topology or cfg.topology
@@ -391,7 +407,7 @@ def compile_step(cfg, topology: str | None = None) -> AotReport:
                        teacher_bytes=info["teacher_bytes"], lower_seconds=t1 - t0)
     report.analytic_flops = _analytic(cfg, info)
     try:
-        compiled = lowered.compile()
+        compiled = lowered.compile({"exec_time_optimization_effort": -1.0} if fast else None)
     except Exception as e:  # the TPU compiler refuses programs that exceed HBM
         report.compile_seconds = time.perf_counter() - t1
         msg = str(e)
@@ -428,7 +444,7 @@ def compile_main(args) -> int:
           f"({cfg.groups_per_batch} prompts x {cfg.group_size} samples, prompt {cfg.sampling.max_prompt_len} + "
           f"{cfg.sampling.max_new_tokens} new tokens, micro_batches={cfg.micro_batches}, "
           f"sampling.micro_batches={cfg.sampling.micro_batches})", flush=True)
-    report = compile_step(cfg, topology)
+    report = compile_step(cfg, topology, fast=bool(getattr(args, "fast", False)))
     for line in report.lines():
         print(line)
     if not report.fits:
@@ -448,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--topology", default=None)
     p.add_argument("--json", default=None, help="also write the report as JSON here")
+    p.add_argument("--fast", action="store_true", help="least XLA optimization effort: quicker compile (tests)")
     return compile_main(p.parse_args(argv))
 
 

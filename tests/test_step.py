@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import glob
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import jax
 import jax.extend
@@ -112,7 +113,7 @@ def new_state(optimizer, trainable, frozen) -> TrainState:
                       opt_state=optimizer.init(trainable))
 
 
-def to_numpy(tree):
+def to_numpy(tree: Any) -> Any:
     return jax.tree.map(lambda x: np.array(x), tree)
 
 
@@ -145,7 +146,7 @@ def env() -> SimpleNamespace:
     return e
 
 
-def walk(jaxpr):
+def walk(jaxpr: jax.extend.core.Jaxpr) -> Iterator[jax.extend.core.JaxprEqn]:
     """Every equation of a jaxpr and of all its sub-jaxprs (loops, conds, remat, custom derivatives)."""
     for eqn in jaxpr.eqns:
         yield eqn
@@ -317,7 +318,7 @@ def updates(env) -> dict:
     return {"A": update([env.tdef]), "B": update([env.t2def]), "AB/2": update([env.tdef, env.t2def], 2)}
 
 
-def run_update(env, fn, teachers, index=0):
+def run_update(env: SimpleNamespace, fn: Callable, teachers: list, index: int = 0) -> tuple[TrainState, dict]:
     state = new_state(env.sgd, env.tr, env.fr)
     batch = env.batch.replace(teacher_index=jnp.asarray(index, jnp.int32))
     return fn(state, teachers, batch, env.samples)

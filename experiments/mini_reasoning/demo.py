@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"student: {prep.student}  (held-out greedy accuracy {prep.info['student_accuracy']:.3f})")
 
     every = max(1, a.steps // 4)
+    a.run_dir = os.path.abspath(a.run_dir)  # orbax wants absolute local checkpoint paths
     cfg = common.load("base", [*prep.overrides(), f"run_dir={a.run_dir}", f"steps={a.steps}", "overwrite=true",
                                f"eval.every={every}", "algorithm=opd", *a.overrides])
     from opd_jax.trainer import Trainer

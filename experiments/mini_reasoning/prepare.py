@@ -27,10 +27,10 @@ class PrepRecipe:
     teacher_steps: int = 1000
     teacher_batch: int = 32
     teacher_lr: float = 6e-3
-    student_examples: int = 192  # the limited off-policy set: this many correct teacher samples
-    student_steps: int = 120
+    student_examples: int = 1024  # the limited off-policy set: this many correct teacher samples
+    student_steps: int = 400
     student_batch: int = 32
-    student_lr: float = 3e-3
+    student_lr: float = 6e-3
     seed: int = 0
     only_correct: bool = True  # keep only graded-correct teacher samples (off for the CI test's tiny teacher)
     extra: dict = field(default_factory=dict)

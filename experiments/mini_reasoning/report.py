@@ -145,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     wall = "".join(f"\n| {k} | {v['wall_s']:.0f} |" for k, v in runs.items())
     md = (f"# Mini reasoning comparison\n\n{text}\n\n![accuracy vs FLOPs](accuracy_vs_flops.png)\n"
           f"![accuracy vs steps](accuracy_vs_steps.png)\n\nCurves: `curves.jsonl` (from `runs/*.jsonl`, each run's "
-          f"metrics.jsonl). Steps per run: {meta.get('steps')}, eval every {meta.get('eval_every')} steps on "
-          f"{meta.get('prep', {}).get('eval_problems', 128)} held-out problems.\n\n| run | wall seconds |\n|---|---|"
+          f"metrics.jsonl). Seeds: {meta.get('seeds')}.\nSteps per run: {meta.get('steps')}, eval every "
+          f"{meta.get('eval_every')} steps on "
+          f"{meta.get('eval_problems', '?')} held-out problems (greedy).\n\n| run | wall seconds |\n|---|---|"
           f"{wall}\n")
     with open(os.path.join(a.results, "results.md"), "w", encoding="utf-8") as f:
         f.write(md)

@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", default="{}", help="JSON of PrepRecipe fields (teacher/student preparation)")
     p.add_argument("overrides", nargs="*", help="config overrides for the preparation and every run")
     a = p.parse_args(argv)
+    a.runs = os.path.abspath(a.runs)  # orbax wants absolute local checkpoint paths
     seeds = a.seeds if a.seeds is not None else ([0] if a.quick else [0, 1, 2])
     steps = a.steps or (10 if a.quick else 60)
     every = a.eval_every or max(1, steps // (2 if a.quick else 6))
@@ -156,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(os.path.join(a.results, "runs"), exist_ok=True)
     curves = os.path.join(a.results, "curves.jsonl")
     meta = {"student_accuracy": prep.info["student_accuracy"], "teacher_accuracy": prep.info["teacher_accuracy"],
-            "steps": steps, "seeds": seeds, "eval_every": every, "runs": {}, "prep": prep.info}
+            "steps": steps, "seeds": seeds, "eval_every": every,
+            "eval_problems": common.load("base", a.overrides).eval.num_problems, "runs": {}, "prep": prep.info}
     with open(curves, "w", encoding="utf-8") as f:
         for method in a.methods:
             for seed in seeds:

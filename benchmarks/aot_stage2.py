@@ -1,0 +1,82 @@
+"""Does the published stage-2 OPD step fit on its TPU slice? AOT-compile it here, on a CPU machine.
+
+Compiles the real fused step of `configs/aime24/stage2_opd.yaml` (Qwen3-8B-Base student, full fine-tuning;
+Qwen3-32B teacher; 512 prompts x 4 samples; 1024-token prompts + 4096 new tokens) for the config's topology
+(v5p-64 = 32 chips) with abstract weights, and reports per-chip memory, FLOPs per step and compile time.
+Needs libtpu outside the default site (see `opd_jax.aot`): `OPD_TPU_SITE=/path/to/tpu_site`.
+
+    python benchmarks/aot_stage2.py                                   # stage2_opd.yaml on its topology
+    python benchmarks/aot_stage2.py --config configs/aime24/stage2_opd_lora.yaml --topology v5p-128
+    python benchmarks/aot_stage2.py sampling.micro_batches=32         # any config override
+
+Headline `name: value` lines are printed last. Compile time on a 2-core CPU machine is several minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
+    p.add_argument("--config", default=os.path.join(REPO, "configs", "aime24", "stage2_opd.yaml"))
+    p.add_argument("--topology", default=None, help="default: the config's `topology`")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the time-per-step estimate")
+    p.add_argument("--json", default=None, help="write the report here as JSON")
+    args = p.parse_args()
+
+    from opd_jax import aot, flops
+    from opd_jax.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    t0 = time.perf_counter()
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    report = aot.compile_step(cfg, args.topology)
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    wall = time.perf_counter() - t0
+    cpu = cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime
+    print(f"config: {os.path.relpath(args.config, REPO)} {' '.join(args.overrides)}")
+    print(f"  {cfg.groups_per_batch} prompts x {cfg.group_size} samples, prompt {cfg.sampling.max_prompt_len} + "
+          f"{cfg.sampling.max_new_tokens} new tokens; micro_batches={cfg.micro_batches}, "
+          f"sampling.micro_batches={cfg.sampling.micro_batches}, remat={cfg.student.remat}, lora.rank={cfg.lora.rank}")
+    for line in report.lines():
+        print(line)
+    if not report.fits:
+        print("levers:")
+        for lever in aot.levers(cfg, report):
+            print(f"  - {lever}")
+    chip = flops.CHIPS[report.chip]
+    total = report.analytic_flops.get("total", float("nan"))
+    step_s = total / (report.num_chips * chip.peak_flops * args.mfu)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({**report.to_dict(), "wall_seconds": wall, "cpu_seconds": cpu}, f, indent=1, default=str)
+
+    print()
+    print(f"topology: {report.topology} ({report.num_chips} {report.chip} chips)")
+    print(f"mesh: {report.mesh}")
+    print(f"fits: {report.fits}")
+    print(f"hbm_per_chip_gb: {report.total_bytes / aot.GB:.2f}")
+    print(f"hbm_fraction: {report.total_bytes / report.hbm_bytes:.3f}")
+    print(f"arguments_gb: {report.argument_bytes / aot.GB:.2f}")
+    print(f"temporaries_gb: {report.temp_bytes / aot.GB:.2f}")
+    print(f"analytic_flops_per_step: {total:.3e}")
+    print(f"analytic_flops_dense_per_step: {report.analytic_flops.get('dense_total', float('nan')):.3e}")
+    print(f"xla_counted_flops_per_step: {report.compiled_flops:.3e}")
+    print(f"step_seconds_at_{args.mfu:.0%}_mfu: {step_s:.0f}")
+    print(f"lower_seconds: {report.lower_seconds:.1f}")
+    print(f"compile_seconds: {report.compile_seconds:.1f}")
+    print(f"compile_cpu_seconds: {cpu:.1f}")
+    return 0 if report.fits else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
