@@ -3,9 +3,9 @@
 Both run the same weights of a tiny random Qwen3 (4 layers, hidden 256, vocab 512, 4 heads / 2 KV heads,
 head_dim 64, intermediate 768: ~3.4M params) in fp32, batch 32, 32-token prompts, for 64 and 256 new tokens
 with no stop token (HF is forced to full length with `min_new_tokens`). Sampling is plain T=1 (HF's default
-top-k 50 is switched off), and greedy with `--greedy`. Compile time / first-call overhead is excluded by one warm-up call;
-each figure is the median of `--runs` timed calls, with opd_jax and HF calls interleaved so both see the same
-machine load. Threads: torch uses its default intra-op thread count (`torch.get_num_threads()`, printed);
+top-k 50 is switched off), plus greedy with `--greedy`. Compile time / first-call overhead is excluded by one
+warm-up call; each figure is the median of `--runs` timed calls, with opd_jax and HF calls interleaved so both
+see the same machine load. Threads: torch uses its default intra-op thread count (`torch.get_num_threads()`, printed);
 XLA's CPU backend uses its own default pool over all cores. Run: `python benchmarks/sampler.py [--runs 5]`.
 """
 

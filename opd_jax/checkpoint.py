@@ -8,6 +8,7 @@ mid-save never corrupts the last good checkpoint.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -19,6 +20,8 @@ from opd_jax.train_state import TrainState
 
 class Checkpointer:
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+        if "://" not in str(directory):  # orbax wants absolute local paths; configs may say runs/x
+            directory = os.path.abspath(directory)
         self.directory = epath.Path(directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
