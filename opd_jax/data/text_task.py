@@ -57,12 +57,16 @@ class TextTask(Task):
             self.teacher_renderers.append(self.renderer if t.renderer == "same" else r)
         self.routes = {name: i for i, t in enumerate(cfg.teachers) for name in t.datasets}
         self.max_prompt_len = cfg.sampling.max_prompt_len
+        self.sft = cfg.algorithm == "sft"
+        # SFT rows are whole conversations: their budget is the full sequence, not the prompt
+        budget = self.max_prompt_len + cfg.sampling.max_new_tokens if self.sft else self.max_prompt_len
         source = open_source(d.source, split=d.split, prompt_field=d.prompt_field, answer_field=d.answer_field,
                              name=d.name or None)
         self.dataset = PromptDataset(
             source, seed=d.shuffle_seed, process_index=process_index, process_count=process_count,
-            max_examples=d.max_examples, max_prompt_tokens=self.max_prompt_len,
-            tokenize=self._budget_tokens, truncate_prompts=cfg.sampling.truncate_prompts,
+            max_examples=d.max_examples, max_prompt_tokens=budget,
+            tokenize=self._conversation_tokens if self.sft else self._budget_tokens,
+            truncate_prompts=cfg.sampling.truncate_prompts,
         )
         e = cfg.eval
         self._eval_source = e.source
@@ -79,6 +83,17 @@ class TextTask(Task):
 
     def _teacher_for(self, ex: Example) -> int:
         return self.routes.get(ex.source, 0)
+
+    def _conversation_tokens(self, ex: Example) -> list[int]:
+        if not any(m.get("role") == "assistant" for m in ex.messages):
+            raise ValueError("SFT needs a conversation with an assistant turn")  # counted as a bad row
+        return self.renderer.build_conversation(ex.messages)[0]
+
+    def sft_examples(self, n: int) -> list[tuple[list[int], list[int]]]:
+        """The next `n` conversations rendered in the student's template; loss on assistant tokens only."""
+        if not self.sft:
+            raise ValueError("sft_examples: this task was built for algorithm != sft (prompts only)")
+        return [self.renderer.build_conversation(ex.messages) for ex in self.dataset.next_batch(n)]
 
     def _budget_tokens(self, ex: Example) -> list[int]:
         """The longer of the student's and the routed teacher's prompt: both must fit sampling.max_prompt_len."""
