@@ -31,6 +31,7 @@ def main() -> int:
     p.add_argument("--topology", default=None, help="default: the config's `topology`")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the time-per-step estimate")
     p.add_argument("--json", default=None, help="write the report here as JSON")
+    p.add_argument("--fast", action="store_true", help="least XLA optimization effort: quicker, for exploring")
     args = p.parse_args()
 
     from opd_jax import aot, flops
@@ -39,7 +40,7 @@ def main() -> int:
     cfg = load_config(args.config, args.overrides)
     t0 = time.perf_counter()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    report = aot.compile_step(cfg, args.topology)
+    report = aot.compile_step(cfg, args.topology, fast=args.fast)
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     wall = time.perf_counter() - t0
     cpu = cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime

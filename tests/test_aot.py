@@ -195,4 +195,4 @@ def test_analytic_flops_match_xla(vocab):
     sampling = (flops.forward_flops(s, B, P, context_len=P + N, lm_head_tokens=1)
                 + flops.forward_flops(s, B, 1, context_len=P + N, lm_head_tokens=1))
     analytic = sampling + step["teacher_scoring"] + step["student_training"]
-    assert abs(xla / analytic - 1.0) < 0.15, (xla, analytic, step)
+    assert abs(xla / analytic - 1.0) < 0.05, (xla, analytic, step)  # measured: 1.010 and 1.006
