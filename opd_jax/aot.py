@@ -434,10 +434,22 @@ def compile_step(cfg, topology: str | None = None, *, fast: bool = False) -> Aot
 
 
 # ---- CLI -----------------------------------------------------------------------------------------------------
+def _host_platform_cpu() -> None:
+    """Tracing needs a host backend only: keep JAX off the (absent) TPU once libtpu is importable."""
+    if os.environ.get("JAX_PLATFORMS"):
+        return
+    import jax
+    from jax._src import xla_bridge
+
+    if not xla_bridge.backends_are_initialized():
+        jax.config.update("jax_platforms", "cpu")
+
+
 def compile_main(args) -> int:
     """`opd-jax compile CONFIG [k=v ...] [--topology T] [--json PATH]`: 0 if the step fits, 3 if not."""
     from opd_jax.config import load_config
 
+    _host_platform_cpu()
     cfg = load_config(args.config, list(getattr(args, "overrides", []) or []))
     topology = getattr(args, "topology", None) or cfg.topology
     print(f"AOT-compiling the fused {cfg.algorithm} step of {args.config} for {topology} "
