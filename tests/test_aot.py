@@ -140,6 +140,18 @@ def test_aot_fused_opd_step_v5p8(tmp_path):
     assert rep["analytic_flops"]["total"] <= rep["analytic_flops"]["dense_total"]
 
 
+@pytest.mark.slow
+def test_aot_reports_a_program_that_does_not_fit(tmp_path):
+    """1024 sequences of 1K tokens in one micro-batch on 4 v5e chips (16 GB): the TPU compiler refuses it."""
+    rep = _compile(tmp_path, SMALL_OPD, ("topology=v5e-4", "groups_per_batch=256", "group_size=4",
+                                         "sampling.max_prompt_len=512", "sampling.max_new_tokens=512",
+                                         "micro_batches=1", "sampling.micro_batches=1"))
+    assert rep["chip"] == "v5e" and rep["hbm_bytes"] == 16e9
+    assert not rep["fits"] and "RESOURCE_EXHAUSTED" in rep["error"]
+    assert rep["temp_bytes"] > rep["hbm_bytes"]  # the compiler's figure, parsed from its message
+    assert rep["argument_bytes"] == rep["state_bytes"] + rep["teacher_bytes"] > 0
+
+
 # ---- analytic FLOPs vs XLA's count ---------------------------------------------------------------------------
 def _xla_fused_step_flops(cfg) -> float:
     """cost_analysis() FLOPs of the real fused step (CPU, one device, abstract inputs)."""
