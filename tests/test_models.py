@@ -23,7 +23,7 @@ from opd_jax.config.schema import LoRAConfig, MeshConfig
 from opd_jax.mesh import make_mesh
 from opd_jax.models import hf_io
 from opd_jax.models.hf_io import convert_main, export_hf, load_hf_config, load_hf_params, merge_lora
-from opd_jax.models.qwen3 import abstract_model, positions_from_mask
+from opd_jax.models.qwen3 import abstract_model, attention, decode_attention, positions_from_mask
 from opd_jax.models.weight_mapping import hf_to_ours
 
 torch.set_num_threads(1)
@@ -141,6 +141,30 @@ def test_kv_cache_decode_matches_full_forward(tmp_path):
         steps.append(logits)
     assert int(cache.index) == tokens.shape[1]
     assert maxdiff(np.concatenate(steps, axis=1), full, mask) <= 1e-4
+
+
+@pytest.mark.parametrize("n_filled", [1, 4, 9, 16])
+def test_decode_attention_blocks_equal_dense_attention(n_filled):
+    """Blockwise online-softmax decode (several blocks, pad holes, unfilled tail) == dense masked attention."""
+    rng = np.random.default_rng(0)
+    L, B, KV, S, D, H, block = 2, 3, 2, 16, 8, 4, 4
+    kc = jnp.asarray(rng.normal(size=(L, B, KV, S, D)), jnp.float32)
+    vc = jnp.asarray(rng.normal(size=(L, B, KV, S, D)), jnp.float32)
+    q = jnp.asarray(rng.normal(size=(B, 1, H, D)), jnp.float32)
+    valid = rng.random((B, S)) < 0.7
+    valid[:, n_filled - 1] = True  # the token being decoded is always a real one
+    valid = jnp.asarray(valid)
+    got = decode_attention(q, kc, vc, jnp.int32(1), valid, jnp.int32(n_filled), block=block)
+    mask = (valid & (jnp.arange(S) < n_filled))[:, None, :]
+    want = attention(q, jnp.swapaxes(kc[1], 1, 2), jnp.swapaxes(vc[1], 1, 2), mask)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_cache_length_rounds_up_to_decode_block(tmp_path):
+    make_hf(tmp_path, **GQA2_TIED_3L)
+    cfg = load_hf_config(tmp_path)
+    cache = abstract_model(cfg).init_cache(2, 70)
+    assert cache.max_len == 128 and cache.k.shape[3] == 128 and not bool(cache.valid.any())
 
 
 # ---- export round trips ----------------------------------------------------------------------------------

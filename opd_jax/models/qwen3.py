@@ -50,19 +50,21 @@ _PROJ = {
 
 @struct.dataclass
 class KVCache:
-    """Preallocated attention cache. Rows are left-padded, so every row writes the same slot each step."""
+    """Preallocated attention cache. Rows are left-padded, so every row writes the same slot each step.
+    Slots sit next to head_dim, so a layer's K/V feed the attention dots without a transposed copy."""
 
-    k: jax.Array  # [layers, batch, slots, kv_heads, head_dim]
+    k: jax.Array  # [layers, batch, kv_heads, slots, head_dim]
     v: jax.Array
     valid: jax.Array  # [batch, slots] bool: slot holds a real (non-pad) token
     index: jax.Array  # int32 scalar: next slot to write
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
-CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
+DECODE_BLOCK = 64  # cache slots per block of one-token decode attention; the cache length is a multiple of it
 
 
 class Qwen3(nnx.Module):
@@ -122,7 +124,8 @@ class Qwen3(nnx.Module):
     # ---- cache ---------------------------------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int, mesh: Mesh | None = None, rules=None) -> KVCache:
         c = self.cfg
-        shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+        max_len = -(-max_len // DECODE_BLOCK) * DECODE_BLOCK  # extra slots are never valid
+        shape = (c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim)
         k = with_logical_constraint(jnp.zeros(shape, self.dtype), CACHE_AXES, mesh, rules)
         v = with_logical_constraint(jnp.zeros(shape, self.dtype), CACHE_AXES, mesh, rules)
         valid = with_logical_constraint(jnp.zeros((batch, max_len), bool), ("batch", "cache_seq"), mesh, rules)
@@ -185,13 +188,16 @@ class Qwen3(nnx.Module):
             k = rms_norm(proj("k", h), p["k_norm"], c.rms_norm_eps)
             v = proj("v", h)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            if kc is not None:
-                kc = jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (i, 0, cache.index, 0, 0))
-                vc = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (i, 0, cache.index, 0, 0))
-                keys, values = kc[i], vc[i]
+            if kc is None:
+                o = attention(q, k, v, mask)
             else:
-                keys, values = k, v
-            o = attention(q, keys, values, mask)
+                at = (i, 0, 0, cache.index, 0)
+                kc = jax.lax.dynamic_update_slice(kc, jnp.swapaxes(k, 1, 2)[None].astype(kc.dtype), at)
+                vc = jax.lax.dynamic_update_slice(vc, jnp.swapaxes(v, 1, 2)[None].astype(vc.dtype), at)
+                if T == 1:  # decode: only the filled blocks, straight from the stacked cache
+                    o = decode_attention(q, kc, vc, i, key_valid, cache.index + 1)
+                else:  # prefill (once per sample call)
+                    o = attention(q, jnp.swapaxes(kc[i], 1, 2), jnp.swapaxes(vc[i], 1, 2), mask)
             x = x + proj("o", o)
             h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
             x = x + proj("down", jax.nn.silu(proj("gate", h)) * proj("up", h))
@@ -250,6 +256,43 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(B, T, H, D)
+
+
+def decode_attention(
+    q: jax.Array, kc: jax.Array, vc: jax.Array, layer: jax.Array, valid: jax.Array, n_filled: jax.Array,
+    block: int = DECODE_BLOCK,
+) -> jax.Array:
+    """One-token attention over the filled cache slots [0, n_filled) only, a block at a time (online softmax),
+    so a decode step costs O(current length), not O(cache length), and never copies a whole layer's K/V.
+    q: [B, 1, H, D]; kc, vc: [layers, B, KV, S, D]; valid: [B, S].
+
+    The products are broadcast-multiply-reduce, not dots: with one query they are matrix-vector products,
+    which XLA fuses with the block's dynamic slice instead of copying the block out for a batched GEMM."""
+    B, _, H, D = q.shape
+    KV = kc.shape[2]
+    G = H // KV
+    qg = q.reshape(B, KV, G, D).astype(jnp.float32) / math.sqrt(D)
+
+    def body(j, carry):
+        m, denom, acc = carry
+        start = j * block
+        kb = jax.lax.dynamic_slice(kc, (layer, 0, 0, start, 0), (1, B, KV, block, D))[0].astype(jnp.float32)
+        vb = jax.lax.dynamic_slice(vc, (layer, 0, 0, start, 0), (1, B, KV, block, D))[0].astype(jnp.float32)
+        ok = jax.lax.dynamic_slice(valid, (0, start), (B, block)) & (start + jnp.arange(block) < n_filled)
+        s = jnp.sum(qg[:, :, :, None, :] * kb[:, :, None, :, :], axis=-1)  # [B, KV, G, block]
+        s = jnp.where(ok[:, None, None], s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.exp(s - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        denom = denom * corr + p.sum(-1)
+        acc = acc * corr[..., None] + jnp.sum(p[..., None] * vb[:, :, None, :, :], axis=-2)
+        return m_new, denom, acc
+
+    init = (jnp.full((B, KV, G), -1e30, jnp.float32), jnp.zeros((B, KV, G), jnp.float32),
+            jnp.zeros((B, KV, G, D), jnp.float32))
+    _, denom, acc = jax.lax.fori_loop(0, (n_filled + block - 1) // block, body, init)
+    denom = jnp.where(denom > 0, denom, 1.0)  # a row with no valid key yields zeros, not NaN
+    return (acc / denom[..., None]).reshape(B, 1, H, D).astype(vc.dtype)
 
 
 def positions_from_mask(mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
