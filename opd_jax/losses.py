@@ -136,8 +136,12 @@ def opd_advantages(
     mask: jax.Array,
     task_advantage: jax.Array | None = None,
 ) -> jax.Array:
-    """A_t = -kl_coef * (logp_sampler - logp_teacher) (discounted if gamma > 0) + task_coef * A_task."""
+    """A_t = -kl_coef * (logp_sampler - logp_teacher) (discounted if gamma > 0) + task_coef * A_task.
+    `kl_clip` > 0 bounds each token's kl_t: a near-deterministic teacher puts -15..-25 nats on a wrong token, and
+    those few tokens would otherwise set the whole batch's update direction."""
     kl_t = (logp_sampler - logp_teacher) * mask
+    if cfg.kl_clip > 0:
+        kl_t = jnp.clip(kl_t, -cfg.kl_clip, cfg.kl_clip)
     adv = discounted_sum(-cfg.kl_penalty_coef * kl_t, mask, cfg.discount)
     if task_advantage is not None:
         ta = task_advantage if task_advantage.ndim == 2 else task_advantage[:, None]

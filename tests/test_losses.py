@@ -367,6 +367,16 @@ def test_discounted_opd_advantages():
     np.testing.assert_allclose(adv, ref * mask, rtol=1e-5, atol=1e-6)
 
 
+def test_kl_clip_bounds_each_token():
+    lp_s = jnp.asarray([[-0.1, -2.0, -0.5, -1.0]])
+    lp_t = jnp.asarray([[-20.0, -0.1, -0.5, -30.0]])
+    mask = jnp.asarray([[1.0, 1.0, 1.0, 0.0]])
+    adv = np.asarray(losses.opd_advantages(LossConfig(kl_clip=3.0), lp_s, lp_t, mask))
+    np.testing.assert_allclose(adv, [[-3.0, 1.9, 0.0, 0.0]], atol=1e-6)  # 19.9 clipped to 3; -1.9 kept; masked 0
+    off = np.asarray(losses.opd_advantages(LossConfig(), lp_s, lp_t, mask))
+    np.testing.assert_allclose(off, [[-19.9, 1.9, 0.0, 0.0]], atol=1e-5)
+
+
 def test_normalization_references():
     rng = np.random.RandomState(13)
     per_token = rng.randn(4, 6).astype(np.float32)

@@ -27,15 +27,17 @@ def test_mini_reasoning_end_to_end(tmp_path, monkeypatch):
 
     results, runs = tmp_path / "results", tmp_path / "runs"
     rc = run_all.main(["--seeds", "0", "--steps", "12", "--eval-every", "6", "--results", str(results),
-                       "--runs", str(runs), "--recipe", json.dumps(RECIPE), "--target", "0.3", *TINY])
+                       "--runs", str(runs), "--recipe", json.dumps(RECIPE), "--target", "0.3", "--midtrain-steps", "8",
+                       *TINY])
     assert rc == 0
 
     # the cache: HF dirs of both models and their accuracies
-    (key_dir,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and p.name != "xla_cache"]
-    info = json.loads((key_dir / "prep.json").read_text())
+    dirs = {p.name.split("-")[0] if p.name.startswith("teacher-") else "key": p
+            for p in (tmp_path / "cache").iterdir() if p.is_dir() and p.name != "xla_cache"}
+    assert set(dirs) == {"teacher", "key"}, dirs
+    info = json.loads((dirs["key"] / "prep.json").read_text())
     assert 0.0 <= info["teacher_accuracy"] <= 1.0 and 0.0 <= info["student_accuracy"] <= 1.0
-    for name in ("teacher", "student"):
-        assert (key_dir / name / "config.json").exists()
+    assert (dirs["teacher"] / "teacher" / "config.json").exists() and (dirs["key"] / "student" / "config.json").exists()
 
     # every method ran and left its metrics, the table and the plots exist
     for m in ("sft", "rl", "opd"):
@@ -45,6 +47,15 @@ def test_mini_reasoning_end_to_end(tmp_path, monkeypatch):
         assert (results / f).stat().st_size > 0, f
     md = (results / "results.md").read_text()
     assert "OPD" in md and "SFT" in md and "RL" in md
+
+    # the extras: single-prompt OPD next to all prompts, and recovery at its three points
+    single = json.loads((results / "single_prompt.json").read_text())
+    assert set(single["runs"]) == {"one", "full"} and single["runs"]["one"]["group_size"] == 16
+    assert all(r["curve"][0][0] == 0 and r["curve"][-1][0] == 12 for r in single["runs"].values())
+    rec = json.loads((results / "recovery.json").read_text())
+    for point in ("before", "after_midtrain", "after_opd"):
+        assert 0.0 <= rec[point]["arithmetic"] <= 1.0 and 0.0 <= rec[point]["facts"] <= 1.0
+    assert "Single-prompt" in md and "Recovery" in md
 
     # OPD pulls the student towards the teacher: teacher_kl falls (fixed seeds, first vs last steps)
     kl = [v for _, v in metric_curve(os.fspath(runs / "opd_s0"), "teacher_kl")]

@@ -33,16 +33,20 @@ def cache_root() -> Path:
     return Path(base) / "opd_jax" / "mini_reasoning"
 
 
-def prep_key(cfg: ExperimentConfig, prep: dict) -> str:
-    """Hash of everything that determines the prepared teacher/student: models, task, sampling, prep recipe."""
+def prep_key(cfg: ExperimentConfig, prep: dict, *, teacher_only: bool = False) -> str:
+    """Hash of everything that determines the prepared teacher/student: models, task, sampling, prep recipe.
+    `teacher_only`: just what determines the teacher, so a new student recipe reuses a cached teacher."""
     d = config_to_dict(cfg)
     t = copy.deepcopy(d["teachers"][0]["model"])
     s = copy.deepcopy(d["student"])
     t["hf_path"] = s["hf_path"] = None
-    blob = json.dumps({"teacher": t, "student": s, "data": d["data"]["source"], "eval": d["eval"]["source"],
-                       "sampling": [d["sampling"]["max_prompt_len"], d["sampling"]["max_new_tokens"]],
-                       "prep": prep}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    blob = {"teacher": t, "data": d["data"]["source"], "eval": d["eval"]["source"],
+            "sampling": [d["sampling"]["max_prompt_len"], d["sampling"]["max_new_tokens"]], "prep": prep}
+    if teacher_only:
+        blob["prep"] = {k: v for k, v in prep.items() if k.startswith("teacher_") or k == "seed"}
+    else:
+        blob["student"] = s
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -80,3 +84,21 @@ def quiet_jax() -> None:
 
     jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def add_stage_args(p, runs_default: str) -> None:
+    """The arguments every extra stage (single prompt, recovery) shares."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--results", default=str(RESULTS_DIR))
+    p.add_argument("--runs", default=runs_default)
+    p.add_argument("--recipe", default="{}", help="JSON of PrepRecipe fields (teacher/student preparation)")
+    p.add_argument("overrides", nargs="*", help="config overrides of configs/mini_reasoning/base.yaml")
+
+
+def start_stage(a):
+    """Absolute runs dir, results/runs/ created, the base config and the cached (teacher, student) pair."""
+    from experiments.mini_reasoning.prepare import PrepRecipe, prepare
+
+    os.makedirs(os.path.join(a.results, "runs"), exist_ok=True)
+    base = load("base", a.overrides)
+    return os.path.abspath(a.runs), base, prepare(base, PrepRecipe(**json.loads(a.recipe)))

@@ -3,8 +3,9 @@ on a limited set of teacher samples: off-policy distillation), cached as HF chec
 
     python -m experiments.mini_reasoning.prepare [--fresh] [key=value ...]
 
-Cache: <cache_root()>/<hash of models + task + recipe>/{teacher,student}/ (config.json + safetensors) and
-prep.json with both accuracies (greedy decoding, the held-out eval problems).
+Cache: <cache_root()>/teacher-<hash of teacher + task + teacher recipe>/teacher/ and
+<cache_root()>/<hash of both models + task + recipe>/student/ (config.json + safetensors), each with a JSON of its
+held-out accuracy (greedy decoding): a new student recipe reuses the cached teacher.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from experiments.mini_reasoning import common
 
 @dataclass
 class PrepRecipe:
-    teacher_steps: int = 1000
+    teacher_steps: int = 1500
     teacher_batch: int = 32
     teacher_lr: float = 6e-3
-    student_examples: int = 1024  # the limited off-policy set: this many correct teacher samples
-    student_steps: int = 400
+    student_examples: int = 4096  # the limited off-policy set: this many correct teacher samples
+    student_steps: int = 500
     student_batch: int = 32
     student_lr: float = 6e-3
     seed: int = 0
@@ -97,13 +98,19 @@ def prepare(cfg=None, recipe: PrepRecipe | None = None, *, root: str | os.PathLi
     recipe = recipe or PrepRecipe()
     key = common.prep_key(cfg, recipe.as_dict())
     root = Path(root) if root else common.cache_root()
-    out = root / key
-    info_path = out / "prep.json"
-    t_dir, s_dir = out / "teacher", out / "student"
-    if fresh and out.exists():
-        shutil.rmtree(out)
+    out, t_out = root / key, root / f"teacher-{common.prep_key(cfg, recipe.as_dict(), teacher_only=True)}"
+    info_path, t_info_path = out / "prep.json", t_out / "teacher.json"
+    t_dir, s_dir = t_out / "teacher", out / "student"
+    for d in (out, t_out) if fresh else ():
+        if d.exists():
+            shutil.rmtree(d)
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    t_info = json.loads(t_info_path.read_text()) if t_info_path.exists() else {}
+    if t_info.get("teacher_accuracy") is not None and info.get("teacher_dir") != str(t_dir):
+        info.pop("student_accuracy", None)  # a student sampled from another teacher
+    info.update(t_info)
     out.mkdir(parents=True, exist_ok=True)
+    t_out.mkdir(parents=True, exist_ok=True)
     work = tempfile.mkdtemp(prefix="opd_mini_prep_")
 
     from opd_jax.baselines.sft import SFTTrainer, teacher_sft_examples
@@ -125,8 +132,10 @@ def prepare(cfg=None, recipe: PrepRecipe | None = None, *, root: str | os.PathLi
             tr = SFTTrainer(c)
             _check_finished(tr.run())
             _export(tr, None, t_dir)
-            info.update(teacher_accuracy=_final_accuracy(tr), teacher_seconds=time.time() - t0,
-                        teacher_steps=recipe.teacher_steps, teacher_batch=recipe.teacher_batch)
+            t_info = dict(teacher_accuracy=_final_accuracy(tr), teacher_seconds=time.time() - t0,
+                          teacher_steps=recipe.teacher_steps, teacher_batch=recipe.teacher_batch)
+            t_info_path.write_text(json.dumps(t_info, indent=1))
+            info.update(t_info)
             info.pop("student_accuracy", None)  # a new teacher invalidates the student
             info_path.write_text(json.dumps(info, indent=1))
             log(f"[prepare] teacher: held-out greedy accuracy {info['teacher_accuracy']:.3f} "
@@ -170,7 +179,7 @@ def prepare(cfg=None, recipe: PrepRecipe | None = None, *, root: str | os.PathLi
                 f"({info['student_seconds']:.0f}s) -> {s_dir}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    info.update(key=key, recipe={**recipe.as_dict(), "only_correct": recipe.only_correct})
+    info.update(key=key, teacher_dir=str(t_dir), recipe={**recipe.as_dict(), "only_correct": recipe.only_correct})
     info_path.write_text(json.dumps(info, indent=1))
     return Prepared(out, str(t_dir), str(s_dir), info)
 

@@ -149,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{meta.get('eval_every')} steps on "
           f"{meta.get('eval_problems', '?')} held-out problems (greedy).\n\n| run | wall seconds |\n|---|---|"
           f"{wall}\n")
+    if meta.get("wall_s"):
+        md += f"\nWhole `run_all` (preparation included when not cached): {meta['wall_s']:.0f}s.\n"
+    for extra in ("single_prompt.md", "recovery.md"):  # written by single_prompt.py / recovery.py
+        path = os.path.join(a.results, extra)
+        if os.path.exists(path):
+            md += "\n" + open(path, encoding="utf-8").read().replace("\n# ", "\n## ").replace("# ", "## ", 1)
     with open(os.path.join(a.results, "results.md"), "w", encoding="utf-8") as f:
         f.write(md)
     with open(os.path.join(a.results, "summary.json"), "w", encoding="utf-8") as f:

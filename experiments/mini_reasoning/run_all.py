@@ -2,6 +2,10 @@
 reward in the program) vs OPD, each with several seeds; then `report.py` draws the table and plots.
 
     python -m experiments.mini_reasoning.run_all [--quick] [--seeds 0 1 2] [--steps 60] [--methods sft rl opd]
+                                                 [--no-extras]
+
+After the comparison (unless --no-extras): the single-prompt run (`single_prompt.py`) and the recovery experiment
+(`recovery.py`), with their own results files next to the comparison's.
 
 Every run writes runs/mini_reasoning/compare/<method>_s<seed>/ (metrics.jsonl, eval/); the curves the report
 uses (step, accuracy, cumulative student and teacher FLOPs) go to experiments/mini_reasoning/results/curves.jsonl
@@ -143,16 +147,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default="runs/mini_reasoning/compare")
     p.add_argument("--target", type=float, default=None, help="accuracy target of the table (default: see report)")
     p.add_argument("--no-kl-picture", action="store_true", help="skip the per-token KL page of the student")
+    p.add_argument("--no-extras", action="store_true", help="skip the single-prompt and recovery experiments")
+    p.add_argument("--midtrain-steps", type=int, default=150, help="recovery: SFT steps on the new facts")
     p.add_argument("--recipe", default="{}", help="JSON of PrepRecipe fields (teacher/student preparation)")
     p.add_argument("overrides", nargs="*", help="config overrides for the preparation and every run")
     a = p.parse_args(argv)
     a.runs = os.path.abspath(a.runs)  # orbax wants absolute local checkpoint paths
     seeds = a.seeds if a.seeds is not None else ([0] if a.quick else [0, 1, 2])
-    steps = a.steps or (10 if a.quick else 60)
-    every = a.eval_every or max(1, steps // (2 if a.quick else 6))
+    steps = a.steps or (10 if a.quick else 100)
+    every = a.eval_every or max(1, steps // (2 if a.quick else 10))
 
     from experiments.mini_reasoning.prepare import PrepRecipe, prepare
 
+    t_start = time.time()
     prep = prepare(common.load("base", a.overrides), PrepRecipe(**json.loads(a.recipe)))
     os.makedirs(os.path.join(a.results, "runs"), exist_ok=True)
     curves = os.path.join(a.results, "curves.jsonl")
@@ -172,6 +179,17 @@ def main(argv: list[str] | None = None) -> int:
                 meta["runs"][name] = {"wall_s": r["wall_s"], "keep_rate": r["keep_rate"]}
     if not a.no_kl_picture:
         meta["kl_picture"] = kl_picture(prep, a.results, a.runs, a.overrides)
+    with open(os.path.join(a.results, "meta.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+    if not a.no_extras:
+        from experiments.mini_reasoning import recovery, single_prompt
+
+        common_args = ["--results", a.results, "--recipe", a.recipe]
+        single_prompt.main([*common_args, "--steps", str(steps), "--runs", os.path.join(a.runs, "single_prompt"),
+                            *a.overrides])
+        recovery.main([*common_args, "--opd-steps", str(steps), "--runs", os.path.join(a.runs, "recovery"),
+                       "--midtrain-steps", str(a.midtrain_steps), *a.overrides])
+    meta["wall_s"] = time.time() - t_start
     with open(os.path.join(a.results, "meta.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
     from experiments.mini_reasoning.report import main as report_main

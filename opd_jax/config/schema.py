@@ -72,6 +72,7 @@ class LossConfig:
     beta: float = 0.5  # jsd: 0 = forward KL, 1 = reverse KL
     topk: int = 16  # topk_* variants
     task_reward_coef: float = 0.0  # A = coef*A_task - kl_penalty_coef*KL (rl / mixed)
+    kl_clip: float = 0.0  # > 0: clip the per-token kl_t to [-kl_clip, kl_clip] in the advantage (0 = off, as published)
     normalization: Literal["sum", "token_mean", "sequence_mean"] = "sum"
     logprob_chunk: int = 128  # sequence chunk for logprob / KL computation
 

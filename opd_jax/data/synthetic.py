@@ -6,6 +6,9 @@ exact-match grader written in JAX (so an RL reward stays inside the one XLA prog
 
 Operations are applied left to right; parentheses make standard precedence agree with that order.
 Difficulty: `num_ops` (steps of reasoning) and `max_operand`.
+
+`FactsTask` is new knowledge the arithmetic skill never needs: a fixed random lookup table, "@37=" -> "#512",
+used by the mini experiment's continual-learning (recovery) stage.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from opd_jax.config.schema import ExperimentConfig
 from opd_jax.tasks import EvalProblem, PromptRows, Task
 
 PAD, BOS, EOS = 0, 1, 2
-CHARS = "0123456789+-*()=;#"
+CHARS = "0123456789+-*()=;#@"  # append only: ids of existing characters never move
 VOCAB = ["<pad>", "<bos>", "<eos>", *CHARS]
 VOCAB_SIZE = 32  # room to spare, a multiple of 8 for sharding
 _ID = {c: i for i, c in enumerate(VOCAB)}
@@ -49,7 +52,7 @@ class Problem:
 
     @property
     def solution(self) -> str:
-        return ";".join(self.steps) + f";#{self.answer}"
+        return ";".join([*self.steps, f"#{self.answer}"])
 
 
 def make_problem(rng: random.Random, num_ops: int, max_operand: int) -> Problem:
@@ -155,13 +158,35 @@ class ArithmeticTask(Task):
         self.position = int(state.get("position", 0))
 
 
+class FactsTask(ArithmeticTask):
+    """A lookup table of `num_facts` random facts, "@<key>=" -> "#<value>": knowledge to memorize, not a skill.
+    The table is fixed by `seed`; the eval set is the whole table (the facts themselves are the test)."""
+
+    def __init__(self, *, seed: int, num_facts: int = 64, max_value: int = 999, **kw):
+        super().__init__(seed=seed, num_ops=1, max_operand=9, eval_problems=0, **kw)
+        rng = random.Random(777_000 + seed)
+        self.table = {k: rng.randint(0, max_value) for k in rng.sample(range(100, 1000), num_facts)}
+        self._eval = [self._fact(k) for k in self.table]
+
+    def _fact(self, key: int) -> Problem:
+        return Problem(f"@{key}", [], self.table[key])
+
+    def problem(self, global_index: int) -> Problem:
+        keys = list(self.table)
+        return self._fact(keys[random.Random(self.seed * 1_000_003 + global_index).randrange(len(keys))])
+
+
 def make_synthetic_task(cfg: ExperimentConfig, *, process_index: int = 0, process_count: int = 1) -> ArithmeticTask:
-    """`data.source: synthetic:arithmetic[:num_ops[:max_operand]]`, or `synthetic:arithmetic_single` for one
-    repeated prompt."""
+    """`data.source: synthetic:arithmetic[:num_ops[:max_operand]]`, `synthetic:arithmetic_single[...]` for one
+    repeated prompt, or `synthetic:facts[:num_facts]` for the lookup table."""
     parts = cfg.data.source.split(":")
     name = parts[1] if len(parts) > 1 else ""
-    if name not in ("arithmetic", "arithmetic_single"):
-        raise ValueError(f"data.source: unknown synthetic task {name!r}; valid: 'arithmetic', 'arithmetic_single'")
+    if name not in ("arithmetic", "arithmetic_single", "facts"):
+        raise ValueError(f"data.source: unknown synthetic task {name!r}; valid: 'arithmetic', 'arithmetic_single', "
+                         "'facts'")
+    if name == "facts":
+        return FactsTask(seed=cfg.data.shuffle_seed, num_facts=int(parts[2]) if len(parts) > 2 else 64,
+                         process_index=process_index, process_count=process_count)
     num_ops = int(parts[2]) if len(parts) > 2 else 3
     max_operand = int(parts[3]) if len(parts) > 3 else 20
     return ArithmeticTask(seed=cfg.data.shuffle_seed, num_ops=num_ops, max_operand=max_operand,
