@@ -146,31 +146,17 @@ class Trainer:
     def __init__(self, cfg: ExperimentConfig, task: Task | None = None):
         if cfg.algorithm not in ("opd", "rl"):
             raise ValueError(f"algorithm {cfg.algorithm!r} runs through opd_jax.baselines, not the OPD trainer")
-        initialize_distributed(cfg.distributed)
-        self.cfg = cfg
-        prepare_run_dir(cfg)
-        if jax.process_index() == 0:
-            save_config(cfg, cfg.run_dir)
-        self.mesh = make_mesh(cfg.mesh)
-        n_proc = jax.process_count()
-        if cfg.groups_per_batch % n_proc:
-            raise ValueError(f"groups_per_batch={cfg.groups_per_batch} must divide over {n_proc} processes")
-        self.task = task or build_task(cfg, process_index=jax.process_index(), process_count=n_proc)
+        self._open_run(cfg, task, cfg.groups_per_batch, "groups_per_batch")
         sampling = cfg.sampling
         if not sampling.stop_token_ids:
             sampling.stop_token_ids = list(self.task.stop_token_ids)
 
-        self.student = load_model(cfg.student, seed=cfg.seed, mesh=self.mesh, lora=cfg.lora)
         use_teachers = cfg.algorithm == "opd" or cfg.loss.kl_penalty_coef != 0
         self.teachers = [load_model(t.model, seed=cfg.seed + 1 + i, mesh=self.mesh)
                          for i, t in enumerate(cfg.teachers)] if use_teachers else []
         self.teacher_params = [t.trainable for t in self.teachers]
         self.teacher_shardings = [tree_shardings(self.mesh, t.t_axes, t.trainable) for t in self.teachers]
-
-        self.optimizer = make_optimizer(cfg.optim, cfg.steps)
-        s = self.student
-        self.shardings = state_shardings(self.optimizer, s.trainable, s.frozen, s.t_axes, s.f_axes, self.mesh)
-        self.state = init_train_state(self.optimizer, s.trainable, s.frozen, self.shardings)
+        s = self._init_student()
         reward_fn = self.task.reward_fn if (cfg.algorithm == "rl" or cfg.loss.task_reward_coef) else None
         self.builder = StepBuilder(cfg, s.mdef, [t.mdef for t in self.teachers], self.mesh, self.optimizer,
                                    reward_fn=reward_fn)
@@ -179,6 +165,35 @@ class Trainer:
         self.step_fn = make_opd_step(self.builder, self.shardings, self.teacher_shardings, example)
         self.sp = SamplingParams.create(sampling.temperature, sampling.top_k, sampling.top_p, sampling.greedy)
         self.key = jax.random.key(cfg.seed)
+        self._open_loop()
+
+    # ---- set-up shared with the baselines' trainers ---------------------------------------------------------
+    def _open_run(self, cfg: ExperimentConfig, task: Task | None, rows: int, what: str) -> None:
+        """Distributed init, the run dir and its resolved config, the mesh, the task (`rows` per step must
+        divide over the processes; `what` names the config key in the error)."""
+        initialize_distributed(cfg.distributed)
+        self.cfg = cfg
+        prepare_run_dir(cfg)
+        if jax.process_index() == 0:
+            save_config(cfg, cfg.run_dir)
+        self.mesh = make_mesh(cfg.mesh)
+        n_proc = jax.process_count()
+        if rows % n_proc:
+            raise ValueError(f"{what}={rows} must divide over {n_proc} processes")
+        self.task = task or build_task(cfg, process_index=jax.process_index(), process_count=n_proc)
+
+    def _init_student(self) -> LoadedModel:
+        """The student, the optimizer and the sharded train state."""
+        cfg = self.cfg
+        s = self.student = load_model(cfg.student, seed=cfg.seed, mesh=self.mesh, lora=cfg.lora)
+        self.optimizer = make_optimizer(cfg.optim, cfg.steps)
+        self.shardings = state_shardings(self.optimizer, s.trainable, s.frozen, s.t_axes, s.f_axes, self.mesh)
+        self.state = init_train_state(self.optimizer, s.trainable, s.frozen, self.shardings)
+        return s
+
+    def _open_loop(self) -> None:
+        """Checkpointer, metric sinks and loop counters; restores the latest checkpoint when resuming."""
+        cfg = self.cfg
         self.checkpointer = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"),
                                          max_to_keep=cfg.checkpoint.max_to_keep, async_save=cfg.checkpoint.async_save)
         self.logger = MetricsLogger(cfg.run_dir, total_steps=cfg.steps, tensorboard=cfg.logging.tensorboard,

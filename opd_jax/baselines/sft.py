@@ -28,7 +28,6 @@ OPD `Trainer`'s: `SFTTrainer` subclasses it with its own set-up, data and step.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import jax
@@ -39,17 +38,14 @@ from flax import struct
 from jax.sharding import Mesh
 
 from opd_jax import flops, losses
-from opd_jax.checkpoint import Checkpointer
-from opd_jax.config import ExperimentConfig, save_config
-from opd_jax.distributed import initialize_distributed
-from opd_jax.mesh import batch_sharding, make_mesh, replicated
-from opd_jax.metrics import MetricsLogger
+from opd_jax.config import ExperimentConfig
+from opd_jax.mesh import batch_sharding, replicated
 from opd_jax.models.qwen3 import positions_from_mask
 from opd_jax.run_setup import global_rows, host_local, resolve_stop_tokens
 from opd_jax.sampling import SamplingParams, pad_prompts, sample
-from opd_jax.tasks import Task, build_task
-from opd_jax.train_state import ModelDef, TrainState, init_train_state, make_optimizer, state_shardings
-from opd_jax.trainer import LoadedModel, Trainer, load_model, prepare_run_dir
+from opd_jax.tasks import Task
+from opd_jax.train_state import ModelDef, TrainState
+from opd_jax.trainer import LoadedModel, Trainer
 
 __all__ = ["SFTBatch", "SFTTrainer", "ListSFTSource", "TaskSFTSource", "length_buckets", "make_sft_step",
            "pack_rows", "sft_step", "teacher_sft_examples", "train_sft"]
@@ -232,16 +228,8 @@ class SFTTrainer(Trainer):
     def __init__(self, cfg: ExperimentConfig, task: Task | None = None, examples: Sequence[Example] | None = None):
         if cfg.algorithm != "sft":
             raise ValueError(f"SFTTrainer: algorithm must be 'sft', got {cfg.algorithm!r}")
-        initialize_distributed(cfg.distributed)
-        self.cfg = cfg
-        prepare_run_dir(cfg)
-        if jax.process_index() == 0:
-            save_config(cfg, cfg.run_dir)
-        self.mesh = make_mesh(cfg.mesh)
+        self._open_run(cfg, task, cfg.batch_size, "batch_size (groups_per_batch x group_size)")
         n_proc = jax.process_count()
-        if cfg.batch_size % n_proc:
-            raise ValueError(f"batch of {cfg.batch_size} rows must divide over {n_proc} processes")
-        self.task = task or build_task(cfg, process_index=jax.process_index(), process_count=n_proc)
         resolve_stop_tokens(cfg, self.task)
         if examples is not None:
             self.source = ListSFTSource(examples, seed=cfg.data.shuffle_seed)
@@ -253,31 +241,16 @@ class SFTTrainer(Trainer):
         self.max_len = cfg.sampling.max_prompt_len + cfg.sampling.max_new_tokens
         self.buckets = length_buckets(self.max_len) if n_proc == 1 else None  # hosts must agree on shapes
 
-        self.student = load_model(cfg.student, seed=cfg.seed, mesh=self.mesh, lora=cfg.lora)
         self.teachers, self.teacher_params, self.teacher_shardings, self.route = [], [], [], {}
-        self.optimizer = make_optimizer(cfg.optim, cfg.steps)
-        s = self.student
-        self.shardings = state_shardings(self.optimizer, s.trainable, s.frozen, s.t_axes, s.f_axes, self.mesh)
-        self.state = init_train_state(self.optimizer, s.trainable, s.frozen, self.shardings)
+        s = self._init_student()
         self.batch_sharding = batch_sharding(self.mesh, (cfg.batch_size, 1))
         self.sft_fn = make_sft_step(s.mdef, self.optimizer, self.mesh, logprob_chunk=cfg.loss.logprob_chunk,
                                     micro_batches=cfg.micro_batches, shardings=self.shardings,
                                     batch_size=cfg.batch_size)
         self.step_fn = self._step
         self.key, self.sp = jax.random.key(cfg.seed), None  # unused: SFT does not sample
-        self.checkpointer = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"),
-                                         max_to_keep=cfg.checkpoint.max_to_keep, async_save=cfg.checkpoint.async_save)
-        self.logger = MetricsLogger(cfg.run_dir, total_steps=cfg.steps, tensorboard=cfg.logging.tensorboard,
-                                    wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
-                                    progress=cfg.logging.progress)
-        self._eval_fn = None
-        self._stop_requested = False
-        self.skipped_total = 0
-        self.consecutive_skips = 0
         self.truncated_rows = 0
-        self.start_step = 0
-        if cfg.resume and self.checkpointer.latest_step() is not None:
-            self._restore()
+        self._open_loop()
 
     # ---- data ------------------------------------------------------------------------------------------
     def _next_batch(self, peek: bool = False) -> SFTBatch:
