@@ -61,10 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                                    "logging.progress=false", *a.overrides, *ov])
         t0 = time.time()
         tr = Trainer(cfg)
-        if name == "one":
-            prompt = tr.task.decode(tr.task.next_prompts(1).student[0])
-            tr.task.restore({"position": 0})
-            out["prompt"] = prompt
+        if name == "one":  # the fixed prompt, read without advancing the task's data position
+            out["prompt"] = tr.task.decode(tr.task.prompt_tokens(tr.task.problem(0)))
         tr.run()
         curves[name] = common.eval_curve(run_dir)
         out["runs"][name] = {"curve": curves[name], "wall_s": time.time() - t0,
