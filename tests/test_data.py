@@ -222,6 +222,15 @@ def test_bad_specs():
         open_source("synthetic:arithmetic")
     with pytest.raises(KeyError, match="known"):
         open_source("preset:nope")
+    from opd_jax.config.schema import ExperimentConfig
+    from opd_jax.data.synthetic import make_synthetic_task
+
+    cfg = ExperimentConfig()
+    for bad, culprit in (("synthetic:arithmetic:two", "'two'"), ("synthetic:facts:x", "'x'"),
+                         ("synthetic:algebra", "'algebra'")):
+        cfg.data.source = bad
+        with pytest.raises(ValueError, match=culprit):
+            make_synthetic_task(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -184,11 +184,20 @@ def make_synthetic_task(cfg: ExperimentConfig, *, process_index: int = 0, proces
     if name not in ("arithmetic", "arithmetic_single", "facts"):
         raise ValueError(f"data.source: unknown synthetic task {name!r}; valid: 'arithmetic', 'arithmetic_single', "
                          "'facts'")
+
+    def number(i: int, default: int) -> int:
+        if len(parts) <= i:
+            return default
+        try:
+            return int(parts[i])
+        except ValueError:
+            raise ValueError(f"data.source {cfg.data.source!r}: field {i} ({parts[i]!r}) must be an integer") from None
+
     if name == "facts":
-        return FactsTask(seed=cfg.data.shuffle_seed, num_facts=int(parts[2]) if len(parts) > 2 else 64,
-                         process_index=process_index, process_count=process_count)
-    num_ops = int(parts[2]) if len(parts) > 2 else 3
-    max_operand = int(parts[3]) if len(parts) > 3 else 20
+        return FactsTask(seed=cfg.data.shuffle_seed, num_facts=number(2, 64), process_index=process_index,
+                         process_count=process_count)
+    num_ops = number(2, 3)
+    max_operand = number(3, 20)
     return ArithmeticTask(seed=cfg.data.shuffle_seed, num_ops=num_ops, max_operand=max_operand,
                           eval_problems=cfg.eval.num_problems or 64, process_index=process_index,
                           process_count=process_count, fixed_prompt=name == "arithmetic_single")
