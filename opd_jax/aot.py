@@ -230,7 +230,8 @@ class AotReport:
                 f"  analytic (opd_jax.flops, causal attention): {a.get('total', float('nan')):.3e}  "
                 f"(student sampling {a.get('student_sampling', 0):.2e}, teacher scoring "
                 f"{a.get('teacher_scoring', 0):.2e}, student training {a.get('student_training', 0):.2e})",
-                f"  analytic, dense attention as implemented (einsum + mask, static cache): "
+                f"  analytic, dense attention (einsum + mask over the whole static cache; decode reads only the "
+                f"filled 64-slot blocks, so an upper bound): "
                 f"{a.get('dense_total', float('nan')):.3e}",
             ]
         out.append(f"  XLA cost_analysis(): {self.compiled_flops_per_chip:.3e} per chip x {self.num_chips} = "

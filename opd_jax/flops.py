@@ -16,7 +16,8 @@ Attention modes:
     approach it). A full forward over S tokens has S(S+1)/2 pairs.
   * "dense": every query against every key slot of the buffer it is computed against, masked or not. That is
     what a plain `einsum + mask` computes and what XLA counts: S*S for a forward, P*P for a prefill, and
-    `cache_len` per decode step.
+    `cache_len` per decode step. The sampler's decode reads only the filled 64-slot blocks of the cache, so
+    its real attention work lies between the two.
 
 Decoding convention: the prefill runs the prompt and takes logits at its last position only (token 1); then
 `new_tokens - 1` decode steps each feed one token and take its logits. So decoding N tokens processes

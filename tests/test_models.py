@@ -154,7 +154,8 @@ def test_decode_attention_blocks_equal_dense_attention(n_filled):
     valid = rng.random((B, S)) < 0.7
     valid[:, n_filled - 1] = True  # the token being decoded is always a real one
     valid = jnp.asarray(valid)
-    got = decode_attention(q, kc, vc, jnp.int32(1), valid, jnp.int32(n_filled), block=block)
+    kc_t = jnp.swapaxes(kc, 3, 4)  # the cache stores K transposed: [layers, B, KV, D, slots]
+    got = decode_attention(q, kc_t, vc, jnp.int32(1), valid, jnp.int32(n_filled), block=block)
     mask = (valid & (jnp.arange(S) < n_filled))[:, None, :]
     want = attention(q, jnp.swapaxes(kc[1], 1, 2), jnp.swapaxes(vc[1], 1, 2), mask)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
@@ -164,7 +165,7 @@ def test_cache_length_rounds_up_to_decode_block(tmp_path):
     make_hf(tmp_path, **GQA2_TIED_3L)
     cfg = load_hf_config(tmp_path)
     cache = abstract_model(cfg).init_cache(2, 70)
-    assert cache.max_len == 128 and cache.k.shape[3] == 128 and not bool(cache.valid.any())
+    assert cache.max_len == 128 and cache.k.shape[4] == cache.v.shape[3] == 128 and not bool(cache.valid.any())
 
 
 # ---- export round trips ----------------------------------------------------------------------------------

@@ -51,19 +51,21 @@ _PROJ = {
 @struct.dataclass
 class KVCache:
     """Preallocated attention cache. Rows are left-padded, so every row writes the same slot each step.
-    Slots sit next to head_dim, so a layer's K/V feed the attention dots without a transposed copy."""
+    K is stored transposed (slots last) and V slots-major, so both one-token attention products are plain
+    row-major matrix products over a slice of slots: no transposed copy or packing at every step."""
 
-    k: jax.Array  # [layers, batch, kv_heads, slots, head_dim]
-    v: jax.Array
+    k: jax.Array  # [layers, batch, kv_heads, head_dim, slots]
+    v: jax.Array  # [layers, batch, kv_heads, slots, head_dim]
     valid: jax.Array  # [batch, slots] bool: slot holds a real (non-pad) token
     index: jax.Array  # int32 scalar: next slot to write
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.v.shape[3]
 
 
-CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")  # V; K stores its last two swapped
+K_CACHE_AXES = ("layers", "batch", "kv_heads", "head_dim", "cache_seq")
 DECODE_BLOCK = 64  # cache slots per block of one-token decode attention; the cache length is a multiple of it
 
 
@@ -126,7 +128,8 @@ class Qwen3(nnx.Module):
         c = self.cfg
         max_len = -(-max_len // DECODE_BLOCK) * DECODE_BLOCK  # extra slots are never valid
         shape = (c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim)
-        k = with_logical_constraint(jnp.zeros(shape, self.dtype), CACHE_AXES, mesh, rules)
+        k_shape = (*shape[:3], c.head_dim, max_len)
+        k = with_logical_constraint(jnp.zeros(k_shape, self.dtype), K_CACHE_AXES, mesh, rules)
         v = with_logical_constraint(jnp.zeros(shape, self.dtype), CACHE_AXES, mesh, rules)
         valid = with_logical_constraint(jnp.zeros((batch, max_len), bool), ("batch", "cache_seq"), mesh, rules)
         return KVCache(k=k, v=v, valid=valid, index=jnp.zeros((), jnp.int32))
@@ -191,13 +194,14 @@ class Qwen3(nnx.Module):
             if kc is None:
                 o = attention(q, k, v, mask)
             else:
-                at = (i, 0, 0, cache.index, 0)
-                kc = jax.lax.dynamic_update_slice(kc, jnp.swapaxes(k, 1, 2)[None].astype(kc.dtype), at)
-                vc = jax.lax.dynamic_update_slice(vc, jnp.swapaxes(v, 1, 2)[None].astype(vc.dtype), at)
+                kc = jax.lax.dynamic_update_slice(
+                    kc, jnp.transpose(k, (0, 2, 3, 1))[None].astype(kc.dtype), (i, 0, 0, 0, cache.index))
+                vc = jax.lax.dynamic_update_slice(
+                    vc, jnp.swapaxes(v, 1, 2)[None].astype(vc.dtype), (i, 0, 0, cache.index, 0))
                 if T == 1:  # decode: only the filled blocks, straight from the stacked cache
                     o = decode_attention(q, kc, vc, i, key_valid, cache.index + 1)
                 else:  # prefill (once per sample call)
-                    o = attention(q, jnp.swapaxes(kc[i], 1, 2), jnp.swapaxes(vc[i], 1, 2), mask)
+                    o = attention(q, jnp.transpose(kc[i], (0, 3, 1, 2)), jnp.swapaxes(vc[i], 1, 2), mask)
             x = x + proj("o", o)
             h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
             x = x + proj("down", jax.nn.silu(proj("gate", h)) * proj("up", h))
@@ -264,28 +268,26 @@ def decode_attention(
 ) -> jax.Array:
     """One-token attention over the filled cache slots [0, n_filled) only, a block at a time (online softmax),
     so a decode step costs O(current length), not O(cache length), and never copies a whole layer's K/V.
-    q: [B, 1, H, D]; kc, vc: [layers, B, KV, S, D]; valid: [B, S].
-
-    The products are broadcast-multiply-reduce, not dots: with one query they are matrix-vector products,
-    which XLA fuses with the block's dynamic slice instead of copying the block out for a batched GEMM."""
+    q: [B, 1, H, D]; kc: [layers, B, KV, D, S]; vc: [layers, B, KV, S, D]; valid: [B, S]."""
     B, _, H, D = q.shape
     KV = kc.shape[2]
     G = H // KV
-    qg = q.reshape(B, KV, G, D).astype(jnp.float32) / math.sqrt(D)
+    qg = (q.reshape(B, KV, G, D).astype(jnp.float32) / math.sqrt(D)).astype(kc.dtype)
 
     def body(j, carry):
         m, denom, acc = carry
         start = j * block
-        kb = jax.lax.dynamic_slice(kc, (layer, 0, 0, start, 0), (1, B, KV, block, D))[0].astype(jnp.float32)
-        vb = jax.lax.dynamic_slice(vc, (layer, 0, 0, start, 0), (1, B, KV, block, D))[0].astype(jnp.float32)
+        kb = jax.lax.dynamic_slice(kc, (layer, 0, 0, 0, start), (1, B, KV, D, block))[0]
+        vb = jax.lax.dynamic_slice(vc, (layer, 0, 0, start, 0), (1, B, KV, block, D))[0]
         ok = jax.lax.dynamic_slice(valid, (0, start), (B, block)) & (start + jnp.arange(block) < n_filled)
-        s = jnp.sum(qg[:, :, :, None, :] * kb[:, :, None, :, :], axis=-1)  # [B, KV, G, block]
+        s = jnp.einsum("bkgd,bkds->bkgs", qg, kb, preferred_element_type=jnp.float32)
         s = jnp.where(ok[:, None, None], s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.exp(s - m_new[..., None])
         corr = jnp.exp(m - m_new)
         denom = denom * corr + p.sum(-1)
-        acc = acc * corr[..., None] + jnp.sum(p[..., None] * vb[:, :, None, :, :], axis=-2)
+        acc = acc * corr[..., None] + jnp.einsum("bkgs,bksd->bkgd", p.astype(vb.dtype), vb,
+                                                 preferred_element_type=jnp.float32)
         return m_new, denom, acc
 
     init = (jnp.full((B, KV, G), -1e30, jnp.float32), jnp.zeros((B, KV, G), jnp.float32),
@@ -325,6 +327,6 @@ def abstract_model(cfg: ModelConfig, lora: LoRAConfig | None = None) -> Qwen3:
 
 
 __all__: Sequence[str] = [
-    "Qwen3", "KVCache", "CACHE_AXES", "build_model", "abstract_model", "model_axes", "positions_from_mask",
-    "param_count", "rms_norm", "attention",
+    "Qwen3", "KVCache", "CACHE_AXES", "K_CACHE_AXES", "build_model", "abstract_model", "model_axes",
+    "positions_from_mask", "param_count", "rms_norm", "attention",
 ]
