@@ -27,6 +27,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "norm": None,
     "seq": None,
     "cache_seq": None,
+    "cache_blocks": None,
     "lora_rank": None,
 }
 

@@ -120,7 +120,7 @@ def sample(
 
     cache = model.init_cache(B, P + N, mesh=mesh, rules=rules)
     hidden, cache = model(prompt_tokens, positions_from_mask(prompt_mask), prompt_mask, cache=cache, mesh=mesh,
-                          rules=rules)
+                          rules=rules, cache_empty=True)
     logits = model.logits(hidden[:, -1])
     tok, lp, slp = choose_tokens(logits, jax.random.fold_in(key, 0), sp)
 

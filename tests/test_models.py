@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,14 @@ from opd_jax.config.schema import LoRAConfig, MeshConfig
 from opd_jax.mesh import make_mesh
 from opd_jax.models import hf_io
 from opd_jax.models.hf_io import convert_main, export_hf, load_hf_config, load_hf_params, merge_lora
-from opd_jax.models.qwen3 import abstract_model, attention, decode_attention, positions_from_mask
+from opd_jax.models.qwen3 import (
+    abstract_model,
+    attention,
+    decode_attention,
+    positions_from_mask,
+    tile_keys,
+    untile_keys,
+)
 from opd_jax.models.weight_mapping import hf_to_ours
 
 torch.set_num_threads(1)
@@ -126,15 +134,24 @@ def test_kv_cache_decode_matches_full_forward(tmp_path):
     pos = positions_from_mask(msk)
     full = our_logits(cfg, params, tokens, mask)
 
-    @jax.jit
-    def step(params, cache, tok, pos, msk):
+    @partial(jax.jit, static_argnames="cache_empty")
+    def step(params, cache, tok, pos, msk, cache_empty=False):
         model = nnx.merge(graphdef, params)
-        h, cache = model(tok, pos, msk, cache=cache)
+        h, cache = model(tok, pos, msk, cache=cache, cache_empty=cache_empty)
         return model.logits(h), cache
 
     prefill = 5
     cache = nnx.merge(graphdef, params).init_cache(tokens.shape[0], 12)
+    # the sampler's prefill (own tokens only) fills the cache exactly as attending over every slot does
+    local_logits, local_cache = step(params, cache, tok[:, :prefill], pos[:, :prefill], msk[:, :prefill], True)
     logits, cache = step(params, cache, tok[:, :prefill], pos[:, :prefill], msk[:, :prefill])
+    assert maxdiff(local_logits, logits, mask[:, :prefill]) <= 1e-5
+    valid = np.asarray(cache.valid)  # pad slots hold junk that is never attended to
+    assert (np.asarray(local_cache.valid) == valid).all() and int(local_cache.index) == int(cache.index)
+    for layer in range(cfg.num_layers):
+        for got, want in [(untile_keys(local_cache.k[layer]), untile_keys(cache.k[layer])),
+                          (jnp.swapaxes(local_cache.v[layer], 1, 2), jnp.swapaxes(cache.v[layer], 1, 2))]:
+            np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-5)
     steps = [logits]
     for t in range(prefill, tokens.shape[1]):  # one token at a time, as in sampling
         logits, cache = step(params, cache, tok[:, t:t + 1], pos[:, t:t + 1], msk[:, t:t + 1])
@@ -154,7 +171,7 @@ def test_decode_attention_blocks_equal_dense_attention(n_filled):
     valid = rng.random((B, S)) < 0.7
     valid[:, n_filled - 1] = True  # the token being decoded is always a real one
     valid = jnp.asarray(valid)
-    kc_t = jnp.swapaxes(kc, 3, 4)  # the cache stores K transposed: [layers, B, KV, D, slots]
+    kc_t = jnp.stack([tile_keys(jnp.swapaxes(kc[i], 1, 2), block) for i in range(L)])  # the cache's K layout
     got = decode_attention(q, kc_t, vc, jnp.int32(1), valid, jnp.int32(n_filled), block=block)
     mask = (valid & (jnp.arange(S) < n_filled))[:, None, :]
     want = attention(q, jnp.swapaxes(kc[1], 1, 2), jnp.swapaxes(vc[1], 1, 2), mask)
@@ -165,7 +182,8 @@ def test_cache_length_rounds_up_to_decode_block(tmp_path):
     make_hf(tmp_path, **GQA2_TIED_3L)
     cfg = load_hf_config(tmp_path)
     cache = abstract_model(cfg).init_cache(2, 70)
-    assert cache.max_len == 128 and cache.k.shape[4] == cache.v.shape[3] == 128 and not bool(cache.valid.any())
+    assert cache.max_len == 128 and cache.v.shape[3] == 128 and cache.k.shape[3:] == (2, cfg.head_dim, 64)
+    assert not bool(cache.valid.any())
 
 
 # ---- export round trips ----------------------------------------------------------------------------------

@@ -51,10 +51,11 @@ _PROJ = {
 @struct.dataclass
 class KVCache:
     """Preallocated attention cache. Rows are left-padded, so every row writes the same slot each step.
-    K is stored transposed (slots last) and V slots-major, so both one-token attention products are plain
-    row-major matrix products over a slice of slots: no transposed copy or packing at every step."""
+    K is stored transposed within each DECODE_BLOCK of slots (head_dim before slots) and V slots-major, so
+    both one-token attention products over a block are plain row-major matrix products, and a block of either
+    is one contiguous run per (row, kv head): copying it out for the product is a few long memcpys."""
 
-    k: jax.Array  # [layers, batch, kv_heads, head_dim, slots]
+    k: jax.Array  # [layers, batch, kv_heads, blocks, head_dim, DECODE_BLOCK]
     v: jax.Array  # [layers, batch, kv_heads, slots, head_dim]
     valid: jax.Array  # [batch, slots] bool: slot holds a real (non-pad) token
     index: jax.Array  # int32 scalar: next slot to write
@@ -65,7 +66,7 @@ class KVCache:
 
 
 CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")  # V; K stores its last two swapped
-K_CACHE_AXES = ("layers", "batch", "kv_heads", "head_dim", "cache_seq")
+K_CACHE_AXES = ("layers", "batch", "kv_heads", "cache_blocks", "head_dim", "cache_seq")
 DECODE_BLOCK = 64  # cache slots per block of one-token decode attention; the cache length is a multiple of it
 
 
@@ -128,7 +129,7 @@ class Qwen3(nnx.Module):
         c = self.cfg
         max_len = -(-max_len // DECODE_BLOCK) * DECODE_BLOCK  # extra slots are never valid
         shape = (c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim)
-        k_shape = (*shape[:3], c.head_dim, max_len)
+        k_shape = (*shape[:3], max_len // DECODE_BLOCK, c.head_dim, DECODE_BLOCK)
         k = with_logical_constraint(jnp.zeros(k_shape, self.dtype), K_CACHE_AXES, mesh, rules)
         v = with_logical_constraint(jnp.zeros(shape, self.dtype), CACHE_AXES, mesh, rules)
         valid = with_logical_constraint(jnp.zeros((batch, max_len), bool), ("batch", "cache_seq"), mesh, rules)
@@ -144,9 +145,14 @@ class Qwen3(nnx.Module):
         cache: KVCache | None = None,
         mesh: Mesh | None = None,
         rules=None,
+        cache_empty: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """tokens, positions, token_mask: [batch, T]. Returns final-normed hidden states [batch, T, hidden]
-        and the updated cache. A masked-out token (padding) is never attended to by any other token."""
+        and the updated cache. A masked-out token (padding) is never attended to by any other token.
+
+        `cache_empty=True` (static) promises the cache holds nothing yet (a prefill): the tokens then attend
+        to each other only, a [T, T] problem, instead of to every slot of the cache ([T, prompt + new tokens]
+        scores, which at long generation budgets dwarfs the prompt's own activations)."""
         c = self.cfg
         B, T = tokens.shape
         if token_mask is None:
@@ -156,16 +162,18 @@ class Qwen3(nnx.Module):
         x = with_logical_constraint(x, ("batch", "seq", "embed"), mesh, rules)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
 
-        if cache is None:
-            key_valid = token_mask
-            q_slot = jnp.arange(T)
-            k_slot = jnp.arange(T)
-        else:
+        if cache is not None:
             key_valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, cache.index))
+        local = cache is None or (cache_empty and T > 1)  # attend among this call's tokens only
+        if local:
+            q_slot = k_slot = jnp.arange(T)
+            attn_valid = token_mask
+        else:
             q_slot = cache.index + jnp.arange(T)
             k_slot = jnp.arange(cache.max_len)
+            attn_valid = key_valid
         # [batch, T, keys]: causal over slots, and never attend to a pad slot.
-        mask = (k_slot[None, None, :] <= q_slot[None, :, None]) & key_valid[:, None, :]
+        mask = (k_slot[None, None, :] <= q_slot[None, :, None]) & attn_valid[:, None, :]
 
         lora_scale = (self.lora_cfg.alpha / self.lora_cfg.rank) if self.lora_cfg is not None else 0.0
         dtype = self.dtype
@@ -194,14 +202,15 @@ class Qwen3(nnx.Module):
             if kc is None:
                 o = attention(q, k, v, mask)
             else:
-                kc = jax.lax.dynamic_update_slice(
-                    kc, jnp.transpose(k, (0, 2, 3, 1))[None].astype(kc.dtype), (i, 0, 0, 0, cache.index))
+                kc = write_keys(kc, i, k, cache.index)
                 vc = jax.lax.dynamic_update_slice(
                     vc, jnp.swapaxes(v, 1, 2)[None].astype(vc.dtype), (i, 0, 0, cache.index, 0))
-                if T == 1:  # decode: only the filled blocks, straight from the stacked cache
+                if local:  # prefill into an empty cache
+                    o = attention(q, k, v, mask)
+                elif T == 1:  # decode: only the filled blocks, straight from the stacked cache
                     o = decode_attention(q, kc, vc, i, key_valid, cache.index + 1)
-                else:  # prefill (once per sample call)
-                    o = attention(q, jnp.transpose(kc[i], (0, 3, 1, 2)), jnp.swapaxes(vc[i], 1, 2), mask)
+                else:  # a chunk appended to a filled cache
+                    o = attention(q, untile_keys(kc[i]), jnp.swapaxes(vc[i], 1, 2), mask)
             x = x + proj("o", o)
             h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
             x = x + proj("down", jax.nn.silu(proj("gate", h)) * proj("up", h))
@@ -262,13 +271,38 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.reshape(B, T, H, D)
 
 
+def untile_keys(k: jax.Array) -> jax.Array:
+    """One layer's K cache [B, KV, blocks, D, block] -> [B, slots, KV, D]."""
+    B, KV, NB, D, BLK = k.shape
+    return jnp.transpose(k, (0, 2, 4, 1, 3)).reshape(B, NB * BLK, KV, D)
+
+
+def tile_keys(k: jax.Array, block: int = DECODE_BLOCK) -> jax.Array:
+    """[B, slots, KV, D] (slots a multiple of `block`) -> the cache's K layout [B, KV, blocks, D, block]."""
+    B, S, KV, D = k.shape
+    return jnp.transpose(k.reshape(B, S // block, block, KV, D), (0, 3, 1, 4, 2))
+
+
+def write_keys(kc: jax.Array, layer: jax.Array, k: jax.Array, index: jax.Array) -> jax.Array:
+    """Write new keys k [B, T, KV, D] at slots [index, index + T) of layer `layer` of the K cache."""
+    B, T, KV, D = k.shape
+    BLK = kc.shape[-1]
+    k = k.astype(kc.dtype)
+    if T == 1:  # decode: one slot of one block, in place
+        at = (layer, 0, 0, index // BLK, 0, index % BLK)
+        return jax.lax.dynamic_update_slice(kc, k[:, 0][None, :, :, None, :, None], at)
+    # prefill or a chunk: the write may span blocks, so rewrite this layer through the flat layout (once)
+    flat = jax.lax.dynamic_update_slice(untile_keys(kc[layer]), k, (0, index, 0, 0))
+    return jax.lax.dynamic_update_slice(kc, tile_keys(flat, BLK)[None], (layer, 0, 0, 0, 0, 0))
+
+
 def decode_attention(
     q: jax.Array, kc: jax.Array, vc: jax.Array, layer: jax.Array, valid: jax.Array, n_filled: jax.Array,
     block: int = DECODE_BLOCK,
 ) -> jax.Array:
     """One-token attention over the filled cache slots [0, n_filled) only, a block at a time (online softmax),
     so a decode step costs O(current length), not O(cache length), and never copies a whole layer's K/V.
-    q: [B, 1, H, D]; kc: [layers, B, KV, D, S]; vc: [layers, B, KV, S, D]; valid: [B, S]."""
+    q: [B, 1, H, D]; kc: [layers, B, KV, S // block, D, block]; vc: [layers, B, KV, S, D]; valid: [B, S]."""
     B, _, H, D = q.shape
     KV = kc.shape[2]
     G = H // KV
@@ -277,7 +311,7 @@ def decode_attention(
     def body(j, carry):
         m, denom, acc = carry
         start = j * block
-        kb = jax.lax.dynamic_slice(kc, (layer, 0, 0, 0, start), (1, B, KV, D, block))[0]
+        kb = jax.lax.dynamic_slice(kc, (layer, 0, 0, j, 0, 0), (1, B, KV, 1, D, block))[0, :, :, 0]
         vb = jax.lax.dynamic_slice(vc, (layer, 0, 0, start, 0), (1, B, KV, block, D))[0]
         ok = jax.lax.dynamic_slice(valid, (0, start), (B, block)) & (start + jnp.arange(block) < n_filled)
         s = jnp.einsum("bkgd,bkds->bkgs", qg, kb, preferred_element_type=jnp.float32)
@@ -328,5 +362,5 @@ def abstract_model(cfg: ModelConfig, lora: LoRAConfig | None = None) -> Qwen3:
 
 __all__: Sequence[str] = [
     "Qwen3", "KVCache", "CACHE_AXES", "K_CACHE_AXES", "build_model", "abstract_model", "model_axes",
-    "positions_from_mask", "param_count", "rms_norm", "attention",
+    "positions_from_mask", "param_count", "rms_norm", "attention", "decode_attention", "tile_keys", "untile_keys",
 ]
