@@ -53,20 +53,37 @@ class SamplingParams:
         )
 
 
-def truncate_logits(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+TOP_K_CAP = 64  # static: a traced top_k in [1, TOP_K_CAP] takes a partial sort (lax.top_k), not a full one
+
+
+def truncate_logits(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, cap: int = TOP_K_CAP) -> jax.Array:
     """Mask logits outside top-k, then outside the top-p nucleus of the top-k renormalized distribution
-    (the order HF applies them). Ties at the threshold are kept."""
+    (the order HF applies them). Ties at the threshold are kept.
+
+    The kept set lies inside the top-k, so when 0 < top_k <= cap only the `cap` largest logits are sorted
+    (`lax.top_k`): at a 152k vocabulary a full sort at every decode step is the expensive part of sampling.
+    Top-p alone, or a top_k above `cap`, sorts the whole vocabulary. Both paths give the same result."""
     V = scaled.shape[-1]
-    desc = -jnp.sort(-scaled, axis=-1)
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-    rank = jnp.arange(V)
-    desc_k = jnp.where(rank < k, desc, -jnp.inf)
-    probs = jax.nn.softmax(desc_k, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above this rank
-    keep = (rank < k) & ((before < top_p) | (rank == 0))
-    n_keep = jnp.sum(keep, axis=-1, keepdims=True)
-    threshold = jnp.take_along_axis(desc, n_keep - 1, axis=-1)
-    return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    cap = min(cap, V)
+
+    def threshold(desc: jax.Array, k: jax.Array) -> jax.Array:  # desc: [B, n] descending -> [B, 1]
+        rank = jnp.arange(desc.shape[-1])
+        desc_k = jnp.where(rank < k, desc, -jnp.inf)
+        probs = jax.nn.softmax(desc_k, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above this rank
+        keep = (rank < k) & ((before < top_p) | (rank == 0))
+        n_keep = jnp.sum(keep, axis=-1, keepdims=True)
+        return jnp.take_along_axis(desc, n_keep - 1, axis=-1)
+
+    def full(s: jax.Array) -> jax.Array:
+        return threshold(-jnp.sort(-s, axis=-1), jnp.where(top_k > 0, jnp.minimum(top_k, V), V))
+
+    if cap > 0:
+        cut = jax.lax.cond((top_k > 0) & (top_k <= cap), lambda s: threshold(jax.lax.top_k(s, cap)[0], top_k),
+                           full, scaled)
+    else:
+        cut = full(scaled)
+    return jnp.where(scaled >= cut, scaled, -jnp.inf)
 
 
 def choose_tokens(logits: jax.Array, key: jax.Array, sp: SamplingParams) -> tuple[jax.Array, jax.Array, jax.Array]:

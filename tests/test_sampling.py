@@ -36,6 +36,7 @@ from opd_jax.sampling import (
     make_sampler,
     pad_prompts,
     sample,
+    truncate_logits,
 )
 from opd_jax.train_state import tree_shardings
 
@@ -294,6 +295,20 @@ def test_top_k_top_p_kept_set(T, k, p):
         assert chisquare_p(toks, q) > 1e-3
     np.testing.assert_allclose(slp, np.log(q[toks]), atol=1e-5)  # renormalized over the kept set
     np.testing.assert_allclose(lp, log_softmax(fixed_logits())[toks], atol=1e-5)  # untempered, untruncated
+
+
+@pytest.mark.parametrize("k,p", [(1, 1.0), (20, 0.95), (64, 0.5), (65, 1.0), (200, 0.9), (0, 0.95), (5, 0.0)])
+def test_partial_sort_top_k_equals_full_sort(k, p):
+    """top_k <= cap uses lax.top_k over `cap` candidates; the kept set is the full sort's, ties included."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 1000)).astype(np.float32)
+    logits[:, 500:520] = 3.0  # a 20-way tie near the top of every row
+    logits = jnp.asarray(np.round(logits, 1))  # and many ties throughout
+    fn = jax.jit(truncate_logits, static_argnames="cap")
+    got = fn(logits, jnp.int32(k), jnp.float32(p), cap=64)
+    want = fn(logits, jnp.int32(k), jnp.float32(p), cap=0)  # always the full sort
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    assert (np.isfinite(np.asarray(got)).sum(-1) >= 1).all()
 
 
 def test_choose_tokens_greedy():
