@@ -53,7 +53,7 @@ class KVCache:
     """Preallocated attention cache. Rows are left-padded, so every row writes the same slot each step.
     K is stored transposed within each DECODE_BLOCK of slots (head_dim before slots) and V slots-major, so
     both one-token attention products over a block are plain row-major matrix products, and a block of either
-    is one contiguous run per (row, kv head): copying it out for the product is a few long memcpys."""
+    is one contiguous run per (row, kv head), which is what a backend copies when it materializes the slice."""
 
     k: jax.Array  # [layers, batch, kv_heads, blocks, head_dim, DECODE_BLOCK]
     v: jax.Array  # [layers, batch, kv_heads, slots, head_dim]
@@ -65,7 +65,7 @@ class KVCache:
         return self.v.shape[3]
 
 
-CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")  # V; K stores its last two swapped
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")  # the V cache; K uses K_CACHE_AXES
 K_CACHE_AXES = ("layers", "batch", "kv_heads", "cache_blocks", "head_dim", "cache_seq")
 DECODE_BLOCK = 64  # cache slots per block of one-token decode attention; the cache length is a multiple of it
 
