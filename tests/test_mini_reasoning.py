@@ -38,6 +38,23 @@ def test_mini_reasoning_end_to_end(tmp_path, monkeypatch):
     info = json.loads((dirs["key"] / "prep.json").read_text())
     assert 0.0 <= info["teacher_accuracy"] <= 1.0 and 0.0 <= info["student_accuracy"] <= 1.0
     assert (dirs["teacher"] / "teacher" / "config.json").exists() and (dirs["key"] / "student" / "config.json").exists()
+    assert info["teacher_eval"]["num_problems"] == info["student_eval"]["num_problems"] == 16
+
+    # other eval settings reuse the cached models but re-measure their accuracies (never a stale number)
+    from experiments.mini_reasoning import common
+    from experiments.mini_reasoning.prepare import PrepRecipe, prepare
+
+    weights = sorted((tmp_path / "cache").rglob("*.safetensors"))
+    stamps = [p.stat().st_mtime_ns for p in weights]
+    logs: list[str] = []
+    prep = prepare(common.load("base", [*TINY, "eval.num_problems=8"]), PrepRecipe(**RECIPE), progress=False,
+                   log=logs.append)
+    assert not any("training" in line for line in logs), logs
+    assert sum("re-evaluated" in line for line in logs) == 2, logs
+    assert [p.stat().st_mtime_ns for p in weights] == stamps
+    assert prep.info["teacher_eval"]["num_problems"] == prep.info["student_eval"]["num_problems"] == 8
+    for name in ("teacher_accuracy", "student_accuracy"):
+        assert (prep.info[name] * 8) == round(prep.info[name] * 8), (name, prep.info[name])  # graded on 8 problems
 
     # every method ran and left its metrics, the table and the plots exist
     for m in ("sft", "rl", "opd"):

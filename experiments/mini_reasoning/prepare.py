@@ -89,6 +89,27 @@ def _final_accuracy(trainer) -> float:
     return float(trainer.run_eval("eval_final")["eval_accuracy"])
 
 
+def eval_signature(cfg) -> dict:
+    """What a cached accuracy was measured with. The models do not depend on it (only `eval.source` enters the
+    cache key), so when it changes the cached models are re-evaluated, not retrained."""
+    e = cfg.eval
+    return {"num_problems": e.num_problems, "max_new_tokens": e.max_new_tokens, "temperature": e.temperature,
+            "top_k": e.top_k, "top_p": e.top_p, "k": e.k}
+
+
+def _evaluate_cached(cfg, model, hf_dir: Path, run_dir: str) -> float:
+    """Accuracy of a cached HF dir on `cfg`'s eval set, with the eval settings `_final_accuracy` uses."""
+    from opd_jax.eval.run import run_eval
+
+    model = copy.deepcopy(model)
+    model.hf_path = str(hf_dir)
+    c = _sft_cfg(cfg, model, steps=0, batch=1, lr=0.0, run_dir=run_dir, seed=0, progress=False)
+    result, _ = run_eval(c, out_name="eval_cached")
+    if result is None:
+        raise ValueError(f"the task of {cfg.data.source!r} has no eval problems to grade {hf_dir} on")
+    return float(result.avg_at_k)
+
+
 def prepare(cfg=None, recipe: PrepRecipe | None = None, *, root: str | os.PathLike | None = None,
             fresh: bool = False, progress: bool = True, log=print) -> Prepared:
     """The cached (teacher, student) pair for `cfg` (default configs/mini_reasoning/base.yaml), training what is
@@ -112,6 +133,7 @@ def prepare(cfg=None, recipe: PrepRecipe | None = None, *, root: str | os.PathLi
     out.mkdir(parents=True, exist_ok=True)
     t_out.mkdir(parents=True, exist_ok=True)
     work = tempfile.mkdtemp(prefix="opd_mini_prep_")
+    sig = eval_signature(cfg)
 
     from opd_jax.baselines.sft import SFTTrainer, teacher_sft_examples
     from opd_jax.sampling import SamplingParams
@@ -132,7 +154,7 @@ def prepare(cfg=None, recipe: PrepRecipe | None = None, *, root: str | os.PathLi
             tr = SFTTrainer(c)
             _check_finished(tr.run())
             _export(tr, None, t_dir)
-            t_info = dict(teacher_accuracy=_final_accuracy(tr), teacher_seconds=time.time() - t0,
+            t_info = dict(teacher_accuracy=_final_accuracy(tr), teacher_eval=sig, teacher_seconds=time.time() - t0,
                           teacher_steps=recipe.teacher_steps, teacher_batch=recipe.teacher_batch)
             t_info_path.write_text(json.dumps(t_info, indent=1))
             info.update(t_info)
@@ -140,6 +162,13 @@ def prepare(cfg=None, recipe: PrepRecipe | None = None, *, root: str | os.PathLi
             info_path.write_text(json.dumps(info, indent=1))
             log(f"[prepare] teacher: held-out greedy accuracy {info['teacher_accuracy']:.3f} "
                 f"({info['teacher_seconds']:.0f}s) -> {t_dir}")
+        elif info.get("teacher_eval") != sig:  # cached teacher, accuracy measured with other eval settings
+            t_info.update(teacher_accuracy=_evaluate_cached(cfg, cfg.teachers[0].model, t_dir,
+                                                            os.path.join(work, "teacher_eval")), teacher_eval=sig)
+            t_info_path.write_text(json.dumps(t_info, indent=1))
+            info.update(t_info)
+            log(f"[prepare] cached teacher re-evaluated with the current eval settings: accuracy "
+                f"{info['teacher_accuracy']:.3f}")
         if "student_accuracy" not in info or not (s_dir / "config.json").exists():
             s_model = copy.deepcopy(cfg.student)
             s_model.hf_path = None
@@ -170,13 +199,18 @@ def prepare(cfg=None, recipe: PrepRecipe | None = None, *, root: str | os.PathLi
             tr = SFTTrainer(c, task, examples)
             _check_finished(tr.run())
             _export(tr, None, s_dir)
-            info.update(student_accuracy=_final_accuracy(tr), student_seconds=time.time() - t0,
+            info.update(student_accuracy=_final_accuracy(tr), student_eval=sig, student_seconds=time.time() - t0,
                         student_examples=len(examples), student_steps=recipe.student_steps,
                         student_batch=recipe.student_batch, teacher_sample_stats=stats,
                         teacher_prompt_len=c.sampling.max_prompt_len)
             info_path.write_text(json.dumps(info, indent=1))
             log(f"[prepare] student: held-out greedy accuracy {info['student_accuracy']:.3f} "
                 f"({info['student_seconds']:.0f}s) -> {s_dir}")
+        elif info.get("student_eval") != sig:
+            info.update(student_accuracy=_evaluate_cached(cfg, cfg.student, s_dir, os.path.join(work, "student_eval")),
+                        student_eval=sig)
+            log(f"[prepare] cached student re-evaluated with the current eval settings: accuracy "
+                f"{info['student_accuracy']:.3f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     info.update(key=key, teacher_dir=str(t_dir), recipe={**recipe.as_dict(), "only_correct": recipe.only_correct})
