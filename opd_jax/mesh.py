@@ -28,14 +28,15 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "seq": None,
     "cache_seq": None,
     "cache_blocks": None,
-    "lora_rank": None,
+    "lora_rank": "fsdp",  # shards every LoRA factor (and its optimizer moments) even where its other axes can't be
 }
 
 # Decode-time layouts: weights resharded inside the step so each token does not all-gather FSDP shards.
 SAMPLING_RULES: dict[str, dict[str, str | tuple[str, ...] | None]] = {
     "train": RULES,
-    "replicated": {**RULES, "embed": None, "vocab": None, "heads": None, "kv_heads": None, "mlp": None},
-    "tensor": {**RULES, "embed": None},
+    "replicated": {**RULES, "embed": None, "vocab": None, "heads": None, "kv_heads": None, "mlp": None,
+                   "lora_rank": None},
+    "tensor": {**RULES, "embed": None, "lora_rank": None},
 }
 
 

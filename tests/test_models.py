@@ -23,10 +23,10 @@ from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 from opd_jax.config.schema import LoRAConfig, MeshConfig
 from opd_jax.mesh import make_mesh
 from opd_jax.models import hf_io
+from opd_jax.models.attention import attention
 from opd_jax.models.hf_io import convert_main, export_hf, load_hf_config, load_hf_params, merge_lora
 from opd_jax.models.qwen3 import (
     abstract_model,
-    attention,
     decode_attention,
     positions_from_mask,
     tile_keys,
@@ -121,6 +121,15 @@ def test_parity_with_transformers(tmp_path, kw):
     want = nnx.to_pure_dict(nnx.split(abstract_model(cfg))[1])
     assert {k: (v.shape, v.dtype) for k, v in params.items()} == {k: (v.shape, v.dtype) for k, v in want.items()}
     tokens, mask = batch()
+    assert maxdiff(our_logits(cfg, params, tokens, mask), hf_logits(hf, tokens, mask), mask) <= 1e-4
+
+
+def test_chunked_attention_parity_with_transformers(tmp_path):
+    """`attention_chunk` (memory-efficient attention over key chunks) keeps HF parity, left pads included."""
+    hf = make_hf(tmp_path, **GQA4_UNTIED_3L)
+    cfg = dataclasses.replace(load_hf_config(tmp_path), attention_chunk=4)
+    params = load_hf_params(tmp_path, cfg)
+    tokens, mask = batch(t=16)
     assert maxdiff(our_logits(cfg, params, tokens, mask), hf_logits(hf, tokens, mask), mask) <= 1e-4
 
 

@@ -464,6 +464,36 @@ def test_lora_student(env):
     assert all(not np.array_equal(np.asarray(state.trainable[k]), lora_before[k]) for k in lora if k.endswith("_b"))
 
 
+def test_lora_factors_shard_over_fsdp_and_match_unsharded(env):
+    """Under pure FSDP every LoRA factor and its Adam moments are split over the mesh (the rank axis takes
+    `fsdp` where the factor's other axes are tensor-parallel ones, which pure FSDP leaves whole), and the
+    sharded LoRA step equals the single-device one."""
+    sdef, lora, _, t_axes, f_axes = init_model(STUDENT, 0, LoRAConfig(rank=8))
+    base = jax.tree.map(jnp.copy, env.tr)
+    mesh = make_mesh(MeshConfig(fsdp=8, tensor=1))
+    shardings = state_shardings(env.opt, lora, base, t_axes, f_axes, mesh)
+    t_shardings = [tree_shardings(mesh, env.teacher_axes, env.tp)]
+    step = make_opd_step(StepBuilder(env.cfg, sdef, [env.tdef], mesh, env.opt), shardings, t_shardings, env.batch)
+    state = init_train_state(env.opt, jax.tree.map(jnp.copy, lora), base, shardings)
+    for name, x in state.trainable.items():
+        assert not x.sharding.is_fully_replicated, (name, x.sharding.spec)
+        assert not state.opt_state[0][0].mu[name].sharding.is_fully_replicated, name
+    assert state.trainable["lora_q_b"].sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)  # (L, r, H, D)
+    assert state.trainable["lora_q_a"].sharding.spec == PartitionSpec(None, "fsdp", None)  # (L, embed, r)
+
+    ref_step = make_opd_step(StepBuilder(env.cfg, sdef, [env.tdef], None, env.opt), None, None, env.batch)
+    ref_state = new_state(env.opt, lora, base)
+    teachers = jax.device_put([env.tp], t_shardings)
+    for _ in range(2):
+        state, metrics = step(state, teachers, env.batch, env.key, env.sp)
+        ref_state, ref = ref_step(ref_state, [env.tp], env.batch, env.key, env.sp)
+        for k in ref:
+            np.testing.assert_allclose(float(metrics[k]), float(ref[k]), rtol=1e-4, atol=1e-4, err_msg=k)
+    for k in lora:
+        np.testing.assert_allclose(np.asarray(state.trainable[k]), np.asarray(ref_state.trainable[k]), atol=1e-5,
+                                   err_msg=k)
+
+
 def test_forward_kl_update_is_sft_on_the_teachers_own_sequences(env):
     """Ties the OPD update path to the SFT path: on sequences a near-deterministic teacher wrote itself, the
     full-vocabulary forward KL to that teacher is the NLL of its tokens, so the two gradients must agree."""

@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 
 from opd_jax.config.schema import LoRAConfig, ModelConfig
 from opd_jax.mesh import with_logical_constraint
+from opd_jax.models.attention import multi_token_attention, online_softmax_step
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -200,17 +201,18 @@ class Qwen3(nnx.Module):
             v = proj("v", h)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             if kc is None:
-                o = attention(q, k, v, mask)
+                o = multi_token_attention(q, k, v, mask, c.attention_chunk)
             else:
                 kc = write_keys(kc, i, k, cache.index)
                 vc = jax.lax.dynamic_update_slice(
                     vc, jnp.swapaxes(v, 1, 2)[None].astype(vc.dtype), (i, 0, 0, cache.index, 0))
                 if local:  # prefill into an empty cache
-                    o = attention(q, k, v, mask)
+                    o = multi_token_attention(q, k, v, mask, c.attention_chunk)
                 elif T == 1:  # decode: only the filled blocks, straight from the stacked cache
                     o = decode_attention(q, kc, vc, i, key_valid, cache.index + 1)
                 else:  # a chunk appended to a filled cache
-                    o = attention(q, untile_keys(kc[i]), jnp.swapaxes(vc[i], 1, 2), mask)
+                    o = multi_token_attention(q, untile_keys(kc[i]), jnp.swapaxes(vc[i], 1, 2), mask,
+                                              c.attention_chunk)
             x = x + proj("o", o)
             h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
             x = x + proj("down", jax.nn.silu(proj("gate", h)) * proj("up", h))
@@ -259,18 +261,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q: [B, T, H, D]; k, v: [B, S, KV, D]; mask: [B, T, S]."""
-    B, T, H, D = q.shape
-    KV = k.shape[2]
-    q = q.reshape(B, T, KV, H // KV, D)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(D)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(B, T, H, D)
-
-
 def untile_keys(k: jax.Array) -> jax.Array:
     """One layer's K cache [B, KV, blocks, D, block] -> [B, slots, KV, D]."""
     B, KV, NB, D, BLK = k.shape
@@ -309,20 +299,13 @@ def decode_attention(
     qg = (q.reshape(B, KV, G, D).astype(jnp.float32) / math.sqrt(D)).astype(kc.dtype)
 
     def body(j, carry):
-        m, denom, acc = carry
         start = j * block
         kb = jax.lax.dynamic_slice(kc, (layer, 0, 0, j, 0, 0), (1, B, KV, 1, D, block))[0, :, :, 0]
         vb = jax.lax.dynamic_slice(vc, (layer, 0, 0, start, 0), (1, B, KV, block, D))[0]
         ok = jax.lax.dynamic_slice(valid, (0, start), (B, block)) & (start + jnp.arange(block) < n_filled)
         s = jnp.einsum("bkgd,bkds->bkgs", qg, kb, preferred_element_type=jnp.float32)
         s = jnp.where(ok[:, None, None], s, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(-1))
-        p = jnp.exp(s - m_new[..., None])
-        corr = jnp.exp(m - m_new)
-        denom = denom * corr + p.sum(-1)
-        acc = acc * corr[..., None] + jnp.einsum("bkgs,bksd->bkgd", p.astype(vb.dtype), vb,
-                                                 preferred_element_type=jnp.float32)
-        return m_new, denom, acc
+        return online_softmax_step(*carry, s, vb, "bkgs,bksd->bkgd")
 
     init = (jnp.full((B, KV, G), -1e30, jnp.float32), jnp.zeros((B, KV, G), jnp.float32),
             jnp.zeros((B, KV, G, D), jnp.float32))
@@ -362,5 +345,5 @@ def abstract_model(cfg: ModelConfig, lora: LoRAConfig | None = None) -> Qwen3:
 
 __all__: Sequence[str] = [
     "Qwen3", "KVCache", "CACHE_AXES", "K_CACHE_AXES", "build_model", "abstract_model", "model_axes",
-    "positions_from_mask", "param_count", "rms_norm", "attention", "decode_attention", "tile_keys", "untile_keys",
+    "positions_from_mask", "param_count", "rms_norm", "decode_attention", "tile_keys", "untile_keys",
 ]

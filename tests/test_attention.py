@@ -1,0 +1,73 @@
+"""Chunked (flash-style) attention equals dense attention, values and gradients, and needs far less memory."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from opd_jax.models.attention import attention, chunked_attention, multi_token_attention
+
+
+def inputs(B=2, T=12, S=16, H=4, KV=2, D=8, seed=0, dtype=jnp.float32):
+    rng = np.random.RandomState(seed)
+    q, k, v = (jnp.asarray(rng.randn(*shape), dtype) for shape in ((B, T, H, D), (B, S, KV, D), (B, S, KV, D)))
+    mask = rng.rand(B, T, S) > 0.4
+    mask[0, 3] = False  # a query with no valid key (a left pad): both average every value
+    mask[1, :, :5] = False  # padded keys
+    return q, k, v, jnp.asarray(mask)
+
+
+@pytest.mark.parametrize("H,KV", [(4, 4), (4, 2), (6, 2), (4, 1)])
+@pytest.mark.parametrize("chunk", [4, 8])
+def test_chunked_equals_dense_values_and_gradients(H, KV, chunk):
+    q, k, v, mask = inputs(H=H, KV=KV)
+    np.testing.assert_allclose(chunked_attention(q, k, v, mask, chunk), attention(q, k, v, mask), atol=2e-6)
+    w = jnp.asarray(np.random.RandomState(1).randn(*q.shape), jnp.float32)
+
+    def grads(fn):
+        return jax.grad(lambda q, k, v: jnp.sum(w * fn(q, k, v)), argnums=(0, 1, 2))(q, k, v)
+
+    dense = grads(lambda q, k, v: attention(q, k, v, mask))
+    chunked = grads(lambda q, k, v: chunked_attention(q, k, v, mask, chunk))
+    for name, a, b in zip("qkv", chunked, dense, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5, err_msg=f"d{name}")
+
+
+def test_chunked_bf16_close_to_dense_fp32():
+    q, k, v, mask = inputs(T=32, S=64, dtype=jnp.bfloat16)
+    got = chunked_attention(q, k, v, mask, 16).astype(jnp.float32)
+    want = attention(*(x.astype(jnp.float32) for x in (q, k, v)), mask)
+    assert float(jnp.max(jnp.abs(got - want))) < 3e-2
+
+
+def test_dispatch_falls_back_to_dense_when_the_chunk_does_not_split_the_keys():
+    q, k, v, mask = inputs(S=16)
+
+    def traced(chunk: int) -> str:
+        return str(jax.make_jaxpr(lambda q, k, v: multi_token_attention(q, k, v, mask, chunk))(q, k, v))
+
+    for chunk in (0, 16, 32, 6):  # off, one chunk, longer than the keys, not a divisor
+        assert "custom_vjp" not in traced(chunk), chunk
+    assert "custom_vjp" in traced(8)
+
+
+def test_chunked_gradient_needs_a_fraction_of_the_dense_memory():
+    """The compiled backward's temporaries: dense holds [heads, T, S] fp32 scores, probabilities and their
+    gradient; chunked holds one [heads, T, chunk] block at a time (XLA's own accounting, at compile time)."""
+    B, T, H, D, chunk = 1, 2048, 4, 32, 256
+    q = jax.ShapeDtypeStruct((B, T, H, D), jnp.float32)
+    kv = jax.ShapeDtypeStruct((B, T, H, D), jnp.float32)
+    mask = jax.ShapeDtypeStruct((B, T, T), jnp.bool_)
+
+    def temp_bytes(fn) -> int:
+        loss = lambda q, k, v, m: jnp.sum(fn(q, k, v, m) ** 2)  # noqa: E731
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, mask).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    dense = temp_bytes(attention)
+    chunked = temp_bytes(lambda q, k, v, m: chunked_attention(q, k, v, m, chunk))
+    scores = B * H * T * T * 4
+    assert dense >= scores, (dense, scores)  # at least one full score tensor
+    assert chunked < dense / 4, (chunked, dense)
