@@ -30,7 +30,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; logits are always fp32
     remat: Literal["none", "full", "dots"] = "none"  # rematerialization of each scanned layer
     # keys per chunk of memory-efficient attention over whole sequences (training, teacher scoring, prefill):
-    # O(T * chunk) scores instead of O(T^2). 0 = dense. Used when it divides the key length into >= 2 chunks.
+    # O(T * chunk) scores instead of O(T^2). 0 = dense (also used when there are <= chunk keys).
     attention_chunk: int = 0
 
 

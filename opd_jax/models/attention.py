@@ -33,11 +33,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
 
 
 def multi_token_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, chunk: int = 0) -> jax.Array:
-    """`chunked_attention` when `chunk` splits the keys into at least two whole chunks, else dense."""
-    S = k.shape[1]
-    if chunk > 0 and S > chunk and S % chunk == 0:
+    """`chunked_attention` when there are more than `chunk` > 0 keys, else dense."""
+    if 0 < chunk < k.shape[1]:
         return chunked_attention(q, k, v, mask, chunk)
     return attention(q, k, v, mask)
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, chunk: int) -> jax.Array:
+    """Same result as `attention`, holding O(T * chunk) scores per head instead of O(T * S). Keys are padded to
+    a multiple of `chunk`; a padded key scores -inf, below even a masked one, so it never takes part."""
+    S = k.shape[1]
+    pad = -S % chunk
+    if pad:
+        k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (k, v))
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad)))
+    return _chunked_attention(q, k, v, mask, chunk, S)
 
 
 def _chunks(x: jax.Array, axis: int, chunk: int) -> jax.Array:
@@ -47,10 +57,13 @@ def _chunks(x: jax.Array, axis: int, chunk: int) -> jax.Array:
     return jnp.moveaxis(x, axis, 0)
 
 
-def _scores(qg: jax.Array, kc: jax.Array, mc: jax.Array) -> jax.Array:
-    """qg [B, T, KV, G, D] (pre-scaled), kc [B, C, KV, D], mc [B, T, C] -> masked fp32 scores [B, KV, G, T, C]."""
+def _scores(qg: jax.Array, kc: jax.Array, mc: jax.Array, j: jax.Array, n_keys: int) -> jax.Array:
+    """qg [B, T, KV, G, D] (pre-scaled), chunk j's kc [B, C, KV, D] and mc [B, T, C] -> masked fp32 scores
+    [B, KV, G, T, C]; a padding key (index >= n_keys) scores -inf."""
+    C = kc.shape[1]
     s = jnp.einsum("btkgd,bckd->bkgtc", qg, kc, preferred_element_type=jnp.float32)
-    return jnp.where(mc[:, None, None], s, _NEG)
+    s = jnp.where(mc[:, None, None], s, _NEG)
+    return jnp.where(j * C + jnp.arange(C) < n_keys, s, -jnp.inf)
 
 
 def online_softmax_step(m, denom, acc, s: jax.Array, v: jax.Array, pv: str):
@@ -64,38 +77,41 @@ def online_softmax_step(m, denom, acc, s: jax.Array, v: jax.Array, pv: str):
     return m_new, denom, acc
 
 
-def _forward(q, k, v, mask, chunk):
+def _forward(q, k, v, mask, chunk, n_keys):
     B, T, H, D = q.shape
     KV = k.shape[2]
     G = H // KV
     qg = (q.reshape(B, T, KV, G, D).astype(jnp.float32) / math.sqrt(D)).astype(q.dtype)
 
     def body(carry, xs):
-        kc, vc, mc = xs
-        return online_softmax_step(*carry, _scores(qg, kc, mc), vc, "bkgtc,bckd->bkgtd"), None
+        j, kc, vc, mc = xs
+        return online_softmax_step(*carry, _scores(qg, kc, mc, j, n_keys), vc, "bkgtc,bckd->bkgtd"), None
 
     init = (jnp.full((B, KV, G, T), -jnp.inf, jnp.float32), jnp.zeros((B, KV, G, T), jnp.float32),
             jnp.zeros((B, KV, G, T, D), jnp.float32))
-    xs = (_chunks(k, 1, chunk), _chunks(v, 1, chunk), _chunks(mask, 2, chunk))
-    (m, denom, acc), _ = jax.lax.scan(body, init, xs)
+    (m, denom, acc), _ = jax.lax.scan(body, init, _chunked_xs(k, v, mask, chunk))
     inv_denom = 1.0 / denom  # denom >= 1: the row maximum contributes exp(0)
     out = jnp.moveaxis(acc * inv_denom[..., None], 3, 1).reshape(B, T, H, D).astype(v.dtype)
     # (m, 1/denom) rather than a log-sum-exp: m + log(denom) rounds to m when every key is masked (m = finfo.min)
     return out, (m, inv_denom)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, chunk: int) -> jax.Array:
-    """Same result as `attention`, with memory O(T * chunk) per head instead of O(T * S); S % chunk == 0."""
-    return _forward(q, k, v, mask, chunk)[0]
+def _chunked_xs(k, v, mask, chunk):
+    """The scan's per-chunk inputs: (chunk index, keys, values, mask columns)."""
+    return jnp.arange(k.shape[1] // chunk), _chunks(k, 1, chunk), _chunks(v, 1, chunk), _chunks(mask, 2, chunk)
 
 
-def _fwd(q, k, v, mask, chunk):
-    out, stats = _forward(q, k, v, mask, chunk)
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked_attention(q, k, v, mask, chunk: int, n_keys: int):
+    return _forward(q, k, v, mask, chunk, n_keys)[0]
+
+
+def _fwd(q, k, v, mask, chunk, n_keys):
+    out, stats = _forward(q, k, v, mask, chunk, n_keys)
     return out, (q, k, v, mask, out, stats)
 
 
-def _bwd(chunk, res, d_out):
+def _bwd(chunk, n_keys, res, d_out):
     q, k, v, mask, out, (m, inv_denom) = res
     B, T, H, D = q.shape
     KV = k.shape[2]
@@ -107,8 +123,8 @@ def _bwd(chunk, res, d_out):
     delta = jnp.sum(do.astype(jnp.float32) * jnp.moveaxis(out.reshape(B, T, KV, G, D), 1, 3), axis=-1)
 
     def body(dq, xs):
-        kc, vc, mc = xs
-        p = jnp.exp(_scores(qg, kc, mc) - m[..., None]) * inv_denom[..., None]  # [B, KV, G, T, C]
+        j, kc, vc, mc = xs
+        p = jnp.exp(_scores(qg, kc, mc, j, n_keys) - m[..., None]) * inv_denom[..., None]  # [B, KV, G, T, C]
         dv = jnp.einsum("bkgtc,bkgtd->bckd", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
         dp = jnp.einsum("bkgtd,bckd->bkgtc", do, vc, preferred_element_type=jnp.float32)
         ds = jnp.where(mc[:, None, None], p * (dp - delta[..., None]), 0.0)  # no gradient through a masked score
@@ -116,11 +132,10 @@ def _bwd(chunk, res, d_out):
         dk = jnp.einsum("bkgtc,btkgd->bckd", ds.astype(qg.dtype), qg, preferred_element_type=jnp.float32)
         return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
 
-    xs = (_chunks(k, 1, chunk), _chunks(v, 1, chunk), _chunks(mask, 2, chunk))
-    dq, (dk, dv) = jax.lax.scan(body, jnp.zeros((B, T, KV, G, D), jnp.float32), xs)
+    dq, (dk, dv) = jax.lax.scan(body, jnp.zeros((B, T, KV, G, D), jnp.float32), _chunked_xs(k, v, mask, chunk))
     dq = (dq * scale).reshape(B, T, H, D).astype(q.dtype)
     unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(k.shape)  # noqa: E731  [n, B, C, KV, D] -> [B, S, KV, D]
     return dq, unchunk(dk), unchunk(dv), None
 
 
-chunked_attention.defvjp(_fwd, _bwd)
+_chunked_attention.defvjp(_fwd, _bwd)
