@@ -459,7 +459,7 @@ def _host_platform_cpu() -> None:
 
 
 def compile_main(args) -> int:
-    """`opd-jax compile CONFIG [k=v ...] [--topology T] [--json PATH]`: 0 if the step fits, 3 if not."""
+    """`opd-jax compile CONFIG [k=v ...] [--topology T] [--json PATH] [--fast]`: 0 if the step fits, 3 if not."""
     from opd_jax.config import load_config
 
     _host_platform_cpu()

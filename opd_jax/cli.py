@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_convert)
     sp = with_config("compile", cmd_compile, "AOT-compile the fused step for a TPU topology; report memory, FLOPs")
     sp.add_argument("--topology", default=None, help="e.g. v5p-64 (default: the config's `topology`)")
+    sp.add_argument("--json", default=None, help="also write the report as JSON here")
+    sp.add_argument("--fast", action="store_true", help="least XLA optimization effort: a quicker, rougher compile")
     sp = with_config("visualize", cmd_visualize, "render a student completion colored by per-token reverse KL")
     sp.add_argument("--prompt", default=None, help="prompt text (default: the first eval problem)")
     sp.add_argument("--out", default=None, help="output HTML path (default: RUN_DIR/kl.html)")
@@ -124,8 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `compile CFG --topology T k=v`: argparse ends the overrides at the first option, so k=v comes back unparsed
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return args.fn(args)
     except KeyboardInterrupt:

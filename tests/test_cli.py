@@ -46,3 +46,11 @@ def test_help(args):
     with pytest.raises(SystemExit) as e:
         cli.main(args)
     assert e.value.code == 0
+
+
+def test_overrides_may_follow_options():
+    args = cli.parse(["compile", "c.yaml", "a=1", "--topology", "v5p-64", "b.c=2", "--json", "r.json", "--fast"])
+    assert (args.overrides, args.topology, args.json, args.fast) == (["a=1", "b.c=2"], "v5p-64", "r.json", True)
+    with pytest.raises(SystemExit) as e:  # anything else stays an error
+        cli.parse(["compile", "c.yaml", "--topology", "v5p-64", "stray"])
+    assert e.value.code == 2
