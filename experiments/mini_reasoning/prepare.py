@@ -5,7 +5,8 @@ on a limited set of teacher samples: off-policy distillation), cached as HF chec
 
 Cache: <cache_root()>/teacher-<hash of teacher + task + teacher recipe>/teacher/ and
 <cache_root()>/<hash of both models + task + recipe>/student/ (config.json + safetensors), each with a JSON of its
-held-out accuracy (greedy decoding): a new student recipe reuses the cached teacher.
+held-out accuracy (greedy decoding) and the eval settings it was measured with (other settings re-evaluate the
+cached models): a new student recipe reuses the cached teacher.
 """
 
 from __future__ import annotations
