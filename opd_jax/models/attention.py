@@ -47,7 +47,7 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     if pad:
         k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (k, v))
         mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad)))
-    return _chunked_attention(q, k, v, mask, chunk, S)
+    return _chunked_attention(q, k, v, mask, chunk, S if pad else None)
 
 
 def _chunks(x: jax.Array, axis: int, chunk: int) -> jax.Array:
@@ -57,12 +57,14 @@ def _chunks(x: jax.Array, axis: int, chunk: int) -> jax.Array:
     return jnp.moveaxis(x, axis, 0)
 
 
-def _scores(qg: jax.Array, kc: jax.Array, mc: jax.Array, j: jax.Array, n_keys: int) -> jax.Array:
+def _scores(qg: jax.Array, kc: jax.Array, mc: jax.Array, j: jax.Array, n_keys: int | None) -> jax.Array:
     """qg [B, T, KV, G, D] (pre-scaled), chunk j's kc [B, C, KV, D] and mc [B, T, C] -> masked fp32 scores
-    [B, KV, G, T, C]; a padding key (index >= n_keys) scores -inf."""
+    [B, KV, G, T, C]; a padding key (index >= n_keys; None: no padding) scores -inf."""
     C = kc.shape[1]
     s = jnp.einsum("btkgd,bckd->bkgtc", qg, kc, preferred_element_type=jnp.float32)
     s = jnp.where(mc[:, None, None], s, _NEG)
+    if n_keys is None:
+        return s
     return jnp.where(j * C + jnp.arange(C) < n_keys, s, -jnp.inf)
 
 
@@ -102,7 +104,7 @@ def _chunked_xs(k, v, mask, chunk):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _chunked_attention(q, k, v, mask, chunk: int, n_keys: int):
+def _chunked_attention(q, k, v, mask, chunk: int, n_keys: int | None):
     return _forward(q, k, v, mask, chunk, n_keys)[0]
 
 

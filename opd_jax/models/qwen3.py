@@ -200,19 +200,16 @@ class Qwen3(nnx.Module):
             k = rms_norm(proj("k", h), p["k_norm"], c.rms_norm_eps)
             v = proj("v", h)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            if kc is None:
-                o = multi_token_attention(q, k, v, mask, c.attention_chunk)
-            else:
+            if kc is not None:
                 kc = write_keys(kc, i, k, cache.index)
                 vc = jax.lax.dynamic_update_slice(
                     vc, jnp.swapaxes(v, 1, 2)[None].astype(vc.dtype), (i, 0, 0, cache.index, 0))
-                if local:  # prefill into an empty cache
-                    o = multi_token_attention(q, k, v, mask, c.attention_chunk)
-                elif T == 1:  # decode: only the filled blocks, straight from the stacked cache
-                    o = decode_attention(q, kc, vc, i, key_valid, cache.index + 1)
-                else:  # a chunk appended to a filled cache
-                    o = multi_token_attention(q, untile_keys(kc[i]), jnp.swapaxes(vc[i], 1, 2), mask,
-                                              c.attention_chunk)
+            if local:  # no cache, or a prefill into an empty one
+                o = multi_token_attention(q, k, v, mask, c.attention_chunk)
+            elif T == 1:  # decode: only the filled blocks, straight from the stacked cache
+                o = decode_attention(q, kc, vc, i, key_valid, cache.index + 1)
+            else:  # a chunk appended to a filled cache
+                o = multi_token_attention(q, untile_keys(kc[i]), jnp.swapaxes(vc[i], 1, 2), mask, c.attention_chunk)
             x = x + proj("o", o)
             h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
             x = x + proj("down", jax.nn.silu(proj("gate", h)) * proj("up", h))
