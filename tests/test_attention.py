@@ -52,6 +52,8 @@ def test_dispatch_is_dense_unless_the_keys_span_more_than_one_chunk():
         assert "custom_vjp" not in traced(chunk), chunk
     for chunk in (8, 6):
         assert "custom_vjp" in traced(chunk), chunk
+    with pytest.raises(ValueError, match="attention_chunk must be >= 0"):
+        traced(-1)
 
 
 def test_chunked_gradient_needs_a_fraction_of_the_dense_memory():

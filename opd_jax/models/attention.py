@@ -34,6 +34,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
 
 def multi_token_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, chunk: int = 0) -> jax.Array:
     """`chunked_attention` when there are more than `chunk` > 0 keys, else dense."""
+    if chunk < 0:
+        raise ValueError(f"model.attention_chunk must be >= 0 (0 = dense attention), got {chunk}")
     if 0 < chunk < k.shape[1]:
         return chunked_attention(q, k, v, mask, chunk)
     return attention(q, k, v, mask)
