@@ -12,6 +12,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["opd_jax", "opd_jax.*", "experiments", "experiments.*"]),
+    package_data={"opd_jax.kernels": ["*.cc"]},  # C++ sources, built on first use (opd_jax/kernels/cpu.py)
     install_requires=[
         JAX,
         "flax>=0.12.8",

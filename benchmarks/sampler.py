@@ -5,13 +5,17 @@ head_dim 64, intermediate 768: ~3.4M params) in fp32, batch 32, 32-token prompts
 with no stop token (HF is forced to full length with `min_new_tokens`). Sampling is plain T=1 (HF's default
 top-k 50 is switched off), plus greedy with `--greedy`. Compile time / first-call overhead is excluded by one
 warm-up call; each figure is the median of `--runs` timed calls, with opd_jax and HF calls interleaved so both
-see the same machine load. Threads: torch uses its default intra-op thread count (`torch.get_num_threads()`, printed);
-XLA's CPU backend uses its own default pool over all cores. Run: `python benchmarks/sampler.py [--runs 5]`.
+see the same machine load. opd_jax is timed twice: as shipped (on a CPU the one-token attention is the FFI
+kernel in opd_jax/kernels) and with `model.cpu_decode_kernel: false` (the pure-JAX block loop, what GPU and
+TPU programs run), so the kernel's share shows in the same run. Threads: torch uses its default intra-op
+thread count (`torch.get_num_threads()`, printed); XLA's CPU backend uses its own default pool over all cores.
+Run: `python benchmarks/sampler.py [--runs 5]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -24,6 +28,7 @@ import torch
 from flax import nnx
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from opd_jax.kernels import cpu as cpu_kernels
 from opd_jax.models.hf_io import load_hf_config, load_hf_params
 from opd_jax.models.qwen3 import abstract_model, param_count
 from opd_jax.sampling import SamplingParams, make_sampler
@@ -34,18 +39,19 @@ HF_CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=768, num_hid
 BATCH, PROMPT_LEN, PAD = 32, 32, 0
 
 
-def build(tmp: str) -> tuple[Qwen3ForCausalLM, torch.Tensor, Callable[[int], Callable]]:
-    """The HF model, the prompts, and `sampler(max_new_tokens) -> fn(key, sp)`: opd_jax on the same weights."""
+def build(tmp: str) -> tuple[Qwen3ForCausalLM, torch.Tensor, Callable[[int, bool], Callable]]:
+    """The HF model, the prompts, and `sampler(max_new_tokens, cpu_kernel) -> fn(key, sp)`: opd_jax on the same
+    weights."""
     torch.manual_seed(0)
     hf = Qwen3ForCausalLM(Qwen3Config(**HF_CONFIG)).eval()
     hf.save_pretrained(tmp)
     cfg = load_hf_config(tmp)
     params = load_hf_params(tmp, cfg)
-    graphdef, _ = nnx.split(abstract_model(cfg))
     prompts = np.random.RandomState(0).randint(1, cfg.vocab_size, (BATCH, PROMPT_LEN)).astype(np.int32)
     tokens, mask = jax.device_put(prompts), jax.device_put(np.ones_like(prompts, bool))
 
-    def sampler(n: int) -> Callable:
+    def sampler(n: int, cpu_kernel: bool) -> Callable:
+        graphdef, _ = nnx.split(abstract_model(dataclasses.replace(cfg, cpu_decode_kernel=cpu_kernel)))
         fn = make_sampler(graphdef, max_new_tokens=n, pad_id=PAD)
         return lambda key, sp: fn(params, tokens, mask, key, sp)
 
@@ -63,25 +69,28 @@ def hf_generate(hf: Qwen3ForCausalLM, prompts: torch.Tensor, n: int, greedy: boo
 
 
 def bench(hf: Qwen3ForCausalLM, prompts: torch.Tensor, sampler: Callable, n: int, greedy: bool,
-          runs: int) -> tuple[float, float]:
-    """Median seconds per call (opd_jax, HF) after one warm-up each; calls interleaved."""
-    fn = sampler(n)
+          runs: int) -> dict[str, float]:
+    """Median seconds per call of opd_jax (as shipped), opd_jax on its pure-JAX path, and HF, after one
+    warm-up each; calls interleaved."""
     sp = SamplingParams.create(greedy=greedy, temperature=1.0)
-    out = jax.block_until_ready(fn(jax.random.key(0), sp))  # compile
-    assert int(out.lengths.min()) == n
+    fns = {"opd_jax": sampler(n, True), "opd_jax_pure_jax": sampler(n, False)}
+    for name, fn in fns.items():
+        out = jax.block_until_ready(fn(jax.random.key(0), sp))  # compile
+        assert int(out.lengths.min()) == n, name
     ref = hf_generate(hf, prompts, n, greedy)
     if greedy:  # same weights: the first tokens agree (later ones may drift on near-ties)
         agree = float((np.asarray(out.tokens)[:, :8] == ref[:, :8].numpy()).mean())
         print(f"greedy first-8-token agreement with HF at {n}: {agree:.3f}")
-    ours, theirs = [], []
+    times: dict[str, list[float]] = {name: [] for name in [*fns, "hf"]}
     for i in range(runs):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(jax.random.key(i + 1), sp))
-        ours.append(time.perf_counter() - t)
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn(jax.random.key(i + 1), sp))
+            times[name].append(time.perf_counter() - t)
         t = time.perf_counter()
         hf_generate(hf, prompts, n, greedy)
-        theirs.append(time.perf_counter() - t)
-    return statistics.median(ours), statistics.median(theirs)
+        times["hf"].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,33 +104,38 @@ def main(argv: list[str] | None = None) -> None:
           f"torch {torch.__version__} threads={torch.get_num_threads()}; cpu_count={os.cpu_count()}")
     with tempfile.TemporaryDirectory() as tmp:
         hf, prompts, sampler = build(tmp)
-    results: dict[tuple[str, int], tuple[float, float]] = {}
+    results: dict[tuple[str, int], dict[str, float]] = {}
     modes = ["sample"] + (["greedy"] if args.greedy else [])
     for mode in modes:
         for n in args.new_tokens:
             results[mode, n] = bench(hf, prompts, sampler, n, mode == "greedy", args.runs)
             print(f"done: {mode} {n}", flush=True)
 
-    print(f"\n{'mode':<7} {'new':>4} {'opd_jax s':>10} {'hf s':>8} {'opd_jax tok/s':>14} {'hf tok/s':>9} "
-          f"{'speedup':>8} {'opd_jax ms/step':>16}")
-    for (mode, n), (ours, theirs) in results.items():
-        print(f"{mode:<7} {n:>4} {ours:>10.3f} {theirs:>8.3f} {BATCH * n / ours:>14.0f} {BATCH * n / theirs:>9.0f} "
-              f"{theirs / ours:>7.2f}x {1e3 * ours / n:>16.2f}")
+    print(f"cpu kernels built: {cpu_kernels.available()}")
+    print(f"\n{'mode':<7} {'new':>4} {'opd_jax s':>10} {'pure-JAX s':>11} {'hf s':>8} {'opd_jax tok/s':>14} "
+          f"{'hf tok/s':>9} {'speedup':>8} {'opd_jax ms/step':>16}")
+    for (mode, n), r in results.items():
+        ours, pure, theirs = r["opd_jax"], r["opd_jax_pure_jax"], r["hf"]
+        print(f"{mode:<7} {n:>4} {ours:>10.3f} {pure:>11.3f} {theirs:>8.3f} {BATCH * n / ours:>14.0f} "
+              f"{BATCH * n / theirs:>9.0f} {theirs / ours:>7.2f}x {1e3 * ours / n:>16.2f}")
 
     print()
     for n in args.new_tokens:  # headline figures: T=1 sampling
-        ours, theirs = results["sample", n]
-        print(f"opd_jax_tok_s_{n}: {BATCH * n / ours:.0f}")
-        print(f"hf_tok_s_{n}: {BATCH * n / theirs:.0f}")
-        print(f"speedup_{n}: {theirs / ours:.2f}x")
+        r = results["sample", n]
+        print(f"opd_jax_tok_s_{n}: {BATCH * n / r['opd_jax']:.0f}")
+        print(f"opd_jax_pure_jax_tok_s_{n}: {BATCH * n / r['opd_jax_pure_jax']:.0f}")
+        print(f"hf_tok_s_{n}: {BATCH * n / r['hf']:.0f}")
+        print(f"speedup_{n}: {r['hf'] / r['opd_jax']:.2f}x")
+        print(f"pure_jax_speedup_{n}: {r['hf'] / r['opd_jax_pure_jax']:.2f}x")
     if args.greedy:
         for n in args.new_tokens:
-            ours, theirs = results["greedy", n]
-            print(f"greedy_speedup_{n}: {theirs / ours:.2f}x")
+            r = results["greedy", n]
+            print(f"greedy_speedup_{n}: {r['hf'] / r['opd_jax']:.2f}x")
     lo, hi = min(args.new_tokens), max(args.new_tokens)
     if lo != hi:
-        growth = (results["sample", hi][0] / hi) / (results["sample", lo][0] / lo)
-        print(f"per_token_time_growth_{lo}_to_{hi}: {growth:.2f}x")
+        for name, label in (("opd_jax", ""), ("opd_jax_pure_jax", "pure_jax_")):
+            growth = (results["sample", hi][name] / hi) / (results["sample", lo][name] / lo)
+            print(f"{label}per_token_time_growth_{lo}_to_{hi}: {growth:.2f}x")
 
 
 if __name__ == "__main__":

@@ -287,9 +287,9 @@ def model_for_aot(mcfg):
     cfg = resolve_model_config(mcfg)
     if cfg.preset is None and cfg.hf_path:
         try:
-            from opd_jax.models.hf_io import load_hf_config
+            from opd_jax.models.hf_io import hf_config_for
 
-            cfg = load_hf_config(cfg.hf_path, param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat)
+            cfg = hf_config_for(cfg)
         except Exception as e:  # placeholder path: keep the explicit fields
             print(f"note: could not read {cfg.hf_path}/config.json ({e}); using the explicit model fields")
     return cfg

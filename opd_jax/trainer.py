@@ -66,11 +66,9 @@ def load_model(cfg: ModelConfig, *, seed: int, mesh: Mesh, lora: LoRAConfig | No
     created directly in its shardings (no full copy on one device)."""
     cfg = resolve_model_config(cfg)
     if cfg.hf_path:
-        from opd_jax.models.hf_io import load_hf_config
+        from opd_jax.models.hf_io import hf_config_for
 
-        hf_cfg = load_hf_config(cfg.hf_path, param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat,
-                                 attention_chunk=cfg.attention_chunk)
-        cfg = hf_cfg
+        cfg = hf_config_for(cfg)
     mdef, t_abs, f_abs, t_axes, f_axes = split_model(abstract_model(cfg, lora))
     t_sh, f_sh = tree_shardings(mesh, t_axes, t_abs), tree_shardings(mesh, f_axes, f_abs)
 

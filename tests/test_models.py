@@ -133,9 +133,12 @@ def test_chunked_attention_parity_with_transformers(tmp_path):
     assert maxdiff(our_logits(cfg, params, tokens, mask), hf_logits(hf, tokens, mask), mask) <= 1e-4
 
 
-def test_kv_cache_decode_matches_full_forward(tmp_path):
+@pytest.mark.parametrize("cpu_kernel", [True, False], ids=["cpu-kernel", "pure-jax"])
+def test_kv_cache_decode_matches_full_forward(tmp_path, cpu_kernel):
+    """Prefill then one token at a time == one full forward, with the one-token attention run by the CPU
+    kernel (where it is built) and by the pure-JAX block loop."""
     make_hf(tmp_path, **GQA2_TIED_3L)  # a parity config: the full forward's compile is shared
-    cfg = load_hf_config(tmp_path)
+    cfg = dataclasses.replace(load_hf_config(tmp_path), cpu_decode_kernel=cpu_kernel)
     params = load_hf_params(tmp_path, cfg)
     graphdef = nnx.split(abstract_model(cfg))[0]
     tokens, mask = batch()
@@ -181,7 +184,7 @@ def test_decode_attention_blocks_equal_dense_attention(n_filled):
     valid[:, n_filled - 1] = True  # the token being decoded is always a real one
     valid = jnp.asarray(valid)
     kc_t = jnp.stack([tile_keys(jnp.swapaxes(kc[i], 1, 2), block) for i in range(L)])  # the cache's K layout
-    got = decode_attention(q, kc_t, vc, jnp.int32(1), valid, jnp.int32(n_filled), block=block)
+    got = decode_attention(q, kc_t, vc, jnp.int32(1), valid, jnp.int32(n_filled))
     mask = (valid & (jnp.arange(S) < n_filled))[:, None, :]
     want = attention(q, jnp.swapaxes(kc[1], 1, 2), jnp.swapaxes(vc[1], 1, 2), mask)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)

@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec
 
 from opd_jax import losses
 from opd_jax.config.schema import ExperimentConfig, LoRAConfig, MeshConfig, ModelConfig
+from opd_jax.kernels import cpu as cpu_kernels
 from opd_jax.mesh import make_mesh
 from opd_jax.models.qwen3 import abstract_model, positions_from_mask
 from opd_jax.sampling import SamplingParams
@@ -175,7 +176,8 @@ def test_fused_step_is_one_program(env, tmp_path):
     args = (state, [env.tp], env.batch, env.key, env.sp)
 
     # the traced step: exactly one outer while loop (the decode; layers and chunks are scans, and the only other
-    # while is the decode attention's loop over filled cache blocks, inside it) in the same jaxpr as the
+    # while is the pure-JAX decode attention's loop over filled cache blocks, inside it; on a CPU the kernel
+    # branch beside it replaces that loop when compiled) in the same jaxpr as the
     # teacher's matmuls and Adam's sqrt on parameter-shaped moments, and no host callback of any kind
     eqns = list(walk(jax.make_jaxpr(env.builder.fused)(*args).jaxpr))
     prims = Counter(e.primitive.name for e in eqns)
@@ -203,6 +205,8 @@ def test_fused_step_is_one_program(env, tmp_path):
         assert len(events) <= 1  # one backend compile (none if an earlier test already built it): one executable
         hlo = compiled.as_text()
         assert hlo.count("HloModule ") == 1 and "callback" not in hlo.lower()
+        if cpu_kernels.available():  # on one CPU device the decode attention is the FFI kernel, in the same module
+            assert cpu_kernels.DECODE_ATTENTION in hlo
         # new state + metrics, all produced by that executable
         assert jax.tree.structure(compiled.out_info[0]) == jax.tree.structure(state)
 

@@ -32,6 +32,9 @@ class ModelConfig:
     # keys per chunk of memory-efficient attention over whole sequences (training, teacher scoring, prefill):
     # O(T * chunk) scores instead of O(T^2). 0 = dense (also used when there are <= chunk keys).
     attention_chunk: int = 0
+    # one-token decode attention by the XLA:CPU kernel in opd_jax/kernels where it applies (a CPU program, fp32
+    # cache, one device); false keeps the pure-JAX path there too. GPU/TPU programs never use it.
+    cpu_decode_kernel: bool = True
 
 
 @dataclass

@@ -227,6 +227,15 @@ def load_hf_config(path: str | os.PathLike, **overrides) -> ModelConfig:
     return config_from_hf(hf, **overrides)
 
 
+# ModelConfig fields that say how to run a model, not what it is: they come from our config, never config.json
+RUN_FIELDS = ("param_dtype", "dtype", "remat", "attention_chunk", "cpu_decode_kernel")
+
+
+def hf_config_for(cfg: ModelConfig) -> ModelConfig:
+    """The architecture in `cfg.hf_path`'s config.json, run the way `cfg` says (RUN_FIELDS)."""
+    return load_hf_config(cfg.hf_path, **{name: getattr(cfg, name) for name in RUN_FIELDS})
+
+
 def _validate(tensors: Mapping[str, _Tensor], cfg: ModelConfig, where: str) -> None:
     expected = hf_expected_names(cfg)
     missing = sorted(expected - set(tensors))

@@ -17,6 +17,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from opd_jax.config.schema import LoRAConfig, ModelConfig
+from opd_jax.kernels import cpu as cpu_kernels
 from opd_jax.mesh import with_logical_constraint
 from opd_jax.models.attention import multi_token_attention, online_softmax_step
 
@@ -207,7 +208,8 @@ class Qwen3(nnx.Module):
             if local:  # no cache, or a prefill into an empty one
                 o = multi_token_attention(q, k, v, mask, c.attention_chunk)
             elif T == 1:  # decode: only the filled blocks, straight from the stacked cache
-                o = decode_attention(q, kc, vc, i, key_valid, cache.index + 1)
+                o = one_token_attention(q, kc, vc, i, key_valid, cache.index + 1,
+                                        cpu_kernel=c.cpu_decode_kernel and (mesh is None or mesh.size == 1))
             else:  # a chunk appended to a filled cache
                 o = multi_token_attention(q, untile_keys(kc[i]), jnp.swapaxes(vc[i], 1, 2), mask, c.attention_chunk)
             x = x + proj("o", o)
@@ -285,13 +287,12 @@ def write_keys(kc: jax.Array, layer: jax.Array, k: jax.Array, index: jax.Array) 
 
 def decode_attention(
     q: jax.Array, kc: jax.Array, vc: jax.Array, layer: jax.Array, valid: jax.Array, n_filled: jax.Array,
-    block: int = DECODE_BLOCK,
 ) -> jax.Array:
     """One-token attention over the filled cache slots [0, n_filled) only, a block at a time (online softmax),
     so a decode step costs O(current length), not O(cache length), and never copies a whole layer's K/V.
     q: [B, 1, H, D]; kc: [layers, B, KV, S // block, D, block]; vc: [layers, B, KV, S, D]; valid: [B, S]."""
     B, _, H, D = q.shape
-    KV = kc.shape[2]
+    KV, block = kc.shape[2], kc.shape[-1]
     G = H // KV
     qg = (q.reshape(B, KV, G, D).astype(jnp.float32) / math.sqrt(D)).astype(kc.dtype)
 
@@ -309,6 +310,19 @@ def decode_attention(
     _, denom, acc = jax.lax.fori_loop(0, (n_filled + block - 1) // block, body, init)
     denom = jnp.where(denom > 0, denom, 1.0)  # a row with no valid key yields zeros, not NaN
     return (acc / denom[..., None]).reshape(B, 1, H, D).astype(vc.dtype)
+
+
+def one_token_attention(
+    q: jax.Array, kc: jax.Array, vc: jax.Array, layer: jax.Array, valid: jax.Array, n_filled: jax.Array, *,
+    cpu_kernel: bool,
+) -> jax.Array:
+    """`decode_attention`, run by the CPU kernel (`opd_jax.kernels.cpu`) if `cpu_kernel` (the caller promises one
+    device: the kernel reads whole buffers), the kernel is built, the cache is fp32 and the program is lowered
+    for a CPU; the pure-JAX path everywhere else. A TPU or GPU lowering keeps only the pure-JAX branch."""
+    args = (q, kc, vc, layer, valid, n_filled)
+    if cpu_kernel and kc.dtype == jnp.float32 and vc.dtype == jnp.float32 and cpu_kernels.available():
+        return jax.lax.platform_dependent(*args, cpu=cpu_kernels.decode_attention, default=decode_attention)
+    return decode_attention(*args)
 
 
 def positions_from_mask(mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
