@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from opd_jax.models import attention as attention_module
 from opd_jax.models.attention import attention, chunked_attention, multi_token_attention
 
 
@@ -33,6 +34,67 @@ def test_chunked_equals_dense_values_and_gradients(H, KV, chunk):
     chunked = grads(lambda q, k, v: chunked_attention(q, k, v, mask, chunk))
     for name, a, b in zip("qkv", chunked, dense, strict=True):
         np.testing.assert_allclose(a, b, atol=2e-5, err_msg=f"d{name}")
+
+
+def causal_inputs(B=2, T=16, H=4, KV=2, D=8, seed=0):
+    """Self-attention inputs whose mask is causal over slots, with left pads and holes, as in training."""
+    q, k, v, _ = inputs(B=B, T=T, S=T, H=H, KV=KV, D=D, seed=seed)
+    rng = np.random.RandomState(seed + 1)
+    valid = rng.rand(B, T) > 0.2
+    valid[1, :5] = False  # a left-padded row
+    mask = np.tril(np.ones((T, T), bool))[None] & valid[:, None, :]
+    return q, k, v, jnp.asarray(mask)
+
+
+@pytest.mark.parametrize("H,KV", [(4, 4), (4, 2), (6, 2)])
+@pytest.mark.parametrize("chunk", [4, 8, 6])  # 6: queries and keys padded to 18
+def test_causal_chunked_equals_dense_values_and_gradients(H, KV, chunk):
+    """Causal tiling skips the key chunks after each query tile and still equals dense attention at every query
+    that has a valid key (the only outputs anything reads), in values and in all three gradients."""
+    q, k, v, mask = causal_inputs(H=H, KV=KV)
+    seen = np.asarray(mask.any(-1))  # [B, T]: queries with at least one valid key
+    assert not seen.all()
+    got = chunked_attention(q, k, v, mask, chunk, causal=True)
+    np.testing.assert_allclose(np.asarray(got)[seen], np.asarray(attention(q, k, v, mask))[seen], atol=2e-6)
+    w = np.random.RandomState(1).randn(*q.shape) * seen[:, :, None, None]  # the loss reads only seen queries
+    w = jnp.asarray(w, jnp.float32)
+
+    def grads(fn):
+        return jax.grad(lambda q, k, v: jnp.sum(w * fn(q, k, v)), argnums=(0, 1, 2))(q, k, v)
+
+    dense = grads(lambda q, k, v: attention(q, k, v, mask))
+    causal = grads(lambda q, k, v: chunked_attention(q, k, v, mask, chunk, causal=True))
+    for name, a, b in zip("qkv", causal, dense, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5, err_msg=f"d{name}")
+
+
+def test_causal_tiling_skips_the_chunks_after_each_tile(monkeypatch):
+    """Blocks scored, counted at run time: causal tiling visits n(n+1)/2 (tile, chunk) blocks in the forward and
+    as many again in the backward's recompute, where the non-causal path scores all n chunks for every query."""
+    q, k, v, mask = causal_inputs(T=32)
+    n = 32 // 4
+    visits = []
+    scores = attention_module._scores
+
+    def counted(*args):
+        jax.debug.callback(lambda: visits.append(1))
+        return scores(*args)
+
+    monkeypatch.setattr(attention_module, "_scores", counted)
+    jax.block_until_ready(chunked_attention(q, k, v, mask, 4, causal=True))
+    assert len(visits) == n * (n + 1) // 2
+    visits.clear()
+    jax.block_until_ready(jax.grad(lambda q: chunked_attention(q, k, v, mask, 4, causal=True).sum())(q))
+    assert len(visits) == 2 * n * (n + 1) // 2
+    visits.clear()
+    jax.block_until_ready(chunked_attention(q, k, v, mask, 4))
+    assert len(visits) == n
+
+
+def test_causal_needs_aligned_queries_and_keys():
+    q, k, v, mask = inputs(T=12, S=16)
+    with pytest.raises(ValueError, match="as many queries as keys"):
+        chunked_attention(q, k, v, mask, 4, causal=True)
 
 
 def test_chunked_bf16_close_to_dense_fp32():
@@ -71,6 +133,8 @@ def test_chunked_gradient_needs_a_fraction_of_the_dense_memory():
 
     dense = temp_bytes(attention)
     chunked = temp_bytes(lambda q, k, v, m: chunked_attention(q, k, v, m, chunk))
+    causal = temp_bytes(lambda q, k, v, m: chunked_attention(q, k, v, m, chunk, causal=True))
     scores = B * H * T * T * 4
     assert dense >= scores, (dense, scores)  # at least one full score tensor
     assert chunked < dense / 4, (chunked, dense)
+    assert causal < dense / 4, (causal, dense)  # query tiles: [heads, chunk, chunk] blocks

@@ -32,24 +32,37 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.reshape(B, T, H, D)
 
 
-def multi_token_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, chunk: int = 0) -> jax.Array:
-    """`chunked_attention` when there are more than `chunk` > 0 keys, else dense."""
+def multi_token_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, chunk: int = 0,
+                          causal: bool = False) -> jax.Array:
+    """`chunked_attention` when there are more than `chunk` > 0 keys, else dense. `causal`: see there."""
     if chunk < 0:
         raise ValueError(f"model.attention_chunk must be >= 0 (0 = dense attention), got {chunk}")
     if 0 < chunk < k.shape[1]:
-        return chunked_attention(q, k, v, mask, chunk)
+        return chunked_attention(q, k, v, mask, chunk, causal)
     return attention(q, k, v, mask)
 
 
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, chunk: int) -> jax.Array:
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, chunk: int,
+                      causal: bool = False) -> jax.Array:
     """Same result as `attention`, holding O(T * chunk) scores per head instead of O(T * S). Keys are padded to
-    a multiple of `chunk`; a padded key scores -inf, below even a masked one, so it never takes part."""
+    a multiple of `chunk`; a padded key scores -inf, below even a masked one, so it never takes part.
+
+    `causal=True` promises that queries and keys are the same slots (T == S) and that `mask` never lets a query
+    see a later slot. Queries are then taken a tile of `chunk` at a time and each tile visits only the key chunks
+    at or before it, about half the work at long lengths, forward and backward. The one difference from dense:
+    a query with no valid key at all (a pad) averages the values of the chunks its tile visits, not of every
+    key; such an output is never attended to, so valid positions see identical results."""
     S = k.shape[1]
     pad = -S % chunk
+    if causal and q.shape[1] != S:
+        raise ValueError(f"causal chunked attention needs as many queries as keys, got {q.shape[1]} and {S}")
     if pad:
         k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (k, v))
-        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad)))
-    return _chunked_attention(q, k, v, mask, chunk, S if pad else None)
+        mask = jnp.pad(mask, ((0, 0), (0, pad if causal else 0), (0, pad)))
+    if not causal:
+        return _chunked_attention(q, k, v, mask, chunk, S if pad else None)
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else q
+    return _causal_chunked_attention(q, k, v, mask, chunk, S if pad else None)[:, :S]
 
 
 def _chunks(x: jax.Array, axis: int, chunk: int) -> jax.Array:
@@ -105,14 +118,29 @@ def _chunked_xs(k, v, mask, chunk):
     return jnp.arange(k.shape[1] // chunk), _chunks(k, 1, chunk), _chunks(v, 1, chunk), _chunks(mask, 2, chunk)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _chunked_attention(q, k, v, mask, chunk: int, n_keys: int | None):
-    return _forward(q, k, v, mask, chunk, n_keys)[0]
+def _block_grads(qg, kc, vc, mc, j, n_keys, m, inv_denom, do, delta):
+    """One (query tile, key chunk j) block of the backward: probabilities recomputed from the saved (m, 1/denom),
+    then (dq for the tile [B, T, KV, G, D], dk and dv for the chunk [B, C, KV, D]), all fp32."""
+    p = jnp.exp(_scores(qg, kc, mc, j, n_keys) - m[..., None]) * inv_denom[..., None]  # [B, KV, G, T, C]
+    dv = jnp.einsum("bkgtc,bkgtd->bckd", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bkgtd,bckd->bkgtc", do, vc, preferred_element_type=jnp.float32)
+    ds = jnp.where(mc[:, None, None], p * (dp - delta[..., None]), 0.0)  # no gradient through a masked score
+    dq = jnp.einsum("bkgtc,bckd->btkgd", ds.astype(kc.dtype), kc, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bkgtc,btkgd->bckd", ds.astype(qg.dtype), qg, preferred_element_type=jnp.float32)
+    return dq, dk, dv
 
 
-def _fwd(q, k, v, mask, chunk, n_keys):
-    out, stats = _forward(q, k, v, mask, chunk, n_keys)
-    return out, (q, k, v, mask, out, stats)
+def _bwd_inputs(q, k, out, d_out):
+    """(pre-scaled grouped queries [B, T, KV, G, D], dO [B, KV, G, T, D], delta [B, KV, G, T], scale)."""
+    B, T, H, D = q.shape
+    KV = k.shape[2]
+    G = H // KV
+    scale = 1.0 / math.sqrt(D)
+    qg = (q.reshape(B, T, KV, G, D).astype(jnp.float32) * scale).astype(q.dtype)
+    do = jnp.moveaxis(d_out.reshape(B, T, KV, G, D), 1, 3)
+    # sum_d dO * O: the softmax Jacobian's correction term, per query
+    delta = jnp.sum(do.astype(jnp.float32) * jnp.moveaxis(out.reshape(B, T, KV, G, D), 1, 3), axis=-1)
+    return qg, do, delta, scale
 
 
 def _bwd(chunk, n_keys, res, d_out):
@@ -120,21 +148,12 @@ def _bwd(chunk, n_keys, res, d_out):
     B, T, H, D = q.shape
     KV = k.shape[2]
     G = H // KV
-    scale = 1.0 / math.sqrt(D)
-    qg = (q.reshape(B, T, KV, G, D).astype(jnp.float32) * scale).astype(q.dtype)
-    do = jnp.moveaxis(d_out.reshape(B, T, KV, G, D), 1, 3)  # [B, KV, G, T, D]
-    # sum_d dO * O: the softmax Jacobian's correction term, per query
-    delta = jnp.sum(do.astype(jnp.float32) * jnp.moveaxis(out.reshape(B, T, KV, G, D), 1, 3), axis=-1)
+    qg, do, delta, scale = _bwd_inputs(q, k, out, d_out)
 
     def body(dq, xs):
         j, kc, vc, mc = xs
-        p = jnp.exp(_scores(qg, kc, mc, j, n_keys) - m[..., None]) * inv_denom[..., None]  # [B, KV, G, T, C]
-        dv = jnp.einsum("bkgtc,bkgtd->bckd", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
-        dp = jnp.einsum("bkgtd,bckd->bkgtc", do, vc, preferred_element_type=jnp.float32)
-        ds = jnp.where(mc[:, None, None], p * (dp - delta[..., None]), 0.0)  # no gradient through a masked score
-        dq = dq + jnp.einsum("bkgtc,bckd->btkgd", ds.astype(kc.dtype), kc, preferred_element_type=jnp.float32)
-        dk = jnp.einsum("bkgtc,btkgd->bckd", ds.astype(qg.dtype), qg, preferred_element_type=jnp.float32)
-        return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
+        dq_j, dk, dv = _block_grads(qg, kc, vc, mc, j, n_keys, m, inv_denom, do, delta)
+        return dq + dq_j, (dk.astype(k.dtype), dv.astype(v.dtype))
 
     dq, (dk, dv) = jax.lax.scan(body, jnp.zeros((B, T, KV, G, D), jnp.float32), _chunked_xs(k, v, mask, chunk))
     dq = (dq * scale).reshape(B, T, H, D).astype(q.dtype)
@@ -142,4 +161,85 @@ def _bwd(chunk, n_keys, res, d_out):
     return dq, unchunk(dk), unchunk(dv), None
 
 
-_chunked_attention.defvjp(_fwd, _bwd)
+
+
+# ---- causal: query tiles visit only the key chunks at or before them ----------------------------------------------
+def _causal_forward(q, k, v, mask, chunk, n_keys):
+    B, T, H, D = q.shape  # T == S, a multiple of chunk
+    KV = k.shape[2]
+    G = H // KV
+    C = chunk
+    qg = (q.reshape(B, T, KV, G, D).astype(jnp.float32) / math.sqrt(D)).astype(q.dtype)
+
+    def tile(xs):
+        i, qi, mi = xs  # qi [B, C, KV, G, D]; mi [B, C, S]: this tile's rows of the mask
+
+        def body(j, carry):
+            kc, vc = (jax.lax.dynamic_slice_in_dim(x, j * C, C, axis=1) for x in (k, v))
+            mc = jax.lax.dynamic_slice_in_dim(mi, j * C, C, axis=2)
+            return online_softmax_step(*carry, _scores(qi, kc, mc, j, n_keys), vc, "bkgtc,bckd->bkgtd")
+
+        init = (jnp.full((B, KV, G, C), -jnp.inf, jnp.float32), jnp.zeros((B, KV, G, C), jnp.float32),
+                jnp.zeros((B, KV, G, C, D), jnp.float32))
+        m, denom, acc = jax.lax.fori_loop(0, i + 1, body, init)  # chunks j <= i only
+        inv_denom = 1.0 / denom
+        return jnp.moveaxis(acc * inv_denom[..., None], 3, 1), m, inv_denom  # [B, C, KV, G, D]
+
+    outs, m, inv_denom = jax.lax.map(tile, (jnp.arange(T // C), _chunks(qg, 1, C), _chunks(mask, 1, C)))
+    out = jnp.moveaxis(outs, 0, 1).reshape(B, T, H, D).astype(v.dtype)
+    untile = lambda x: jnp.moveaxis(x, 0, 3).reshape(B, KV, G, T)  # noqa: E731  [n, B, KV, G, C] -> [B, KV, G, T]
+    return out, (untile(m), untile(inv_denom))
+
+
+def _causal_bwd(chunk, n_keys, res, d_out):
+    """Key chunk j collects dk, dv from the query tiles i >= j; each tile's dq accumulates in place."""
+    q, k, v, mask, out, (m, inv_denom) = res
+    B, T, H, D = q.shape
+    KV = k.shape[2]
+    G = H // KV
+    C = chunk
+    qg, do, delta, scale = _bwd_inputs(q, k, out, d_out)
+    rows = lambda x, i: jax.lax.dynamic_slice_in_dim(x, i * C, C, axis=3)  # noqa: E731  query tile of [B,KV,G,T..]
+
+    def key_chunk(dq, xs):
+        j, kc, vc = xs
+
+        def body(i, carry):
+            dq, dk, dv = carry
+            qi = jax.lax.dynamic_slice_in_dim(qg, i * C, C, axis=1)
+            mc = jax.lax.dynamic_slice(mask, (0, i * C, j * C), (B, C, C))
+            dq_i, dk_i, dv_i = _block_grads(qi, kc, vc, mc, j, n_keys, rows(m, i), rows(inv_denom, i), rows(do, i),
+                                            rows(delta, i))
+            dq = jax.lax.dynamic_update_slice_in_dim(dq, jax.lax.dynamic_slice_in_dim(dq, i * C, C, 1) + dq_i,
+                                                     i * C, axis=1)
+            return dq, dk + dk_i, dv + dv_i
+
+        zeros = jnp.zeros((B, C, KV, D), jnp.float32)
+        dq, dk, dv = jax.lax.fori_loop(j, T // C, body, (dq, zeros, zeros))  # tiles i >= j only
+        return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
+
+    dq, (dk, dv) = jax.lax.scan(key_chunk, jnp.zeros((B, T, KV, G, D), jnp.float32),
+                                (jnp.arange(T // C), _chunks(k, 1, C), _chunks(v, 1, C)))
+    dq = (dq * scale).reshape(B, T, H, D).astype(q.dtype)
+    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(k.shape)  # noqa: E731  [n, B, C, KV, D] -> [B, S, KV, D]
+    return dq, unchunk(dk), unchunk(dv), None
+
+
+def _flash(forward, backward):
+    """A custom-VJP attention(q, k, v, mask, chunk, n_keys) from `forward` -> (out, softmax stats) and
+    `backward(chunk, n_keys, residuals, d_out)`: the residuals are the inputs, the output and the stats only."""
+
+    @partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+    def fn(q, k, v, mask, chunk: int, n_keys: int | None):
+        return forward(q, k, v, mask, chunk, n_keys)[0]
+
+    def fwd(q, k, v, mask, chunk, n_keys):
+        out, stats = forward(q, k, v, mask, chunk, n_keys)
+        return out, (q, k, v, mask, out, stats)
+
+    fn.defvjp(fwd, backward)
+    return fn
+
+
+_chunked_attention = _flash(_forward, _bwd)
+_causal_chunked_attention = _flash(_causal_forward, _causal_bwd)

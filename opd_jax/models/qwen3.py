@@ -205,8 +205,8 @@ class Qwen3(nnx.Module):
                 kc = write_keys(kc, i, k, cache.index)
                 vc = jax.lax.dynamic_update_slice(
                     vc, jnp.swapaxes(v, 1, 2)[None].astype(vc.dtype), (i, 0, 0, cache.index, 0))
-            if local:  # no cache, or a prefill into an empty one
-                o = multi_token_attention(q, k, v, mask, c.attention_chunk)
+            if local:  # no cache, or a prefill into an empty one: slot-aligned and causal
+                o = multi_token_attention(q, k, v, mask, c.attention_chunk, causal=True)
             elif T == 1:  # decode: only the filled blocks, straight from the stacked cache
                 o = one_token_attention(q, kc, vc, i, key_valid, cache.index + 1,
                                         cpu_kernel=c.cpu_decode_kernel and (mesh is None or mesh.size == 1))
