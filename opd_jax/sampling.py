@@ -54,22 +54,28 @@ class SamplingParams:
 
 
 TOP_K_CAP = 64  # static: a traced top_k in [1, TOP_K_CAP] takes a partial sort (lax.top_k), not a full one
+TOP_P_CANDIDATES = 1024  # static: top-p alone first looks for its nucleus among this many largest logits
 
 
-def truncate_logits(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, cap: int = TOP_K_CAP) -> jax.Array:
+def truncate_logits(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, cap: int = TOP_K_CAP,
+                    p_cap: int = TOP_P_CANDIDATES) -> jax.Array:
     """Mask logits outside top-k, then outside the top-p nucleus of the top-k renormalized distribution
     (the order HF applies them). Ties at the threshold are kept.
 
-    The kept set lies inside the top-k, so when 0 < top_k <= cap only the `cap` largest logits are sorted
-    (`lax.top_k`): at a 152k vocabulary a full sort at every decode step is the expensive part of sampling.
-    Top-p alone, or a top_k above `cap`, sorts the whole vocabulary. Both paths give the same result."""
+    At a 152k vocabulary a full sort at every decode step is the expensive part of sampling, so two exact
+    shortcuts come first. The kept set lies inside the top-k, so when 0 < top_k <= cap only the `cap` largest
+    logits are sorted (`lax.top_k`). Top-p alone takes the `p_cap` largest logits and their probabilities under
+    the whole vocabulary: if, in every row, they hold at least top_p of the mass, the nucleus ends among them.
+    Otherwise (a flat distribution), or for a top_k above `cap`, the whole vocabulary is sorted. Every path gives
+    the same result; `cap` or `p_cap` 0 turns its shortcut off."""
     V = scaled.shape[-1]
-    cap = min(cap, V)
+    cap, p_cap = min(cap, V), min(p_cap, V)
 
-    def threshold(desc: jax.Array, k: jax.Array) -> jax.Array:  # desc: [B, n] descending -> [B, 1]
+    def threshold(desc: jax.Array, k: jax.Array, probs: jax.Array | None = None) -> jax.Array:
+        """desc [B, n] descending -> the cut [B, 1]. probs: desc's probabilities (default: softmax of its top k)."""
         rank = jnp.arange(desc.shape[-1])
-        desc_k = jnp.where(rank < k, desc, -jnp.inf)
-        probs = jax.nn.softmax(desc_k, axis=-1)
+        if probs is None:
+            probs = jax.nn.softmax(jnp.where(rank < k, desc, -jnp.inf), axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above this rank
         keep = (rank < k) & ((before < top_p) | (rank == 0))
         n_keep = jnp.sum(keep, axis=-1, keepdims=True)
@@ -78,11 +84,22 @@ def truncate_logits(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, cap: 
     def full(s: jax.Array) -> jax.Array:
         return threshold(-jnp.sort(-s, axis=-1), jnp.where(top_k > 0, jnp.minimum(top_k, V), V))
 
+    def top_p_alone(s: jax.Array) -> jax.Array:
+        desc = jax.lax.top_k(s, p_cap)[0]
+        probs = jnp.exp(desc - jax.nn.logsumexp(s, axis=-1, keepdims=True))
+        covered = jnp.all(jnp.sum(probs, axis=-1) >= top_p)
+        return jax.lax.cond(covered, lambda: threshold(desc, p_cap, probs), lambda: full(s))
+
+    def not_top_k(s: jax.Array) -> jax.Array:  # top-k off (top-p alone), or a top_k above cap
+        if 0 < p_cap < V:
+            return jax.lax.cond(top_k <= 0, top_p_alone, full, s)
+        return full(s)
+
     if cap > 0:
         cut = jax.lax.cond((top_k > 0) & (top_k <= cap), lambda s: threshold(jax.lax.top_k(s, cap)[0], top_k),
-                           full, scaled)
+                           not_top_k, scaled)
     else:
-        cut = full(scaled)
+        cut = not_top_k(scaled)
     return jnp.where(scaled >= cut, scaled, -jnp.inf)
 
 

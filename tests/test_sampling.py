@@ -311,6 +311,25 @@ def test_partial_sort_top_k_equals_full_sort(k, p):
     assert (np.isfinite(np.asarray(got)).sum(-1) >= 1).all()
 
 
+@pytest.mark.parametrize("scale,p", [(5.0, 0.9), (5.0, 0.99), (8.0, 0.5), (1.0, 0.9), (0.0, 0.7)])
+def test_top_p_alone_candidates_equal_full_sort(scale, p):
+    """Top-p alone looks for the nucleus among the largest `p_cap` logits first and falls back to the full sort
+    when they hold less than top_p of the mass (scale 1 and the all-tied scale 0 here): same kept set either
+    way, ties included."""
+    rng = np.random.default_rng(0)
+    logits = np.round(scale * rng.normal(size=(4, 2000)), 1).astype(np.float32)  # many ties
+    logits[2] = np.round(scale * rng.normal(size=2000) * 1.5, 1)  # one row peakier than the rest
+    logits = jnp.asarray(logits)
+    fn = jax.jit(truncate_logits, static_argnames=("cap", "p_cap"))
+    got = fn(logits, jnp.int32(0), jnp.float32(p), cap=64, p_cap=128)
+    want = fn(logits, jnp.int32(0), jnp.float32(p), cap=0, p_cap=0)  # always the full sort
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    kept = np.isfinite(np.asarray(got)).sum(-1)
+    assert (kept >= 1).all()
+    if scale == 0.0:
+        assert (kept == 2000).all()  # all tied: the cut keeps every tie
+
+
 def test_choose_tokens_greedy():
     toks, lp, slp = draw(SamplingParams.create(greedy=True, top_k=3, top_p=0.5))
     assert (toks == fixed_logits().argmax()).all()
