@@ -254,7 +254,9 @@ def train_flops(
     lm_head on N positions per sequence only, e.g. the completion. LoRA (rank > 0): frozen base matmuls and
     lm_head need dX only (2x), adapters 3x. Attention has no weights; its backward is 2x forward either way.
     remat (default cfg.remat): "full" re-runs each layer's forward in the backward (+1x layers, not lm_head);
-    "dots" saves matmul outputs, so no matmul FLOPs are recomputed. Pass remat="none" for model FLOPs (MFU).
+    "dots" saves matmul outputs, so no matmul FLOPs are recomputed. Chunked attention (cfg.attention_chunk below
+    seq_len) recomputes each block's scores in its backward: +0.5x attention (the Q.K^T half). Pass
+    remat="none" for model FLOPs (MFU): no recomputation of either kind.
     """
     cfg = resolve_model_config(cfg)
     fwd = forward_flops_breakdown(
@@ -271,6 +273,8 @@ def train_flops(
     total = frozen_mult * (fwd["matmul"] + fwd["lm_head"]) + 3.0 * (fwd["lora"] + fwd["attention"])
     if (cfg.remat if remat is None else remat) == "full":
         total += fwd["matmul"] + fwd["lora"] + fwd["attention"]
+    if remat != "none" and 0 < cfg.attention_chunk < seq_len:
+        total += 0.5 * fwd["attention"]
     return total
 
 

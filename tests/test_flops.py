@@ -113,6 +113,12 @@ def test_train_flops_multipliers() -> None:
     assert F.train_flops(cfg, 2, 512) == pytest.approx(3 * fwd)
     assert F.train_flops(dataclasses.replace(cfg, remat="full"), 2, 512) > 3 * fwd
     assert F.train_flops(dataclasses.replace(cfg, remat="full"), 2, 512, remat="none") == pytest.approx(3 * fwd)
+    # chunked attention's backward recomputes Q.K^T: half the forward's attention FLOPs again (hardware FLOPs)
+    attn = F.forward_flops_breakdown(cfg, 2, 512)["attention"]
+    chunked = dataclasses.replace(cfg, attention_chunk=128)
+    assert F.train_flops(chunked, 2, 512) == pytest.approx(3 * fwd + 0.5 * attn)
+    assert F.train_flops(chunked, 2, 512, remat="none") == pytest.approx(3 * fwd)
+    assert F.train_flops(chunked, 2, 128) == pytest.approx(F.train_flops(cfg, 2, 128))  # one chunk: dense
     lora = F.train_flops(cfg, 2, 512, lora_rank=128)
     assert 2 * fwd < lora < 3 * fwd  # frozen base: no weight gradients
     assert F.train_flops(cfg, 2, 512, lm_head_tokens=256) < 3 * fwd
