@@ -317,10 +317,12 @@ def one_token_attention(
     cpu_kernel: bool,
 ) -> jax.Array:
     """`decode_attention`, run by the CPU kernel (`opd_jax.kernels.cpu`) if `cpu_kernel` (the caller promises one
-    device: the kernel reads whole buffers), the kernel is built, the cache is fp32 and the program is lowered
-    for a CPU; the pure-JAX path everywhere else. A TPU or GPU lowering keeps only the pure-JAX branch."""
+    device: the kernel reads whole buffers), the host's default backend is the CPU (a GPU or TPU host never
+    builds it), the kernel is built, the cache is fp32 and the program is lowered for a CPU; the pure-JAX path
+    everywhere else. A TPU or GPU lowering keeps only the pure-JAX branch."""
     args = (q, kc, vc, layer, valid, n_filled)
-    if cpu_kernel and kc.dtype == jnp.float32 and vc.dtype == jnp.float32 and cpu_kernels.available():
+    if (cpu_kernel and jax.default_backend() == "cpu" and kc.dtype == jnp.float32 and vc.dtype == jnp.float32
+            and cpu_kernels.available()):
         return jax.lax.platform_dependent(*args, cpu=cpu_kernels.decode_attention, default=decode_attention)
     return decode_attention(*args)
 
