@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from opd_jax.models import attention as attention_module
 from opd_jax.models.attention import attention, chunked_attention, multi_token_attention
@@ -89,6 +91,24 @@ def test_causal_tiling_skips_the_chunks_after_each_tile(monkeypatch):
     visits.clear()
     jax.block_until_ready(chunked_attention(q, k, v, mask, 4))
     assert len(visits) == n
+
+
+def test_causal_chunked_sharded_equals_unsharded():
+    """Batch over one mesh axis and KV heads over another: values and gradients as on one device."""
+    q, k, v, mask = causal_inputs(B=2, H=4, KV=2)
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("fsdp", "tensor"))
+    heads, rows = NamedSharding(mesh, P("fsdp", None, "tensor", None)), NamedSharding(mesh, P("fsdp"))
+    w = jnp.asarray(np.random.RandomState(2).randn(*q.shape) * np.asarray(mask.any(-1))[:, :, None, None],
+                    jnp.float32)
+
+    def loss(q, k, v, mask, w):
+        return jnp.sum(w * chunked_attention(q, k, v, mask, 4, causal=True))
+
+    fn = jax.value_and_grad(loss, argnums=(0, 1, 2))
+    want = jax.jit(fn)(q, k, v, mask, w)
+    got = jax.jit(fn, in_shardings=(heads, heads, heads, rows, heads))(q, k, v, mask, w)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
 
 
 def test_causal_needs_aligned_queries_and_keys():

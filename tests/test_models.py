@@ -338,6 +338,9 @@ def test_sharded_load_and_forward(tmp_path, mesh_cfg):
     tokens, mask = batch(b=4)
     sharded = our_logits(cfg, params, tokens, mask, mesh=mesh)
     assert maxdiff(sharded, our_logits(cfg, ref, tokens, mask), mask) <= 1e-5
+    # causal chunked attention (10 tokens in tiles of 4) under the same shardings
+    chunked = our_logits(dataclasses.replace(cfg, attention_chunk=4), params, tokens, mask, mesh=mesh)
+    assert maxdiff(chunked, sharded, mask) <= 1e-5
 
 
 # ---- dtypes ----------------------------------------------------------------------------------------------
