@@ -79,3 +79,17 @@ def test_mini_reasoning_end_to_end(tmp_path, monkeypatch):
     assert len(kl) == 12
     first, last = sum(kl[:4]) / 4, sum(kl[-4:]) / 4
     assert last < first, kl
+
+
+def test_prep_key_ignores_how_a_cpu_runs_decode():
+    """The prepared-model cache is keyed by what the models compute: the CPU decode-kernel switch (which changes
+    only how XLA:CPU runs a step) keeps the key, so caches made before the field existed stay valid."""
+    from experiments.mini_reasoning.common import prep_key
+    from opd_jax.config import load_config
+
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "mini_reasoning", "base.yaml"), [])
+    key, teacher_key = prep_key(cfg, {"seed": 0}), prep_key(cfg, {"seed": 0}, teacher_only=True)
+    cfg.student.cpu_decode_kernel = cfg.teachers[0].model.cpu_decode_kernel = False
+    assert prep_key(cfg, {"seed": 0}) == key and prep_key(cfg, {"seed": 0}, teacher_only=True) == teacher_key
+    cfg.student.num_layers += 1
+    assert prep_key(cfg, {"seed": 0}) != key and prep_key(cfg, {"seed": 0}, teacher_only=True) == teacher_key

@@ -40,6 +40,8 @@ def prep_key(cfg: ExperimentConfig, prep: dict, *, teacher_only: bool = False) -
     t = copy.deepcopy(d["teachers"][0]["model"])
     s = copy.deepcopy(d["student"])
     t["hf_path"] = s["hf_path"] = None
+    for m in (t, s):  # how a CPU runs decode, not what the model computes: caches made before it stay valid
+        m.pop("cpu_decode_kernel", None)
     blob = {"teacher": t, "data": d["data"]["source"], "eval": d["eval"]["source"],
             "sampling": [d["sampling"]["max_prompt_len"], d["sampling"]["max_new_tokens"]], "prep": prep}
     if teacher_only:
