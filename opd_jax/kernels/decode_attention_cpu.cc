@@ -12,8 +12,8 @@
 //   out    f32 [B, KV, G, D]
 // A row with no valid filled slot gets zeros, as the JAX path does.
 #include <algorithm>
-#include <bit>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>

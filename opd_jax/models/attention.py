@@ -7,6 +7,8 @@ teacher. `chunked_attention` walks the keys `chunk` at a time with an online sof
 and the softmax statistics and recomputes each block's probabilities in the backward (the FlashAttention recurrences,
 written in plain JAX so every backend compiles it). Both take the same boolean mask and give the same result:
 a query row with no valid key averages every value, exactly as a softmax over `finfo.min` scores does.
+With `causal=True` (self-attention over the same slots, as in training, teacher scoring and prefill) the queries
+go a tile at a time and each tile skips the key chunks after it: about half the blocks, forward and backward.
 """
 
 from __future__ import annotations
