@@ -26,15 +26,17 @@ P + N - 1 positions, with N lm_head positions.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from opd_jax.config.schema import ModelConfig
 from opd_jax.models.presets import resolve_model_config
+from opd_jax.models.weights import LAYER_WEIGHTS, MATRICES
 
 AttentionMode = Literal["causal", "dense"]
-LORA_TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+LORA_TARGETS: tuple[str, ...] = MATRICES
 
 
 @dataclass(frozen=True)
@@ -42,30 +44,48 @@ class Chip:
     name: str
     peak_flops: float  # bf16 dense peak FLOP/s per chip
     hbm_gb: float
+    hbm_bandwidth: float  # bytes/s: what a memory-bound step (decode) can at best stream
 
 
-# Peak bf16 FLOP/s and HBM per chip, from OPD_NOTES.md ("Chips").
+# Peak bf16 FLOP/s and HBM per chip: TPUs from OPD_NOTES.md ("Chips"), HBM bandwidths from Google Cloud's TPU
+# system-architecture pages (v4 1,228 GB/s, v5e 819, v5p 2,765, v6e 1,640); GPUs from NVIDIA's data sheets
+# (dense bf16 tensor-core peak; H200: 141 GB at 4.8 TB/s).
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("v4", 275e12, 32.0),
-    "v5e": Chip("v5e", 197e12, 16.0),
-    "v5p": Chip("v5p", 459e12, 95.0),
-    "v6e": Chip("v6e", 918e12, 32.0),
+    "v4": Chip("v4", 275e12, 32.0, 1228e9),
+    "v5e": Chip("v5e", 197e12, 16.0, 819e9),
+    "v5p": Chip("v5p", 459e12, 95.0, 2765e9),
+    "v6e": Chip("v6e", 918e12, 32.0, 1640e9),
+    "a100": Chip("a100", 312e12, 80.0, 2039e9),
+    "h100": Chip("h100", 989e12, 80.0, 3350e9),
+    "h200": Chip("h200", 989e12, 141.0, 4800e9),
+    "b200": Chip("b200", 2250e12, 180.0, 8000e9),
 }
+# XLA's fp32 matmul peak measured on the 2-core CPU dev host (OPD_NOTES.md, "CPU matmul speed"): a CPU "chip".
+CPU = Chip("cpu", 3.4e11, float("nan"), float("nan"))
+
+
+def chip_of(device) -> Chip | None:
+    """The `CHIPS` entry of a `jax.Device` (by its `device_kind`, e.g. "TPU v5p", "TPU v5 lite", "NVIDIA H200"),
+    `CPU` for a CPU device, None when unknown."""
+    kind = str(getattr(device, "device_kind", "")).lower().replace(" ", "").replace("lite", "e")
+    for name, chip in CHIPS.items():
+        if name in kind:
+            return chip
+    return CPU if getattr(device, "platform", "") == "cpu" else None
+
+
+def peak_flops_per_device(device) -> float:
+    """bf16 peak FLOP/s of one device, for MFU (NaN when unknown). `OPD_PEAK_FLOPS` overrides it."""
+    if "OPD_PEAK_FLOPS" in os.environ:
+        return float(os.environ["OPD_PEAK_FLOPS"])
+    chip = chip_of(device)
+    return chip.peak_flops if chip is not None else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------- parameter counts
 def _matrix_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) of each weight matrix of one layer."""
-    h, d = cfg.hidden_size, cfg.head_dim
-    return {
-        "q": (h, cfg.num_heads * d),
-        "k": (h, cfg.num_kv_heads * d),
-        "v": (h, cfg.num_kv_heads * d),
-        "o": (cfg.num_heads * d, h),
-        "gate": (h, cfg.intermediate_size),
-        "up": (h, cfg.intermediate_size),
-        "down": (cfg.intermediate_size, h),
-    }
+    """(in, out) of each weight matrix of one layer, from the model's weight table."""
+    return {name: LAYER_WEIGHTS[name].matrix(cfg) for name in MATRICES}
 
 
 def layer_matmul_params(cfg: ModelConfig) -> int:

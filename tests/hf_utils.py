@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from opd_jax.models.qwen3 import Qwen3, build_model
-from opd_jax.models.weight_mapping import GLOBAL_TENSORS, LAYER_TENSORS, config_from_hf, hf_to_ours, layer_slice_shape
+from opd_jax.models.weight_mapping import config_from_hf, params_from_hf
 
 
 def tiny_hf(seed: int = 0, **overrides) -> Qwen3ForCausalLM:
@@ -28,11 +27,6 @@ def ours_from_hf(hf: Qwen3ForCausalLM) -> Qwen3:
     sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     cfg = config_from_hf(hf.config.to_dict())
     m = build_model(cfg)
-    for lt in LAYER_TENSORS:
-        arr = np.stack([hf_to_ours(sd[lt.hf.format(i=i)], lt.linear, layer_slice_shape(lt.ours, cfg))
-                        for i in range(cfg.num_layers)])
-        getattr(m, lt.ours)[...] = jnp.asarray(arr)
-    for ours, (name, linear) in GLOBAL_TENSORS.items():
-        if getattr(m, ours) is not None:
-            getattr(m, ours)[...] = jnp.asarray(sd[name].T if linear else sd[name])
+    for name, arr in params_from_hf(sd, cfg).items():
+        getattr(m, name)[...] = jnp.asarray(arr)
     return m

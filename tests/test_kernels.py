@@ -13,7 +13,7 @@ import pytest
 from jax import export
 
 from opd_jax.kernels import cpu
-from opd_jax.models.qwen3 import decode_attention, one_token_attention, tile_keys
+from opd_jax.models.attention import decode_attention, one_token_attention, tile_keys
 
 
 def cache_and_query(L=2, B=3, KV=2, G=2, D=8, block=4, blocks=4, seed=0):

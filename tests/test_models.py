@@ -23,15 +23,9 @@ from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 from opd_jax.config.schema import LoRAConfig, MeshConfig
 from opd_jax.mesh import make_mesh
 from opd_jax.models import hf_io
-from opd_jax.models.attention import attention
+from opd_jax.models.attention import attention, decode_attention, tile_keys, untile_keys
 from opd_jax.models.hf_io import convert_main, export_hf, load_hf_config, load_hf_params, merge_lora
-from opd_jax.models.qwen3 import (
-    abstract_model,
-    decode_attention,
-    positions_from_mask,
-    tile_keys,
-    untile_keys,
-)
+from opd_jax.models.qwen3 import abstract_model, positions_from_mask
 from opd_jax.models.weight_mapping import hf_to_ours
 
 torch.set_num_threads(1)

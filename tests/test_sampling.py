@@ -26,7 +26,7 @@ from scipy.special import chdtrc
 from opd_jax.config.schema import MeshConfig
 from opd_jax.mesh import make_mesh
 from opd_jax.models.qwen3 import Qwen3, abstract_model, model_axes, positions_from_mask
-from opd_jax.models.weight_mapping import GLOBAL_TENSORS, LAYER_TENSORS, config_from_hf, hf_to_ours, layer_slice_shape
+from opd_jax.models.weight_mapping import config_from_hf, params_from_hf
 from opd_jax.sampling import (
     PromptTooLongError,
     SampleOutput,
@@ -67,13 +67,7 @@ def load_from_hf(hf) -> tuple[Any, dict, dict]:
     cfg = config_from_hf(hf.config.to_dict())
     graphdef, state = nnx.split(abstract_model(cfg))
     axes, shapes = model_axes(state), nnx.to_pure_dict(state)
-    params = {}
-    for lt in LAYER_TENSORS:
-        params[lt.ours] = np.stack([hf_to_ours(sd[lt.hf.format(i=i)], lt.linear, layer_slice_shape(lt.ours, cfg))
-                                    for i in range(cfg.num_layers)])
-    for ours, (name, linear) in GLOBAL_TENSORS.items():
-        if ours in shapes:
-            params[ours] = sd[name].T if linear else sd[name]
+    params = params_from_hf(sd, cfg)
     assert params.keys() == shapes.keys()
     for k, v in shapes.items():
         assert params[k].shape == v.shape, k

@@ -100,10 +100,10 @@ def available() -> bool:
 
 def decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, layer: jax.Array, valid: jax.Array,
                      n_filled: jax.Array) -> jax.Array:
-    """The kernel's twin of `models.qwen3.decode_attention` (same arguments; fp32 cache). q: [B, 1, H, D]."""
+    """The kernel's twin of `models.attention.decode_attention` (same arguments; fp32 cache). q: [B, 1, H, D]."""
     if not available():
         raise RuntimeError("opd_jax CPU kernels are unavailable here (see the logged reason, or OPD_JAX_CPU_KERNELS); "
-                           "use opd_jax.models.qwen3.decode_attention")
+                           "use opd_jax.models.attention.decode_attention")
     B, _, H, D = q.shape
     KV = kc.shape[2]
     qg = q.reshape(B, KV, H // KV, D).astype(jnp.float32) / jnp.sqrt(jnp.float32(D))

@@ -1,4 +1,9 @@
-"""Multi-token grouped-query attention: dense, and chunked over keys with a flash-style backward.
+"""All of the model's attention: multi-token grouped-query attention (dense, chunked with a flash-style backward,
+causal tiling), the KV cache and its layout, one-token decode attention, and the plan that picks among them.
+
+How a forward call attends is decided once per call (`plan_attention`) and applied by every layer (`attend`):
+self-attention among the call's tokens (training, teacher scoring, a prefill into an empty cache), one-token
+decode against the filled cache slots, or a chunk appended to a filled cache.
 
 Dense attention holds [batch, heads, T, S] fp32 scores (and probabilities, and their gradient in the backward):
 at a 5k-token OPD sequence that is ~3.4 GB per sequence per layer for Qwen3-8B, and twice that for a 64-head
@@ -9,15 +14,25 @@ written in plain JAX so every backend compiles it). Both take the same boolean m
 a query row with no valid key averages every value, exactly as a softmax over `finfo.min` scores does.
 With `causal=True` (self-attention over the same slots, as in training, teacher scoring and prefill) the queries
 go a tile at a time and each tile skips the key chunks after it: about half the blocks, forward and backward.
+
+Decode reads the stacked cache where it lies, a DECODE_BLOCK of slots at a time and only up to the filled length
+(`decode_attention`); on a single-device CPU program the XLA:CPU FFI kernel of `opd_jax.kernels` does the same
+work (`one_token_attention` picks it).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+from flax import struct
+from jax.sharding import Mesh
+
+from opd_jax.kernels import cpu as cpu_kernels
+from opd_jax.mesh import with_logical_constraint
 
 _NEG = jnp.finfo(jnp.float32).min  # a masked score: exp underflows to 0 unless the whole row is masked
 
@@ -245,3 +260,157 @@ def _flash(forward, backward):
 
 _chunked_attention = _flash(_forward, _bwd)
 _causal_chunked_attention = _flash(_causal_forward, _causal_bwd)
+
+
+# ---- the KV cache and one-token decode attention ---------------------------------------------------------------
+@struct.dataclass
+class KVCache:
+    """Preallocated attention cache. Rows are left-padded, so every row writes the same slot each step.
+    K is stored transposed within each DECODE_BLOCK of slots (head_dim before slots) and V slots-major, so
+    both one-token attention products over a block are plain row-major matrix products, and a block of either
+    is one contiguous run per (row, kv head), which is what a backend copies when it materializes the slice."""
+
+    k: jax.Array  # [layers, batch, kv_heads, blocks, head_dim, DECODE_BLOCK]
+    v: jax.Array  # [layers, batch, kv_heads, slots, head_dim]
+    valid: jax.Array  # [batch, slots] bool: slot holds a real (non-pad) token
+    index: jax.Array  # int32 scalar: next slot to write
+
+    @property
+    def max_len(self) -> int:
+        return self.v.shape[3]
+
+
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")  # the V cache; K uses K_CACHE_AXES
+K_CACHE_AXES = ("layers", "batch", "kv_heads", "cache_blocks", "head_dim", "cache_seq")
+DECODE_BLOCK = 64  # cache slots per block of one-token decode attention; the cache length is a multiple of it
+
+
+def init_cache(num_layers: int, batch: int, num_kv_heads: int, head_dim: int, max_len: int, dtype,
+               mesh: Mesh | None = None, rules=None) -> KVCache:
+    """An empty cache of at least `max_len` slots (rounded up to a multiple of DECODE_BLOCK; extra slots are never
+    valid), sharded by the logical axes CACHE_AXES / K_CACHE_AXES when a mesh is given."""
+    max_len = -(-max_len // DECODE_BLOCK) * DECODE_BLOCK
+    shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
+    k_shape = (*shape[:3], max_len // DECODE_BLOCK, head_dim, DECODE_BLOCK)
+    k = with_logical_constraint(jnp.zeros(k_shape, dtype), K_CACHE_AXES, mesh, rules)
+    v = with_logical_constraint(jnp.zeros(shape, dtype), CACHE_AXES, mesh, rules)
+    valid = with_logical_constraint(jnp.zeros((batch, max_len), bool), ("batch", "cache_seq"), mesh, rules)
+    return KVCache(k=k, v=v, valid=valid, index=jnp.zeros((), jnp.int32))
+
+
+def untile_keys(k: jax.Array) -> jax.Array:
+    """One layer's K cache [B, KV, blocks, D, block] -> [B, slots, KV, D]."""
+    B, KV, NB, D, BLK = k.shape
+    return jnp.transpose(k, (0, 2, 4, 1, 3)).reshape(B, NB * BLK, KV, D)
+
+
+def tile_keys(k: jax.Array, block: int = DECODE_BLOCK) -> jax.Array:
+    """[B, slots, KV, D] (slots a multiple of `block`) -> the cache's K layout [B, KV, blocks, D, block]."""
+    B, S, KV, D = k.shape
+    return jnp.transpose(k.reshape(B, S // block, block, KV, D), (0, 3, 1, 4, 2))
+
+
+def write_keys(kc: jax.Array, layer: jax.Array, k: jax.Array, index: jax.Array) -> jax.Array:
+    """Write new keys k [B, T, KV, D] at slots [index, index + T) of layer `layer` of the K cache."""
+    B, T, KV, D = k.shape
+    BLK = kc.shape[-1]
+    k = k.astype(kc.dtype)
+    if T == 1:  # decode: one slot of one block, in place
+        at = (layer, 0, 0, index // BLK, 0, index % BLK)
+        return jax.lax.dynamic_update_slice(kc, k[:, 0][None, :, :, None, :, None], at)
+    # prefill or a chunk: the write may span blocks, so rewrite this layer through the flat layout (once)
+    flat = jax.lax.dynamic_update_slice(untile_keys(kc[layer]), k, (0, index, 0, 0))
+    return jax.lax.dynamic_update_slice(kc, tile_keys(flat, BLK)[None], (layer, 0, 0, 0, 0, 0))
+
+
+def decode_attention(
+    q: jax.Array, kc: jax.Array, vc: jax.Array, layer: jax.Array, valid: jax.Array, n_filled: jax.Array,
+) -> jax.Array:
+    """One-token attention over the filled cache slots [0, n_filled) only, a block at a time (online softmax),
+    so a decode step costs O(current length), not O(cache length), and never copies a whole layer's K/V.
+    q: [B, 1, H, D]; kc: [layers, B, KV, S // block, D, block]; vc: [layers, B, KV, S, D]; valid: [B, S]."""
+    B, _, H, D = q.shape
+    KV, block = kc.shape[2], kc.shape[-1]
+    G = H // KV
+    qg = (q.reshape(B, KV, G, D).astype(jnp.float32) / math.sqrt(D)).astype(kc.dtype)
+
+    def body(j, carry):
+        start = j * block
+        kb = jax.lax.dynamic_slice(kc, (layer, 0, 0, j, 0, 0), (1, B, KV, 1, D, block))[0, :, :, 0]
+        vb = jax.lax.dynamic_slice(vc, (layer, 0, 0, start, 0), (1, B, KV, block, D))[0]
+        ok = jax.lax.dynamic_slice(valid, (0, start), (B, block)) & (start + jnp.arange(block) < n_filled)
+        s = jnp.einsum("bkgd,bkds->bkgs", qg, kb, preferred_element_type=jnp.float32)
+        s = jnp.where(ok[:, None, None], s, -jnp.inf)
+        return online_softmax_step(*carry, s, vb, "bkgs,bksd->bkgd")
+
+    init = (jnp.full((B, KV, G), -1e30, jnp.float32), jnp.zeros((B, KV, G), jnp.float32),
+            jnp.zeros((B, KV, G, D), jnp.float32))
+    _, denom, acc = jax.lax.fori_loop(0, (n_filled + block - 1) // block, body, init)
+    denom = jnp.where(denom > 0, denom, 1.0)  # a row with no valid key yields zeros, not NaN
+    return (acc / denom[..., None]).reshape(B, 1, H, D).astype(vc.dtype)
+
+
+def one_token_attention(
+    q: jax.Array, kc: jax.Array, vc: jax.Array, layer: jax.Array, valid: jax.Array, n_filled: jax.Array, *,
+    cpu_kernel: bool,
+) -> jax.Array:
+    """`decode_attention`, run by the CPU kernel (`opd_jax.kernels.cpu`) if `cpu_kernel` (the caller promises one
+    device: the kernel reads whole buffers), the host's default backend is the CPU (a GPU or TPU host never
+    builds it), the kernel is built, the cache is fp32 and the program is lowered for a CPU; the pure-JAX path
+    everywhere else. A TPU or GPU lowering keeps only the pure-JAX branch."""
+    args = (q, kc, vc, layer, valid, n_filled)
+    if (cpu_kernel and jax.default_backend() == "cpu" and kc.dtype == jnp.float32 and vc.dtype == jnp.float32
+            and cpu_kernels.available()):
+        return jax.lax.platform_dependent(*args, cpu=cpu_kernels.decode_attention, default=decode_attention)
+    return decode_attention(*args)
+
+
+# ---- how one forward call attends ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttentionPlan:
+    """How every layer of one forward call attends, decided once per call by `plan_attention`.
+
+    kind: "self" (no cache, or a prefill into an empty cache: the call's tokens attend to each other, causal and
+    slot-aligned), "decode" (one token against the filled cache slots) or "append" (a chunk of tokens against
+    a filled cache)."""
+
+    kind: str
+    mask: jax.Array | None  # [B, T, keys] bool ("self", "append"): causal over slots and never a pad slot
+    valid: jax.Array | None  # [B, S] bool: the cache's valid slots after this call's writes (cache kinds)
+    index: jax.Array | None  # int32: the first cache slot this call writes
+    chunk: int = 0  # model.attention_chunk: chunked attention over more keys than this
+    cpu_kernel: bool = False  # decode may use the XLA:CPU kernel (the caller promises one device)
+
+
+def plan_attention(token_mask: jax.Array, cache: KVCache | None, *, cache_empty: bool = False, chunk: int = 0,
+                   cpu_kernel: bool = False) -> AttentionPlan:
+    """The `AttentionPlan` of a call with tokens of `token_mask` [B, T] (False: a pad, never attended to)."""
+    T = token_mask.shape[1]
+    if cache is None or (cache_empty and T > 1):  # attend among this call's tokens only
+        slots = jnp.arange(T)
+        mask = (slots[None, None, :] <= slots[None, :, None]) & token_mask[:, None, :]
+        valid = None if cache is None else jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, cache.index))
+        return AttentionPlan("self", mask, valid, None if cache is None else cache.index, chunk, cpu_kernel)
+    valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, cache.index))
+    if T == 1:
+        return AttentionPlan("decode", None, valid, cache.index, chunk, cpu_kernel)
+    q_slot, k_slot = cache.index + jnp.arange(T), jnp.arange(cache.max_len)
+    mask = (k_slot[None, None, :] <= q_slot[None, :, None]) & valid[:, None, :]
+    return AttentionPlan("append", mask, valid, cache.index, chunk, cpu_kernel)
+
+
+def attend(plan: AttentionPlan, q: jax.Array, k: jax.Array, v: jax.Array, kc: jax.Array | None,
+           vc: jax.Array | None, layer: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """One layer's attention under `plan`: q [B, T, H, D], k and v [B, T, KV, D]. With a cache (kc, vc: the
+    stacked K and V caches), this call's keys and values are first written at slots [plan.index, plan.index + T)
+    of layer `layer`. Returns (output [B, T, H, D], kc, vc)."""
+    if kc is not None:
+        kc = write_keys(kc, layer, k, plan.index)
+        vc = jax.lax.dynamic_update_slice(vc, jnp.swapaxes(v, 1, 2)[None].astype(vc.dtype),
+                                          (layer, 0, 0, plan.index, 0))
+    if plan.kind == "self":
+        return multi_token_attention(q, k, v, plan.mask, plan.chunk, causal=True), kc, vc
+    if plan.kind == "decode":  # only the filled blocks, straight from the stacked cache
+        return one_token_attention(q, kc, vc, layer, plan.valid, plan.index + 1, cpu_kernel=plan.cpu_kernel), kc, vc
+    return multi_token_attention(q, untile_keys(kc[layer]), jnp.swapaxes(vc[layer], 1, 2), plan.mask,
+                                 plan.chunk), kc, vc

@@ -42,16 +42,9 @@ from safetensors.numpy import save_file
 
 from opd_jax.config.schema import LoRAConfig, MeshConfig, ModelConfig
 from opd_jax.mesh import make_mesh, named_sharding
-from opd_jax.models.qwen3 import _PROJ, abstract_model, model_axes
-from opd_jax.models.weight_mapping import (
-    GLOBAL_TENSORS,
-    LAYER_TENSORS,
-    config_from_hf,
-    config_to_hf,
-    hf_expected_names,
-    layer_slice_shape,
-    ours_to_hf,
-)
+from opd_jax.models.qwen3 import abstract_model, model_axes
+from opd_jax.models.weight_mapping import config_from_hf, config_to_hf, hf_expected_names, ours_to_hf
+from opd_jax.models.weights import GLOBAL_WEIGHTS, LAYER_WEIGHTS, weight
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -68,7 +61,6 @@ _ST_DTYPES = {
 # Checkpoint tensors we accept and ignore: old RoPE buffers, and a redundant lm_head when the config ties it
 # to the embedding (transformers also ignores both).
 _IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
-_LAYER_BY_NAME = {lt.ours: lt for lt in LAYER_TENSORS}
 
 
 # ---- reading safetensors -------------------------------------------------------------------------------
@@ -153,35 +145,20 @@ def _open_checkpoint(path: str | os.PathLike) -> Iterator[dict[str, _Tensor]]:
 
 
 # ---- layouts -------------------------------------------------------------------------------------------
-def _n_in(name: str) -> int:
-    """How many leading dims of our weight are the Linear's input (o_proj: heads and head_dim)."""
-    return _PROJ[name][1] if name in _PROJ else 1
+def _hf_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
+    """Shape of the HF tensor that holds one layer slice (or all) of our parameter `name`."""
+    w = weight(name)
+    return tuple(reversed(w.matrix(cfg))) if w.linear else w.shape(cfg)  # torch Linear: [out, in]
 
 
-def _our_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
-    """Shape of one HF tensor's worth of our parameter (one layer slice for stacked weights)."""
-    if name in _LAYER_BY_NAME:
-        return layer_slice_shape(name, cfg)
-    return {"embed": (cfg.vocab_size, cfg.hidden_size), "final_norm": (cfg.hidden_size,),
-            "lm_head": (cfg.hidden_size, cfg.vocab_size)}[name]
-
-
-def _hf_shape(name: str, linear: bool, cfg: ModelConfig) -> tuple[int, ...]:
-    ours = _our_shape(name, cfg)
-    if not linear:
-        return ours
-    k = _n_in(name)
-    return (math.prod(ours[k:]), math.prod(ours[:k]))  # torch Linear: [out, in]
-
-
-def _hf_entries(cfg: ModelConfig) -> list[tuple[str, str, int | None, bool]]:
-    """(our name, HF name, layer or None, is Linear) for every HF tensor, in HF's usual file order."""
-    out: list[tuple[str, str, int | None, bool]] = [("embed", GLOBAL_TENSORS["embed"][0], None, False)]
+def _hf_entries(cfg: ModelConfig) -> list[tuple[str, str, int | None]]:
+    """(our name, HF name, layer or None) for every HF tensor, in HF's usual file order."""
+    out: list[tuple[str, str, int | None]] = [("embed", GLOBAL_WEIGHTS["embed"].hf, None)]
     for i in range(cfg.num_layers):
-        out += [(lt.ours, lt.hf.format(i=i), i, lt.linear) for lt in LAYER_TENSORS]
-    out.append(("final_norm", GLOBAL_TENSORS["final_norm"][0], None, False))
+        out += [(name, w.hf.format(i=i), i) for name, w in LAYER_WEIGHTS.items()]
+    out.append(("final_norm", GLOBAL_WEIGHTS["final_norm"].hf, None))
     if not cfg.tie_embeddings:
-        out.append(("lm_head", GLOBAL_TENSORS["lm_head"][0], None, True))
+        out.append(("lm_head", GLOBAL_WEIGHTS["lm_head"].hf, None))
     return out
 
 
@@ -242,12 +219,12 @@ def _validate(tensors: Mapping[str, _Tensor], cfg: ModelConfig, where: str) -> N
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ValueError(f"HF checkpoint {where}: missing tensor {missing[0]!r}{more}")
-    tolerated = {GLOBAL_TENSORS["lm_head"][0]} if cfg.tie_embeddings else set()
+    tolerated = {GLOBAL_WEIGHTS["lm_head"].hf} if cfg.tie_embeddings else set()
     for name, t in sorted(tensors.items()):
         if name not in expected and name not in tolerated and not _IGNORED.match(name):
             raise ValueError(f"HF checkpoint: unexpected tensor {name!r} in {t.where}")
-    for ours, hf_name, _, linear in _hf_entries(cfg):
-        t, want = tensors[hf_name], _hf_shape(ours, linear, cfg)
+    for ours, hf_name, _ in _hf_entries(cfg):
+        t, want = tensors[hf_name], _hf_shape(ours, cfg)
         if t.shape != want:
             raise ValueError(f"HF checkpoint: tensor {hf_name!r} in {t.where} has shape {t.shape}, "
                              f"expected {want} for this config")
@@ -286,15 +263,13 @@ def _load_param(
     name: str, shape: tuple[int, ...], tensors: Mapping[str, _Tensor], cfg: ModelConfig, sharding: Sharding,
     target: np.dtype,
 ) -> jax.Array:
-    lt = _LAYER_BY_NAME.get(name)
-    if lt is not None:
-        sources, linear = [tensors[lt.hf.format(i=i)] for i in range(cfg.num_layers)], lt.linear
-    elif name in GLOBAL_TENSORS:
-        hf_name, linear = GLOBAL_TENSORS[name]
-        sources = [tensors[hf_name]]
-    else:
-        raise ValueError(f"load_hf_params: model parameter {name!r} has no HF mapping")
-    n_in = _n_in(name)
+    try:
+        w = weight(name)
+    except KeyError:
+        raise ValueError(f"load_hf_params: model parameter {name!r} has no HF mapping") from None
+    stacked = name in LAYER_WEIGHTS
+    sources = [tensors[w.hf.format(i=i)] for i in range(cfg.num_layers)] if stacked else [tensors[w.hf]]
+    linear, n_in = w.linear, w.n_in
     # make_array_from_callback calls back once per addressable device; devices holding the same
     # (partially replicated) shard share one read.
     memo: dict[tuple, np.ndarray] = {}
@@ -303,7 +278,7 @@ def _load_param(
         idx = _normalize(index, shape)
         key = tuple((s.start, s.stop) for s in idx)
         if key not in memo:
-            if lt is not None:
+            if stacked:
                 parts = [_read_ours(sources[i], linear, n_in, shape[1:], idx[1:]) for i in range(idx[0].start,
                                                                                                    idx[0].stop)]
                 arr = np.stack(parts) if parts else np.zeros([s.stop - s.start for s in idx], target)
@@ -421,10 +396,10 @@ def export_hf(
 
     # Plan files from shapes alone, so names ("-of-N") are known before any gathering.
     entries = _hf_entries(cfg)
-    shards: list[list[tuple[str, str, int | None, bool]]] = [[]]
+    shards: list[list[tuple[str, str, int | None]]] = [[]]
     size = 0
     for e in entries:
-        nbytes = math.prod(_hf_shape(e[0], e[3], cfg)) * out_dt.itemsize
+        nbytes = math.prod(_hf_shape(e[0], cfg)) * out_dt.itemsize
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -444,12 +419,12 @@ def export_hf(
     total = 0
     for fname, shard in zip(names, shards, strict=True):
         tensors = {}
-        for ours, hf_name, layer, linear in shard:
+        for ours, hf_name, layer in shard:
             x = params[ours]
             if layer is not None:
                 x = _take_layer(x, layer) if isinstance(x, jax.Array) else np.asarray(x)[layer]
             # Every process joins the gather (a collective when multi-host); only process 0 keeps the result.
-            t = ours_to_hf(_host(x), linear, ours).astype(out_dt)
+            t = ours_to_hf(_host(x), ours).astype(out_dt)
             tensors[hf_name] = t
             weight_map[hf_name] = fname
             total += t.nbytes

@@ -1,60 +1,19 @@
-"""Names and layouts: Hugging Face Qwen3 tensors <-> opd_jax stacked parameters.
+"""Hugging Face Qwen3 <-> opd_jax: config.json <-> `ModelConfig`, and one HF tensor <-> one slice of our parameter.
 
-HF stores one tensor per layer in torch `Linear` layout ([out, in]); opd_jax stacks layers on a leading axis
-and keeps heads as their own axis ([in, heads, head_dim]). Each entry says how to turn one HF tensor into
-one layer slice of our parameter, and back.
+HF stores one tensor per layer in torch `Linear` layout ([out, in]); opd_jax stacks layers on a leading axis and
+keeps heads as their own axis ([in, heads, head_dim]). Which tensor is which, and its shapes, come from the one
+weight table, `opd_jax.models.weights`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import numpy as np
 
 from opd_jax.config.schema import ModelConfig
-
-
-@dataclass(frozen=True)
-class LayerTensor:
-    ours: str  # stacked parameter name
-    hf: str  # HF name with "{i}" for the layer index
-    linear: bool  # torch Linear weight ([out, in]) that must be transposed
-
-
-LAYER_TENSORS = (
-    LayerTensor("attn_norm", "model.layers.{i}.input_layernorm.weight", False),
-    LayerTensor("q", "model.layers.{i}.self_attn.q_proj.weight", True),
-    LayerTensor("k", "model.layers.{i}.self_attn.k_proj.weight", True),
-    LayerTensor("v", "model.layers.{i}.self_attn.v_proj.weight", True),
-    LayerTensor("q_norm", "model.layers.{i}.self_attn.q_norm.weight", False),
-    LayerTensor("k_norm", "model.layers.{i}.self_attn.k_norm.weight", False),
-    LayerTensor("o", "model.layers.{i}.self_attn.o_proj.weight", True),
-    LayerTensor("mlp_norm", "model.layers.{i}.post_attention_layernorm.weight", False),
-    LayerTensor("gate", "model.layers.{i}.mlp.gate_proj.weight", True),
-    LayerTensor("up", "model.layers.{i}.mlp.up_proj.weight", True),
-    LayerTensor("down", "model.layers.{i}.mlp.down_proj.weight", True),
-)
-# Non-layer tensors: ours -> (hf name, is a torch Linear weight).
-GLOBAL_TENSORS = {
-    "embed": ("model.embed_tokens.weight", False),
-    "final_norm": ("model.norm.weight", False),
-    "lm_head": ("lm_head.weight", True),
-}
-
-
-def layer_slice_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
-    c = cfg
-    return {
-        "attn_norm": (c.hidden_size,), "mlp_norm": (c.hidden_size,),
-        "q_norm": (c.head_dim,), "k_norm": (c.head_dim,),
-        "q": (c.hidden_size, c.num_heads, c.head_dim),
-        "k": (c.hidden_size, c.num_kv_heads, c.head_dim),
-        "v": (c.hidden_size, c.num_kv_heads, c.head_dim),
-        "o": (c.num_heads, c.head_dim, c.hidden_size),
-        "gate": (c.hidden_size, c.intermediate_size), "up": (c.hidden_size, c.intermediate_size),
-        "down": (c.intermediate_size, c.hidden_size),
-    }[name]
+from opd_jax.models.weights import GLOBAL_WEIGHTS, LAYER_WEIGHTS, weight
 
 
 def hf_to_ours(t: np.ndarray, linear: bool, our_shape: tuple[int, ...]) -> np.ndarray:
@@ -66,20 +25,31 @@ def hf_to_ours(t: np.ndarray, linear: bool, our_shape: tuple[int, ...]) -> np.nd
     return t.reshape(our_shape)
 
 
-def ours_to_hf(t: np.ndarray, linear: bool, name: str) -> np.ndarray:
-    """Our layout -> one HF tensor (merge head axes, transpose Linear weights)."""
-    if linear:
-        if name == "o":  # [heads, head_dim, hidden] -> [heads*head_dim, hidden]
-            t = t.reshape(-1, t.shape[-1])
-        else:  # [in, ...out] -> [in, out]
-            t = t.reshape(t.shape[0], -1)
-        t = t.T
+def ours_to_hf(t: np.ndarray, name: str) -> np.ndarray:
+    """One slice of our parameter `name` (one layer of a stacked weight) -> its HF tensor: input and output dims
+    merged (e.g. o: [heads, head_dim, hidden] -> [heads*head_dim, hidden]), then Linear weights transposed."""
+    w = weight(name)
+    if w.linear:
+        t = t.reshape(int(np.prod(t.shape[: w.n_in])), -1).T
     return np.ascontiguousarray(t)
 
 
+def params_from_hf(state_dict: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """An in-memory HF state dict (name -> numpy array, e.g. a torch model's `state_dict()`) -> our pure params
+    dict of `build_model(cfg)` (numpy, stacked layers). Raises KeyError naming a missing HF tensor."""
+    out = {name: np.stack([hf_to_ours(state_dict[w.hf.format(i=i)], w.linear, w.shape(cfg))
+                           for i in range(cfg.num_layers)]) for name, w in LAYER_WEIGHTS.items()}
+    for name, w in GLOBAL_WEIGHTS.items():
+        if name == "lm_head" and cfg.tie_embeddings:
+            continue
+        out[name] = hf_to_ours(state_dict[w.hf], w.linear, w.shape(cfg))
+    return out
+
+
 def hf_expected_names(cfg: ModelConfig) -> set[str]:
-    names = {lt.hf.format(i=i) for lt in LAYER_TENSORS for i in range(cfg.num_layers)}
-    names |= {hf for ours, (hf, _) in GLOBAL_TENSORS.items() if not (ours == "lm_head" and cfg.tie_embeddings)}
+    """Every HF tensor name a checkpoint of `cfg` holds."""
+    names = {w.hf.format(i=i) for w in LAYER_WEIGHTS.values() for i in range(cfg.num_layers)}
+    names |= {w.hf for ours, w in GLOBAL_WEIGHTS.items() if not (ours == "lm_head" and cfg.tie_embeddings)}
     return names
 
 
