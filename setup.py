@@ -11,7 +11,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["opd_jax", "opd_jax.*", "experiments", "experiments.*"]),
+    packages=find_packages(include=["opd_jax", "opd_jax.*"]),  # experiments/ and benchmarks/ run from a checkout
     package_data={"opd_jax.kernels": ["*.cc"]},  # C++ sources, built on first use (opd_jax/kernels/cpu.py)
     install_requires=[
         JAX,

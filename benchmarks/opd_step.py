@@ -1,6 +1,6 @@
 """Trained tokens/s of one full OPD iteration (sample -> teacher-score -> update), three ways, in one run:
 
-1. fused:   `make_opd_step` — the whole iteration in ONE jitted XLA program.
+1. fused:   `step.build_opd_step` — the whole iteration in ONE jitted XLA program, built as the trainer builds it.
 2. unfused: the same opd_jax arithmetic as three jitted programs (sample, teacher-score, update) with host
             round trips between them (`jax.device_get` to numpy, back with `jnp.asarray`) — what a framework
             with a separate inference engine does. The update reuses `StepBuilder.update_phase` with the
@@ -34,7 +34,7 @@ import numpy as np
 from opd_jax.config.schema import ExperimentConfig, ModelConfig
 from opd_jax.models.qwen3 import build_model, param_count
 from opd_jax.sampling import SampleOutput, SamplingParams
-from opd_jax.step import PromptBatch, StepBuilder, make_opd_step
+from opd_jax.step import PromptBatch, StepBuilder, build_opd_step
 from opd_jax.train_state import TrainState, init_train_state, make_optimizer, split_model
 
 F32 = jnp.float32
@@ -91,7 +91,9 @@ class OpdBench:
         self.prompt_tokens = np.asarray(toks)
         self.key = jax.random.key(args.seed)
         self.sp = SamplingParams.create(temperature=1.0)
-        builder = StepBuilder(cfg, sdef, [tdef], None, opt)
+        # the fused step exactly as the trainer and `opd-jax compile` build it (here on one device, no shardings)
+        builder, fused = build_opd_step(cfg, None, sdef, [tdef], opt, state_shardings=None, teacher_shardings=[None],
+                                        example_batch=self.batch)
         pre = _PrecomputedTeacher(cfg, sdef, [tdef], None, opt)
         if cfg.micro_batches != 1:
             raise ValueError("the unfused update feeds whole-batch teacher outputs: micro_batches must be 1")
@@ -110,7 +112,7 @@ class OpdBench:
 
         # AOT-compile everything up front so compile time is measured apart from run time.
         t0 = time.perf_counter()
-        self.fused = make_opd_step(builder, None, None, self.batch).lower(
+        self.fused = fused.lower(
             self.fused_state, self.teachers, self.batch, self.key, self.sp).compile()
         self.compile_fused = time.perf_counter() - t0
         s_abs = jax.eval_shape(sample_fn, base, self.batch, self.key, self.sp)

@@ -3,7 +3,7 @@
 `opd-jax compile CONFIG [k=v ...] --topology v5p-64` builds abstract TPU devices with libtpu's topology API, the
 config's mesh over them, abstract sharded parameters / optimizer state / prompt batch (`jax.ShapeDtypeStruct`s
 carrying their `NamedSharding`s: nothing is allocated), then lowers and compiles exactly the program the trainer
-runs (`StepBuilder.fused` through `make_opd_step`; `algorithm: sft` compiles `baselines.sft.make_sft_step`).
+runs (`step.build_opd_step`, the trainer's own builder; `algorithm: sft` compiles `baselines.sft.make_sft_step`).
 It reports per-chip memory from `memory_analysis()` against the chip's HBM, the FLOPs XLA counts, the analytic
 FLOPs of `opd_jax.flops`, and the compile time.
 
@@ -262,12 +262,6 @@ def levers(cfg, report: AotReport) -> list[str]:
 
 
 # ---- abstract inputs -----------------------------------------------------------------------------------------
-def _sds(tree, shardings):
-    import jax
-
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def shard_bytes(tree) -> int:
     """Bytes of one device's shard of every ShapeDtypeStruct (with sharding) in `tree`."""
     import jax
@@ -281,29 +275,18 @@ def shard_bytes(tree) -> int:
 
 def model_for_aot(mcfg):
     """Model dimensions without loading weights: the preset (else the explicit fields); an `hf_path` whose
-    config.json is readable here fills the rest."""
+    config.json is readable here fills the rest (`train_state.resolve_model`), a placeholder path keeps the
+    explicit fields."""
     from opd_jax.models.presets import resolve_model_config
+    from opd_jax.train_state import resolve_model
 
     cfg = resolve_model_config(mcfg)
     if cfg.preset is None and cfg.hf_path:
         try:
-            from opd_jax.models.hf_io import hf_config_for
-
-            cfg = hf_config_for(cfg)
+            cfg = resolve_model(cfg)
         except Exception as e:  # placeholder path: keep the explicit fields
             print(f"note: could not read {cfg.hf_path}/config.json ({e}); using the explicit model fields")
     return cfg
-
-
-def abstract_model_params(mcfg, mesh, lora=None):
-    """(ModelDef, trainable SDS, frozen SDS, trainable shardings, frozen shardings, resolved cfg)."""
-    from opd_jax.models.qwen3 import abstract_model
-    from opd_jax.train_state import split_model, tree_shardings
-
-    mcfg = model_for_aot(mcfg)
-    mdef, t_abs, f_abs, t_axes, f_axes = split_model(abstract_model(mcfg, lora))
-    t_sh, f_sh = tree_shardings(mesh, t_axes, t_abs), tree_shardings(mesh, f_axes, f_abs)
-    return mdef, _sds(t_abs, t_sh), _sds(f_abs, f_sh), t_sh, f_sh, mcfg
 
 
 def _zero_reward(tokens, mask, answer):
@@ -315,34 +298,31 @@ def _zero_reward(tokens, mask, answer):
 def lower_step(cfg, devices: Sequence):
     """Lower the config's step on `devices` with abstract inputs -> (lowered, info dict).
 
-    opd / rl: the fused step the trainer runs (`make_opd_step`). rl: the real run grades on the host between the
-    sample and update halves; here an in-graph placeholder reward keeps the program's shapes (so its memory and
-    FLOPs) the same. sft: the SFT baseline's step (`baselines.sft.make_sft_step`) at the length cap
-    `sampling.max_prompt_len + sampling.max_new_tokens`."""
+    opd / rl: the fused step the trainer runs, built by the same `step.build_opd_step` with the same teacher rule;
+    rl: the real run grades on the host between the sample and update halves; here an in-graph placeholder reward
+    keeps the program's shapes (so its memory and FLOPs) the same. sft: the SFT baseline's step
+    (`baselines.sft.make_sft_step`) at the length cap `sampling.max_prompt_len + sampling.max_new_tokens`."""
     import jax
     import jax.numpy as jnp
 
     from opd_jax.mesh import make_mesh, replicated
-    from opd_jax.train_state import TrainState, make_optimizer, opt_state_shardings
+    from opd_jax.train_state import abstract_train_state, make_optimizer, model_spec, state_shardings
 
     mesh = make_mesh(cfg.mesh, devices)
     rep = replicated(mesh)
     lora = cfg.lora if cfg.lora.rank > 0 else None
-    s_def, s_t, s_f, s_tsh, s_fsh, s_cfg = abstract_model_params(cfg.student, mesh, lora)
+    student = model_spec(model_for_aot(cfg.student), mesh, lora)
     optimizer = make_optimizer(cfg.optim, cfg.steps)
-    opt_sh = opt_state_shardings(optimizer, s_t, s_tsh, mesh)
-    opt_abs = _sds(jax.eval_shape(optimizer.init, s_t), opt_sh)
-    state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), trainable=s_t, frozen=s_f,
-                       opt_state=opt_abs)
-    shardings = TrainState(step=rep, trainable=s_tsh, frozen=s_fsh, opt_state=opt_sh)
+    shardings = state_shardings(optimizer, student.trainable, student.frozen, student.t_axes, student.f_axes, mesh)
+    state = abstract_train_state(optimizer, student.trainable, student.frozen, shardings)
     info = dict(mesh={k: int(v) for k, v in mesh.shape.items()}, state_bytes=shard_bytes(state), teacher_bytes=0,
-                student_cfg=s_cfg, teacher_cfg=None)
+                student_cfg=student.cfg, teacher_cfg=None)
 
     if cfg.algorithm == "sft":
         from opd_jax.baselines.sft import SFTBatch, make_sft_step
 
         B, S = cfg.batch_size, cfg.sampling.max_prompt_len + cfg.sampling.max_new_tokens
-        step = make_sft_step(s_def, optimizer, mesh, logprob_chunk=cfg.loss.logprob_chunk,
+        step = make_sft_step(student.mdef, optimizer, mesh, logprob_chunk=cfg.loss.logprob_chunk,
                              micro_batches=cfg.micro_batches, shardings=shardings, batch_size=B)
         batch = SFTBatch(tokens=jax.ShapeDtypeStruct((B, S), jnp.int32), mask=jax.ShapeDtypeStruct((B, S), jnp.bool_),
                          loss_mask=jax.ShapeDtypeStruct((B, S), jnp.float32))
@@ -351,23 +331,23 @@ def lower_step(cfg, devices: Sequence):
         raise ValueError(f"algorithm {cfg.algorithm!r}: expected opd, rl or sft")
 
     from opd_jax.sampling import SamplingParams
-    from opd_jax.step import PromptBatch, StepBuilder, make_opd_step
+    from opd_jax.step import PromptBatch, build_opd_step, uses_teachers
 
-    use_teachers = cfg.algorithm == "opd" or cfg.loss.kl_penalty_coef != 0  # as the trainer decides
-    teachers = [abstract_model_params(t.model, mesh) for t in cfg.teachers] if use_teachers else []
-    t_params = [t[1] for t in teachers]
+    teachers = [model_spec(model_for_aot(t.model), mesh) for t in cfg.teachers] if uses_teachers(cfg) else []
+    t_params = [t.trainable for t in teachers]
     G, P = cfg.groups_per_batch, cfg.sampling.max_prompt_len
     sds = jax.ShapeDtypeStruct
     example = PromptBatch(tokens=sds((G, P), jnp.int32), mask=sds((G, P), jnp.bool_),
                           teacher_tokens=sds((G, P), jnp.int32), teacher_mask=sds((G, P), jnp.bool_),
                           teacher_index=sds((), jnp.int32), answer=sds((G, 0), jnp.int32))
-    reward_fn = _zero_reward if cfg.algorithm == "rl" else None
-    builder = StepBuilder(cfg, s_def, [t[0] for t in teachers], mesh, optimizer, reward_fn=reward_fn)
-    step = make_opd_step(builder, shardings, [t[3] for t in teachers], example)
+    _, step = build_opd_step(cfg, mesh, student.mdef, [t.mdef for t in teachers], optimizer,
+                             state_shardings=shardings, teacher_shardings=[t.shardings(mesh)[0] for t in teachers],
+                             example_batch=example, reward_fn=_zero_reward if cfg.algorithm == "rl" else None,
+                             stop_token_ids=cfg.sampling.stop_token_ids)
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = sds(key.shape, key.dtype, sharding=rep)
     sp = SamplingParams(temperature=sds((), jnp.float32), top_k=sds((), jnp.int32), top_p=sds((), jnp.float32))
-    info.update(teacher_bytes=shard_bytes(t_params), teacher_cfg=teachers[0][5] if teachers else None)
+    info.update(teacher_bytes=shard_bytes(t_params), teacher_cfg=teachers[0].cfg if teachers else None)
     return step.lower(state, t_params, example, key, sp), info
 
 

@@ -4,6 +4,9 @@ A checkpoint holds the train state (trainable params, optimizer state, step; fro
 re-loaded from their source, not duplicated) and a JSON `meta` item with the RNG seed, the data position and
 the skip counters. orbax writes to a temporary directory and renames on success, so a crash or SIGKILL
 mid-save never corrupts the last good checkpoint.
+
+`load_run_model` / `restore_trainable` read only the trainable weights of a run's checkpoint (a partial restore,
+no optimizer state), so any run's student can be evaluated or used as a teacher.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.sharding import Mesh
 
-from opd_jax.train_state import TrainState
+from opd_jax.config.schema import LoRAConfig, ModelConfig
+from opd_jax.train_state import LoadedModel, TrainState, load_model, tree_shardings
 
 
 class Checkpointer:
@@ -77,3 +82,46 @@ def _abstract(x):
     if isinstance(x, jax.ShapeDtypeStruct):
         return x
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+
+# ---- partial restores: the trainable weights of a run ------------------------------------------------------------
+def restore_trainable(checkpoint_dir: str, trainable, t_axes: dict, mesh: Mesh,
+                      step: int | None = None) -> tuple[dict, int]:
+    """Load only `trainable` (not the optimizer state) of a `Checkpointer` checkpoint into the shardings of
+    `t_axes`; `trainable` gives the shapes and dtypes (arrays or ShapeDtypeStructs). Returns (trainable, step).
+
+    The optimizer config of the run that wrote the checkpoint does not matter (its moments are never read)."""
+    path = epath.Path(checkpoint_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint directory {checkpoint_dir}")
+    shardings = tree_shardings(mesh, t_axes, trainable)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), trainable, shardings)
+    with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False)) as mgr:
+        step = mgr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint found under {checkpoint_dir}")
+        tree = {"trainable": target}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(tree)
+        out = mgr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args, partial_restore=True)))
+    return out["state"]["trainable"], int(step)
+
+
+def has_checkpoint(checkpoint_dir: str) -> bool:
+    path = epath.Path(checkpoint_dir)
+    return path.exists() and any(p.name.isdigit() for p in path.iterdir())
+
+
+def load_run_model(model_cfg: ModelConfig, run_dir: str | None, *, seed: int, mesh: Mesh,
+                   lora: LoRAConfig | None = None, step: int | None = None) -> tuple[LoadedModel, int | None]:
+    """`train_state.load_model`, then the trainable weights of `run_dir`'s latest (or `step`'s) checkpoint when
+    it has one. Returns (LoadedModel, checkpoint step or None). LoRA runs: pass the run's `lora` config (adapters
+    are the checkpointed part; the base comes from `model_cfg.hf_path`)."""
+    model = load_model(model_cfg, seed=seed, mesh=mesh, lora=lora)
+    ckpt_dir = os.path.join(run_dir, "checkpoints") if run_dir else None
+    if ckpt_dir is None or not has_checkpoint(ckpt_dir):
+        if step is not None:
+            raise FileNotFoundError(f"no checkpoints under {run_dir} (asked for step {step})")
+        return model, None
+    model.trainable, step = restore_trainable(ckpt_dir, model.trainable, model.t_axes, mesh, step)
+    return model, step

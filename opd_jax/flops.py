@@ -168,28 +168,9 @@ def forward_flops_breakdown(
     return out
 
 
-def forward_flops(
-    cfg: ModelConfig,
-    batch: int,
-    seq_len: int,
-    *,
-    context_len: float | None = None,
-    lm_head_tokens: int | None = None,
-    lora_rank: int = 0,
-    lora_targets: Sequence[str] = LORA_TARGETS,
-    attention: AttentionMode = "causal",
-) -> float:
-    """Prefill / full-sequence forward FLOPs; see `forward_flops_breakdown`."""
-    return forward_flops_breakdown(
-        cfg,
-        batch,
-        seq_len,
-        context_len=context_len,
-        lm_head_tokens=lm_head_tokens,
-        lora_rank=lora_rank,
-        lora_targets=lora_targets,
-        attention=attention,
-    )["total"]
+def forward_flops(cfg: ModelConfig, batch: int, seq_len: int, **kw) -> float:
+    """Prefill / full-sequence forward FLOPs: `forward_flops_breakdown(...)["total"]` (same arguments)."""
+    return forward_flops_breakdown(cfg, batch, seq_len, **kw)["total"]
 
 
 # ------------------------------------------------------------------------------------------------------- decode
@@ -231,28 +212,9 @@ def decode_flops_breakdown(
     return out
 
 
-def decode_flops(
-    cfg: ModelConfig,
-    batch: int,
-    prompt_len: int,
-    new_tokens: int,
-    *,
-    lora_rank: int = 0,
-    lora_targets: Sequence[str] = LORA_TARGETS,
-    attention: AttentionMode = "causal",
-    cache_len: int | None = None,
-) -> float:
-    """Sampling FLOPs: prefill + KV-cached decode of `new_tokens` tokens per sequence."""
-    return decode_flops_breakdown(
-        cfg,
-        batch,
-        prompt_len,
-        new_tokens,
-        lora_rank=lora_rank,
-        lora_targets=lora_targets,
-        attention=attention,
-        cache_len=cache_len,
-    )["total"]
+def decode_flops(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, **kw) -> float:
+    """Sampling FLOPs, prefill + KV-cached decode: `decode_flops_breakdown(...)["total"]` (same arguments)."""
+    return decode_flops_breakdown(cfg, batch, prompt_len, new_tokens, **kw)["total"]
 
 
 # -------------------------------------------------------------------------------------------------------- train
@@ -376,33 +338,10 @@ def rl_step_flops(
     A `reference` model (KL regularizer) is scored like the OPD teacher; without one `teacher_scoring` is 0.
     Reward computation (a verifier) is not FLOPs on the accelerator and is not counted.
     """
+    kw = dict(lora_targets=lora_targets, attention=attention, cache_len=cache_len, logits=logits, remat=remat)
     if reference is not None:
-        return opd_step_flops(
-            policy,
-            reference,
-            batch,
-            prompt_len,
-            new_tokens,
-            lora_rank,
-            lora_targets=lora_targets,
-            attention=attention,
-            cache_len=cache_len,
-            logits=logits,
-            remat=remat,
-        )
-    out = opd_step_flops(
-        policy,
-        policy,
-        batch,
-        prompt_len,
-        new_tokens,
-        lora_rank,
-        lora_targets=lora_targets,
-        attention=attention,
-        cache_len=cache_len,
-        logits=logits,
-        remat=remat,
-    )
+        return opd_step_flops(policy, reference, batch, prompt_len, new_tokens, lora_rank, **kw)
+    out = opd_step_flops(policy, policy, batch, prompt_len, new_tokens, lora_rank, **kw)
     return _step_dict(out["student_sampling"], 0.0, out["student_training"])
 
 

@@ -1,4 +1,5 @@
-"""Device mesh and the one rules table that maps logical axis names to mesh axes."""
+"""Device mesh, the one rules table that maps logical axis names to mesh axes, and moving batch rows between
+process-local numpy and global sharded arrays."""
 
 from __future__ import annotations
 
@@ -112,3 +113,20 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+# ---- host rows <-> global arrays ---------------------------------------------------------------------------------
+def host_local(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, as numpy (the inverse of `global_rows`)."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    sh = x.sharding
+    assert isinstance(sh, NamedSharding), sh
+    return np.asarray(multihost_utils.global_array_to_host_local_array(x, sh.mesh, sh.spec))
+
+
+def global_rows(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Process-local numpy rows -> one global array in `sharding` (rows of process p follow those of p-1)."""
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))

@@ -71,10 +71,3 @@ def _to_float(v: Any) -> Any:
         return float(v)
     except (TypeError, ValueError):
         return v
-
-
-def read_metrics(run_dir: str) -> list[dict]:
-    path = epath.Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

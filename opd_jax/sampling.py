@@ -15,12 +15,12 @@ Two logprobs are recorded for every sampled token:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx, struct
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from opd_jax.mesh import SAMPLING_RULES, with_logical_constraint
 from opd_jax.models.qwen3 import Qwen3, model_axes, positions_from_mask
@@ -205,71 +205,42 @@ def sample(
     )
 
 
+_SAMPLERS: dict[tuple, tuple] = {}  # see make_sampler
+
+
 def make_sampler(
-    graphdef: nnx.GraphDef,
+    model_def,
     *,
     max_new_tokens: int,
     stop_token_ids: Sequence[int] = (),
     pad_id: int = 0,
     mesh: Mesh | None = None,
     layout: str = "train",
+    replicate_outputs: bool = False,
 ):
-    """A jitted `fn(params, prompt_tokens, prompt_mask, key, SamplingParams) -> SampleOutput` on its own."""
+    """The one jitted sampler on its own: `fn(params, prompt_tokens, prompt_mask, key, SamplingParams) ->
+    SampleOutput`, for eval, teacher sampling, visualization and benchmarks (the fused step inlines `sample`).
 
-    @jax.jit
+    model_def: an `nnx.GraphDef` (params: the pure state dict) or anything with `.merge(*params)`, such as
+    `train_state.ModelDef` (params: a tuple, e.g. `(trainable, frozen)`). `replicate_outputs=True` (with a mesh)
+    returns replicated samples, so every process can read them all back. Samplers are cached on
+    (model_def, settings): building one twice does not recompile."""
+    stops = tuple(int(t) for t in stop_token_ids)
+    key = (id(model_def), int(max_new_tokens), stops, pad_id, id(mesh), layout, replicate_outputs)
+    if key in _SAMPLERS:
+        return _SAMPLERS[key][-1]
+    if hasattr(model_def, "merge"):
+        merge = lambda params: model_def.merge(*params)  # noqa: E731
+    else:
+        merge = lambda params: nnx.merge(model_def, params)  # noqa: E731
+    out_sh = NamedSharding(mesh, PartitionSpec()) if (replicate_outputs and mesh is not None) else None
+
+    @partial(jax.jit, out_shardings=out_sh)
     def run(params, prompt_tokens, prompt_mask, key, sp):
-        model = nnx.merge(graphdef, params)
-        return sample(model, prompt_tokens, prompt_mask, key, sp, max_new_tokens=max_new_tokens,
-                      stop_token_ids=tuple(stop_token_ids), pad_id=pad_id, mesh=mesh, layout=layout)
+        return sample(merge(params), prompt_tokens, prompt_mask, key, sp, max_new_tokens=max_new_tokens,
+                      stop_token_ids=stops, pad_id=pad_id, mesh=mesh, layout=layout)
 
+    if len(_SAMPLERS) >= 16:
+        _SAMPLERS.pop(next(iter(_SAMPLERS)))
+    _SAMPLERS[key] = (model_def, mesh, run)  # holds model_def and mesh alive, so their ids stay theirs
     return run
-
-
-# ---- host-side prompt packing ------------------------------------------------------------------------
-class PromptTooLongError(ValueError):
-    pass
-
-
-def bucket_length(n: int, max_len: int, min_bucket: int = 16) -> int:
-    """Smallest power-of-two bucket >= n (at least min_bucket), capped at max_len: few distinct compiles."""
-    b = min_bucket
-    while b < n:
-        b *= 2
-    return min(b, max_len)
-
-
-def pad_prompts(
-    prompts: Sequence[Sequence[int]],
-    max_prompt_len: int,
-    *,
-    truncate: bool = False,
-    pad_id: int = 0,
-    bucket: bool = False,
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Left-pad token lists to [B, P]. Returns (tokens, mask, number of left-truncated prompts).
-
-    An empty prompt is an error naming the row. A prompt over `max_prompt_len` is an error, or with
-    `truncate=True` keeps its last `max_prompt_len` tokens and is counted.
-    """
-    n_truncated = 0
-    rows = []
-    for i, p in enumerate(prompts):
-        p = list(p)
-        if not p:
-            raise ValueError(f"prompt row {i} is empty")
-        if len(p) > max_prompt_len:
-            if not truncate:
-                raise PromptTooLongError(
-                    f"prompt row {i} has {len(p)} tokens, over sampling.max_prompt_len={max_prompt_len} "
-                    "(raise it, or set sampling.truncate_prompts=true to left-truncate)"
-                )
-            p = p[-max_prompt_len:]
-            n_truncated += 1
-        rows.append(p)
-    P = bucket_length(max(map(len, rows)), max_prompt_len) if bucket else max_prompt_len
-    tokens = np.full((len(rows), P), pad_id, np.int32)
-    mask = np.zeros((len(rows), P), bool)
-    for i, p in enumerate(rows):
-        tokens[i, P - len(p):] = p
-        mask[i, P - len(p):] = True
-    return tokens, mask, n_truncated

@@ -1,6 +1,11 @@
 """The fused OPD step: sample -> teacher-score -> advantages -> student forward/backward -> optax update,
 all in ONE jitted XLA program on one mesh, with no host round trip and no host callbacks.
 
+`build_opd_step` is the one place the step is assembled: it decides which teachers the program scores with
+(`uses_teachers`), builds the `StepBuilder` and jits `StepBuilder.fused` with explicit shardings. The trainer,
+`opd-jax compile` (AOT for a TPU pod) and `benchmarks/opd_step.py` all call it, so the compiled report describes
+the program a run executes.
+
 The two halves are also exposed on their own (`sample_phase`, `update_phase`) for the baselines that must
 leave the program (RL with a host-side grader) and for the unfused benchmark; the fused step is simply both
 halves traced into one `jax.jit`.
@@ -20,10 +25,11 @@ from jax.sharding import Mesh
 
 from opd_jax import losses
 from opd_jax.config.schema import ExperimentConfig
+from opd_jax.data.task import RewardFn
 from opd_jax.mesh import batch_sharding, replicated, with_logical_constraint
 from opd_jax.models.qwen3 import Qwen3, positions_from_mask
 from opd_jax.sampling import SampleOutput, SamplingParams, sample
-from opd_jax.train_state import ModelDef, TrainState
+from opd_jax.train_state import ModelDef, TrainState, accumulate_gradients, apply_gradients, micro_batches
 
 F32 = jnp.float32
 
@@ -40,15 +46,10 @@ class PromptBatch:
     answer: jax.Array  # [G, A] int32 reference tokens for an in-graph task reward (pad -1); may be [G, 0]
 
 
-# A task reward computed inside the program: (completion tokens [B, N], mask [B, N], answer [B, A]) -> [B].
-RewardFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-
-
-def _rows(x: jax.Array, n: int) -> jax.Array:
-    """[B, ...] -> [n, B/n, ...] micro-batches."""
-    if x.shape[0] % n:
-        raise ValueError(f"batch of {x.shape[0]} rows is not divisible into {n} micro-batches")
-    return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+def uses_teachers(cfg: ExperimentConfig) -> bool:
+    """Whether the step scores with the teachers: OPD always; RL only as a KL reference (kl_penalty_coef != 0).
+    The trainer loads them, and `opd-jax compile` lowers them, by this one rule."""
+    return cfg.algorithm == "opd" or cfg.loss.kl_penalty_coef != 0
 
 
 def _unrows(x: jax.Array) -> jax.Array:
@@ -84,6 +85,7 @@ class StepBuilder:
     mesh: Mesh | None
     optimizer: optax.GradientTransformation
     reward_fn: RewardFn | None = None
+    stop_token_ids: tuple[int, ...] = ()  # resolved once by the caller (`data.task.resolve_stop_tokens`)
 
     # ---- sampling ------------------------------------------------------------------------------------
     def sample_phase(self, state: TrainState, batch: PromptBatch, key: jax.Array, sp: SamplingParams) -> SampleOutput:
@@ -97,12 +99,12 @@ class StepBuilder:
         def one(xs):
             i, toks, m = xs
             return sample(student, toks, m, jax.random.fold_in(key, i), sp,
-                          max_new_tokens=c.sampling.max_new_tokens, stop_token_ids=tuple(c.sampling.stop_token_ids),
+                          max_new_tokens=c.sampling.max_new_tokens, stop_token_ids=self.stop_token_ids,
                           mesh=self.mesh, layout=c.sampling.layout)
 
         if M == 1:
             return one((0, prompts, pmask))
-        out = jax.lax.map(one, (jnp.arange(M), _rows(prompts, M), _rows(pmask, M)))
+        out = jax.lax.map(one, (jnp.arange(M), micro_batches(prompts, M), micro_batches(pmask, M)))
         return jax.tree.map(_unrows, out)
 
     # ---- teacher -------------------------------------------------------------------------------------
@@ -152,8 +154,6 @@ class StepBuilder:
         task_adv = None if task_reward is None else group_normalized(task_reward.astype(F32), K)
         denom = losses.normalizer(lc.normalization, mask)
         Mg = c.micro_batches
-        if B % Mg:
-            raise ValueError(f"micro_batches={Mg} does not divide the batch of {B} samples")
 
         def mb_loss(trainable, mb, t_out):
             p, pm, toks, m, lp_s, tadv = mb
@@ -188,7 +188,7 @@ class StepBuilder:
             )
             return loss, aux
 
-        def mb_body(grads, mb):
+        def mb_grads(mb):
             p, pm, tp, tpm, toks, m, lp_s, tadv = mb
             if self.teachers:
                 t_out = self.teacher_outputs(teachers_params, batch.teacher_index, tp, tpm, toks, m)
@@ -198,25 +198,12 @@ class StepBuilder:
                 state.trainable, (p, pm, toks, m, lp_s, tadv), t_out)
             aux["loss"] = loss
             aux["teacher_kl"] = jnp.sum((lp_s - t_out[0]) * m)
-            return jax.tree.map(jnp.add, grads, g), aux
+            return g, aux
 
         tadv_rows = task_adv if task_adv is not None else jnp.zeros((B,), F32)
         xs = (prompts, pmask, t_prompts, t_pmask, samples.tokens, mask, samples.logprobs, tadv_rows)
-        zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-        if Mg == 1:
-            grads, aux = mb_body(zeros, xs)
-        else:
-            grads, aux = jax.lax.scan(mb_body, zeros, tuple(_rows(x, Mg) for x in xs))
-            aux = jax.tree.map(jnp.sum, aux)
-
-        grad_norm = optax.tree.norm(grads)
-        updates, new_opt = self.optimizer.update(grads, state.opt_state, state.trainable)
-        new_params = optax.apply_updates(state.trainable, updates)
-        finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
-        # A non-finite loss skips the update: weights and moments stay as they were.
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = TrainState(step=state.step + 1, trainable=keep(new_params, state.trainable), frozen=state.frozen,
-                               opt_state=keep(new_opt, state.opt_state))
+        grads, aux = accumulate_gradients(mb_grads, state.trainable, xs, Mg)
+        new_state, grad_norm, finite = apply_gradients(state, grads, self.optimizer, aux["loss"])
 
         n_tok = jnp.maximum(jnp.sum(mask), 1.0)
         metrics = dict(
@@ -253,7 +240,8 @@ def batch_shardings(mesh: Mesh, batch: PromptBatch) -> PromptBatch:
 
 
 def make_opd_step(builder: StepBuilder, state_shardings: TrainState | None, teacher_shardings, example_batch):
-    """The fused step as one `jax.jit` with explicit in/out shardings and the train state donated.
+    """The fused step of `builder` as one `jax.jit` with explicit in/out shardings and the train state donated
+    (without a mesh or shardings: a plain jit). Most callers want `build_opd_step`.
 
     Call: `state, metrics = step(state, teachers_params, batch, key, sampling_params)`."""
     mesh = builder.mesh
@@ -267,3 +255,24 @@ def make_opd_step(builder: StepBuilder, state_shardings: TrainState | None, teac
         out_shardings=(state_shardings, rep),
         donate_argnums=(0,),
     )
+
+
+def build_opd_step(cfg: ExperimentConfig, mesh: Mesh | None, student: ModelDef, teachers: Sequence[ModelDef],
+                   optimizer: optax.GradientTransformation, *, state_shardings: TrainState | None,
+                   teacher_shardings: Sequence[Any], example_batch: PromptBatch, reward_fn: RewardFn | None = None,
+                   stop_token_ids: Sequence[int] = ()) -> tuple[StepBuilder, Callable]:
+    """The one assembly of the fused OPD / RL step: `(builder, jitted step)`.
+
+    teachers / teacher_shardings: the models the step scores with, which must be those `uses_teachers(cfg)`
+    asks for (all of `cfg.teachers`, or none); ValueError otherwise. example_batch: a `PromptBatch` of arrays or
+    ShapeDtypeStructs (only its shapes are read). reward_fn: the in-program task reward (RL and mixed losses).
+    The trainer passes real weights' definitions and shardings, `opd-jax compile` abstract ones; both get the
+    same program."""
+    want = len(cfg.teachers) if uses_teachers(cfg) else 0
+    if len(teachers) != want or len(teacher_shardings) != want:
+        raise ValueError(f"algorithm={cfg.algorithm!r}, loss.kl_penalty_coef={cfg.loss.kl_penalty_coef}: the step "
+                         f"scores with {want} teacher(s), got {len(teachers)} model(s) and "
+                         f"{len(teacher_shardings)} sharding tree(s)")
+    builder = StepBuilder(cfg, student, list(teachers), mesh, optimizer, reward_fn=reward_fn,
+                          stop_token_ids=tuple(int(t) for t in stop_token_ids))
+    return builder, make_opd_step(builder, state_shardings, list(teacher_shardings), example_batch)

@@ -1,12 +1,15 @@
-"""Pure-pytree training state: the model split at the jit boundary, the optax optimizer, and shardings.
+"""Pure-pytree training state: models split at the jit boundary, loaded into their shardings, the optax optimizer,
+and the one micro-batched gradient accumulation + update every trainer uses.
 
-The student is split with `nnx.split` into a graph definition and pure dicts: `trainable` (all weights, or
-only the LoRA adapters) and `frozen` (the base weights under LoRA, else empty). Only `trainable` has
-optimizer state.
+A model is split with `nnx.split` into a graph definition (`ModelDef`) and pure dicts: `trainable` (all weights,
+or only the LoRA adapters) and `frozen` (the base weights under LoRA, else empty). Only `trainable` has
+optimizer state. `model_spec` gives a model's definition, abstract weights and shardings without allocating
+anything (what `opd-jax compile` lowers with); `load_model` fills them with real weights (what the trainer runs).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +19,10 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 
-from opd_jax.config.schema import OptimConfig
+from opd_jax.config.schema import LoRAConfig, ModelConfig, OptimConfig
 from opd_jax.mesh import named_sharding, replicated
-from opd_jax.models.qwen3 import Qwen3, model_axes
+from opd_jax.models.presets import resolve_model_config
+from opd_jax.models.qwen3 import Qwen3, abstract_model, build_model, model_axes
 
 
 @struct.dataclass
@@ -113,3 +117,121 @@ def init_train_state(optimizer, trainable, frozen, shardings: TrainState | None 
     return jax.jit(build, in_shardings=(shardings.trainable, shardings.frozen), out_shardings=shardings)(
         trainable, frozen
     )
+
+
+def abstract_train_state(optimizer: optax.GradientTransformation, trainable, frozen, shardings: TrainState
+                         ) -> TrainState:
+    """The train state as ShapeDtypeStructs carrying their shardings (nothing allocated): for lowering the step."""
+    def sds(tree, sh):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+
+    opt = jax.eval_shape(optimizer.init, trainable)
+    return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.step),
+                      trainable=sds(trainable, shardings.trainable), frozen=sds(frozen, shardings.frozen),
+                      opt_state=sds(opt, shardings.opt_state))
+
+
+# ---- models: definition, shardings, weights --------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    """A model split for jit: its resolved config, definition, weights (arrays, or ShapeDtypeStructs with
+    shardings from `model_spec`) and the logical axes of each weight."""
+
+    cfg: ModelConfig
+    mdef: ModelDef
+    trainable: dict
+    frozen: dict
+    t_axes: dict
+    f_axes: dict
+
+    def shardings(self, mesh: Mesh) -> tuple[dict, dict]:
+        """(trainable, frozen) NamedShardings from the weights' logical axes."""
+        return tree_shardings(mesh, self.t_axes, self.trainable), tree_shardings(mesh, self.f_axes, self.frozen)
+
+
+def resolve_model(cfg: ModelConfig) -> ModelConfig:
+    """The dimensions of a model config: its preset, then an `hf_path`'s config.json (run fields kept)."""
+    cfg = resolve_model_config(cfg)
+    if cfg.hf_path:
+        from opd_jax.models.hf_io import hf_config_for
+
+        cfg = hf_config_for(cfg)
+    return cfg
+
+
+def model_spec(cfg: ModelConfig, mesh: Mesh, lora: LoRAConfig | None = None) -> LoadedModel:
+    """The model of `cfg` (already resolved, see `resolve_model`) as ShapeDtypeStructs in their shardings on
+    `mesh`: no memory is allocated. `load_model` fills the same structure with weights."""
+    mdef, t_abs, f_abs, t_axes, f_axes = split_model(abstract_model(cfg, lora))
+    t_sh, f_sh = tree_shardings(mesh, t_axes, t_abs), tree_shardings(mesh, f_axes, f_abs)
+
+    def sds(tree, sh):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+
+    return LoadedModel(cfg, mdef, sds(t_abs, t_sh), sds(f_abs, f_sh), t_axes, f_axes)
+
+
+def load_model(cfg: ModelConfig, *, seed: int, mesh: Mesh, lora: LoRAConfig | None = None) -> LoadedModel:
+    """Weights from `cfg.hf_path` (streamed tensor by tensor into their shardings) or a seeded random init
+    created directly in its shardings (no full copy on one device). With LoRA only the adapters are
+    initialized; the base weights are `frozen`."""
+    cfg = resolve_model(cfg)
+    spec = model_spec(cfg, mesh, lora)
+    t_sh, f_sh = spec.shardings(mesh)
+
+    if not cfg.hf_path:
+        def init():
+            _, t, f, _, _ = split_model(build_model(cfg, seed, lora))
+            return t, f
+
+        trainable, frozen = jax.jit(init, out_shardings=(t_sh, f_sh))()
+        return LoadedModel(cfg, spec.mdef, trainable, frozen, spec.t_axes, spec.f_axes)
+
+    from opd_jax.models.hf_io import load_hf_params
+
+    base = load_hf_params(cfg.hf_path, cfg, mesh=mesh)
+    if not spec.mdef.lora:
+        return LoadedModel(cfg, spec.mdef, base, {}, spec.t_axes, spec.f_axes)
+
+    def init_adapters():  # only the LoRA leaves are materialized; the base comes from the checkpoint
+        return split_model(build_model(cfg, seed, lora))[1]
+
+    trainable = jax.jit(init_adapters, out_shardings=t_sh)()
+    return LoadedModel(cfg, spec.mdef, trainable, base, spec.t_axes, spec.f_axes)
+
+
+# ---- the update: micro-batched gradients, then one optimizer step ------------------------------------------------
+def micro_batches(x: jax.Array, n: int) -> jax.Array:
+    """[B, ...] -> [n, B/n, ...]. Raises ValueError when n does not divide B."""
+    if x.shape[0] % n:
+        raise ValueError(f"micro_batches={n} does not divide the batch of {x.shape[0]} rows")
+    return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+
+
+def accumulate_gradients(grad_fn: Callable[[Any], tuple[Any, dict]], trainable, xs, n: int) -> tuple[Any, dict]:
+    """Sum `grad_fn(mb) -> (grads, aux)` over `n` micro-batches of `xs` (every leaf split on axis 0) under one
+    `lax.scan`, so only one micro-batch's activations are live at a time. Returns (summed grads, summed aux).
+    Losses must be normalized by a denominator of the whole batch, so that the sum is the batch's gradient."""
+    if n == 1:
+        return grad_fn(xs)
+
+    def body(acc, mb):
+        g, aux = grad_fn(mb)
+        return jax.tree.map(jnp.add, acc, g), aux
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    grads, aux = jax.lax.scan(body, zeros, jax.tree.map(lambda x: micro_batches(x, n), xs))
+    return grads, jax.tree.map(jnp.sum, aux)
+
+
+def apply_gradients(state: TrainState, grads, optimizer: optax.GradientTransformation, loss: jax.Array
+                    ) -> tuple[TrainState, jax.Array, jax.Array]:
+    """One optimizer step on `grads`. A non-finite loss or gradient norm skips it: weights and moments stay as
+    they were and only the step counter advances. Returns (new state, grad norm, finite flag)."""
+    grad_norm = optax.tree.norm(grads)
+    updates, new_opt = optimizer.update(grads, state.opt_state, state.trainable)
+    new_params = optax.apply_updates(state.trainable, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    return TrainState(step=state.step + 1, trainable=keep(new_params, state.trainable), frozen=state.frozen,
+                      opt_state=keep(new_opt, state.opt_state)), grad_norm, finite

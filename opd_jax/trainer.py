@@ -1,44 +1,46 @@
-"""The training loop around the fused step: models and data on one mesh, checkpoints, metrics, eval, SIGTERM.
+"""The training loop around one jitted step: models and data on one mesh, checkpoints, metrics, eval, SIGTERM.
 
-One `Trainer.run()` call = `cfg.steps` calls of the one-program step. The host only feeds prompt tokens in and
-reads scalar metrics out.
+One `Trainer.run()` call = `cfg.steps` calls of the step program. The host only feeds prompt tokens in and reads
+scalar metrics out. What a step *is* comes from a `StepProgram`, built by a factory passed to the trainer:
+`opd_program` (the fused OPD / RL step, the default), `baselines.sft.sft_program` (SFT) or
+`baselines.rl.host_reward_program` (RL graded on the host). Everything else (resume, checkpoints, eval, metrics,
+SIGTERM, non-finite skips) is the loop's, for every algorithm. Extra work at a cadence goes in hooks:
+`trainer.add_hook(fn, every=n)`, as levanter does it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import jax
 import numpy as np
 from etils import epath
-from flax import nnx
-from jax.sharding import Mesh
 
 from opd_jax import flops
 from opd_jax.checkpoint import Checkpointer
 from opd_jax.config import ExperimentConfig, save_config
-from opd_jax.config.schema import LoRAConfig, ModelConfig
+from opd_jax.data import build_task
+from opd_jax.data.task import Task, resolve_stop_tokens
 from opd_jax.distributed import initialize_distributed
+from opd_jax.eval.evaluate import make_eval_sampler, task_eval
 from opd_jax.mesh import make_mesh
 from opd_jax.metrics import MetricsLogger
-from opd_jax.models.presets import resolve_model_config
-from opd_jax.models.qwen3 import abstract_model, build_model, model_axes
-from opd_jax.run_setup import make_eval_sampler, task_eval
 from opd_jax.sampling import SamplingParams
-from opd_jax.step import PromptBatch, StepBuilder, batch_shardings, make_opd_step
-from opd_jax.tasks import Task, build_task
+from opd_jax.step import PromptBatch, StepBuilder, batch_shardings, build_opd_step, uses_teachers
 from opd_jax.train_state import (
-    ModelDef,
+    LoadedModel,
     TrainState,
     init_train_state,
+    load_model,
     make_optimizer,
-    split_model,
     state_shardings,
-    tree_shardings,
 )
 
 
@@ -50,48 +52,115 @@ class RunDirExistsError(FileExistsError):
     pass
 
 
-# ---- models ----------------------------------------------------------------------------------------------
+# ---- what one step is ------------------------------------------------------------------------------------------
 @dataclass
-class LoadedModel:
-    cfg: ModelConfig
-    mdef: ModelDef
-    trainable: dict
-    frozen: dict
-    t_axes: dict
-    f_axes: dict
+class StepProgram:
+    """One training step, for the loop: where its batches come from and the jitted update that eats them.
+
+    next_batch(): this process's next batch as global arrays (advances the data position);
+    step(state, batch) -> (state, metrics);
+    data_state() / restore_data(d): the resumable data position, saved in every checkpoint;
+    step_flops(batch): analytic FLOPs of one step on `batch` (NaN when unknown), for MFU;
+    teachers: the models the step scores with (for inspection)."""
+
+    next_batch: Callable[[], Any]
+    step: Callable[[TrainState, Any], tuple[TrainState, dict]]
+    data_state: Callable[[], dict]
+    restore_data: Callable[[dict], None]
+    step_flops: Callable[[Any], float] = lambda batch: float("nan")
+    teachers: list[LoadedModel] = field(default_factory=list)
 
 
-def load_model(cfg: ModelConfig, *, seed: int, mesh: Mesh, lora: LoRAConfig | None = None) -> LoadedModel:
-    """Weights from `cfg.hf_path` (streamed tensor by tensor into their shardings) or a seeded random init
-    created directly in its shardings (no full copy on one device)."""
-    cfg = resolve_model_config(cfg)
-    if cfg.hf_path:
-        from opd_jax.models.hf_io import hf_config_for
+class PromptFeed:
+    """Prompt batches of a task as global arrays in the step's batch shardings (`groups_per_batch` rows a step,
+    each process feeding its slice)."""
 
-        cfg = hf_config_for(cfg)
-    mdef, t_abs, f_abs, t_axes, f_axes = split_model(abstract_model(cfg, lora))
-    t_sh, f_sh = tree_shardings(mesh, t_axes, t_abs), tree_shardings(mesh, f_axes, f_abs)
+    def __init__(self, cfg: ExperimentConfig, task: Task, mesh, *, with_answers: bool = False):
+        self.cfg, self.task, self.with_answers = cfg, task, with_answers
+        n_proc = jax.process_count()
+        if cfg.groups_per_batch % n_proc:
+            raise ValueError(f"groups_per_batch={cfg.groups_per_batch} must divide over {n_proc} processes")
+        self.n_local = cfg.groups_per_batch // n_proc
+        self.example = self._arrays(peek=True)  # shapes of the global batch (numpy zeros)
+        self.shardings = batch_shardings(mesh, self.example)
+        self.last_rows = None  # this step's prompts and answers, for a host-side grader (baselines.rl)
 
-    if not cfg.hf_path:
-        def init():
-            _, t, f, _, _ = split_model(build_model(cfg, seed, lora))
-            return t, f
+    def _arrays(self, peek: bool) -> PromptBatch | dict:
+        c = self.cfg
+        saved = self.task.state()
+        rows = self.task.next_prompts(self.n_local)
+        if peek:
+            self.task.restore(saved)
+        else:
+            self.last_rows = rows
+        arrays = self.task.pack(rows, c.sampling.max_prompt_len, c.sampling.truncate_prompts,
+                                with_answers=self.with_answers)
+        if peek:
+            return PromptBatch(**{k: np.zeros((c.groups_per_batch, *v.shape[1:]), v.dtype) if v.ndim else v
+                                  for k, v in arrays.items()})
+        return arrays
 
-        trainable, frozen = jax.jit(init, out_shardings=(t_sh, f_sh))()
-        return LoadedModel(cfg, mdef, trainable, frozen, t_axes, f_axes)
+    def next(self) -> PromptBatch:
+        c = self.cfg
+        out = {}
+        for name, arr in self._arrays(peek=False).items():
+            sh = getattr(self.shardings, name)
+            if arr.ndim == 0:
+                out[name] = jax.device_put(arr, sh)
+                continue
+            shape = (c.groups_per_batch, *arr.shape[1:])
+            mine = range(jax.process_index() * self.n_local, (jax.process_index() + 1) * self.n_local)
+            if jax.process_count() > 1 and _addressable_rows(sh, shape) != set(mine):
+                # this process's devices hold other rows than the task's slice (e.g. rows replicated when the batch
+                # does not divide over the batch axes): gather all processes' rows first
+                from jax.experimental import multihost_utils
 
-    from opd_jax.models.hf_io import load_hf_params
+                full = multihost_utils.process_allgather(arr, tiled=True)
+                out[name] = jax.make_array_from_callback(shape, sh, lambda idx, full=full: full[idx])
+            else:
+                out[name] = jax.make_array_from_process_local_data(sh, arr, shape)
+        return PromptBatch(**out)
 
-    base = load_hf_params(cfg.hf_path, cfg, mesh=mesh)
-    if not mdef.lora:
-        return LoadedModel(cfg, mdef, base, {}, t_axes, f_axes)
 
-    def init_adapters():  # only the LoRA leaves are materialized; the base comes from the checkpoint
-        return split_model(build_model(cfg, seed, lora))[1]
+@dataclass
+class OpdProgram(StepProgram):
+    """`opd_program`'s StepProgram, with the parts the host-graded RL baseline reuses."""
 
-    trainable = jax.jit(init_adapters, out_shardings=t_sh)()
-    frozen = base
-    return LoadedModel(cfg, mdef, trainable, frozen, t_axes, f_axes)
+    builder: StepBuilder | None = None
+    jitted: Callable | None = None  # build_opd_step's jit: (state, teacher params, batch, key, sampling params)
+    feed: PromptFeed | None = None
+    teacher_params: list = field(default_factory=list)
+    teacher_shardings: list = field(default_factory=list)
+    sampling_params: SamplingParams | None = None
+    key: jax.Array | None = None
+
+
+def opd_program(trainer: Trainer) -> OpdProgram:
+    """The fused OPD step (and in-program-reward RL): teachers loaded by `step.uses_teachers`, the program built
+    by `step.build_opd_step`, prompt batches from the task."""
+    cfg, mesh, task = trainer.cfg, trainer.mesh, trainer.task
+    if cfg.algorithm not in ("opd", "rl"):
+        raise ValueError(f"algorithm {cfg.algorithm!r} runs through opd_jax.baselines, not the OPD step")
+    reward_fn = task.reward_fn if (cfg.algorithm == "rl" or cfg.loss.task_reward_coef) else None
+    feed = PromptFeed(cfg, task, mesh, with_answers=reward_fn is not None)
+    teachers = [load_model(t.model, seed=cfg.seed + 1 + i, mesh=mesh)
+                for i, t in enumerate(cfg.teachers)] if uses_teachers(cfg) else []
+    t_params = [t.trainable for t in teachers]
+    t_shardings = [t.shardings(mesh)[0] for t in teachers]
+    builder, step_fn = build_opd_step(cfg, mesh, trainer.student.mdef, [t.mdef for t in teachers],
+                                      trainer.optimizer, state_shardings=trainer.shardings,
+                                      teacher_shardings=t_shardings, example_batch=feed.example,
+                                      reward_fn=reward_fn, stop_token_ids=trainer.stop_token_ids)
+    s = cfg.sampling
+    sp = SamplingParams.create(s.temperature, s.top_k, s.top_p, s.greedy)
+    key = jax.random.key(cfg.seed)
+    f = (flops.opd_step_flops(trainer.student.cfg, teachers[0].cfg, cfg.batch_size, s.max_prompt_len,
+                              s.max_new_tokens, lora_rank=cfg.lora.rank)["total"] if teachers else float("nan"))
+    return OpdProgram(
+        next_batch=feed.next, step=lambda state, batch: step_fn(state, t_params, batch, key, sp),
+        data_state=task.state, restore_data=task.restore, step_flops=lambda batch: float(f), teachers=teachers,
+        builder=builder, jitted=step_fn, feed=feed, teacher_params=t_params, teacher_shardings=t_shardings,
+        sampling_params=sp, key=key)
 
 
 # ---- run directory -----------------------------------------------------------------------------------
@@ -125,79 +194,48 @@ def _sync_processes(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def peak_flops_per_device(device: jax.Device) -> float:
-    """bf16 peak for the MFU figure. Override with OPD_PEAK_FLOPS."""
-    if "OPD_PEAK_FLOPS" in os.environ:
-        return float(os.environ["OPD_PEAK_FLOPS"])
-    kind = device.device_kind.lower()
-    for name, chip in flops.CHIPS.items():
-        if name in kind.replace(" ", "").replace("lite", "e"):
-            return chip.peak_flops
-    table = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "b200": 2250e12}
-    for name, v in table.items():
-        if name in kind:
-            return v
-    return 3.4e11 if device.platform == "cpu" else float("nan")  # measured XLA fp32 matmul peak, 2-core CPU
+# ---- the loop --------------------------------------------------------------------------------------------------
+@dataclass
+class Hook:
+    fn: Callable[[Trainer, int, dict], dict | None]
+    every: int
 
 
-# ---- trainer ---------------------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, task: Task | None = None):
-        if cfg.algorithm not in ("opd", "rl"):
+    """`Trainer(cfg, task=None, program=opd_program).run()`.
+
+    Set-up: distributed init, the run dir and its resolved config, the mesh, the task, the student, the optimizer
+    and the sharded train state; then `program(self)` builds the step. `task` overrides the one `data.source`
+    names; `program` is any `StepProgram` factory."""
+
+    def __init__(self, cfg: ExperimentConfig, task: Task | None = None,
+                 program: Callable[[Trainer], StepProgram] | None = None):
+        if program is None and cfg.algorithm not in ("opd", "rl"):
             raise ValueError(f"algorithm {cfg.algorithm!r} runs through opd_jax.baselines, not the OPD trainer")
-        self._open_run(cfg, task, cfg.groups_per_batch, "groups_per_batch")
-        sampling = cfg.sampling
-        if not sampling.stop_token_ids:
-            sampling.stop_token_ids = list(self.task.stop_token_ids)
-
-        use_teachers = cfg.algorithm == "opd" or cfg.loss.kl_penalty_coef != 0
-        self.teachers = [load_model(t.model, seed=cfg.seed + 1 + i, mesh=self.mesh)
-                         for i, t in enumerate(cfg.teachers)] if use_teachers else []
-        self.teacher_params = [t.trainable for t in self.teachers]
-        self.teacher_shardings = [tree_shardings(self.mesh, t.t_axes, t.trainable) for t in self.teachers]
-        s = self._init_student()
-        reward_fn = self.task.reward_fn if (cfg.algorithm == "rl" or cfg.loss.task_reward_coef) else None
-        self.builder = StepBuilder(cfg, s.mdef, [t.mdef for t in self.teachers], self.mesh, self.optimizer,
-                                   reward_fn=reward_fn)
-        example = self._next_batch(peek=True)
-        self.batch_shardings = batch_shardings(self.mesh, example)
-        self.step_fn = make_opd_step(self.builder, self.shardings, self.teacher_shardings, example)
-        self.sp = SamplingParams.create(sampling.temperature, sampling.top_k, sampling.top_p, sampling.greedy)
-        self.key = jax.random.key(cfg.seed)
-        self._open_loop()
-
-    # ---- set-up shared with the baselines' trainers ---------------------------------------------------------
-    def _open_run(self, cfg: ExperimentConfig, task: Task | None, rows: int, what: str) -> None:
-        """Distributed init, the run dir and its resolved config, the mesh, the task (`rows` per step must
-        divide over the processes; `what` names the config key in the error)."""
         initialize_distributed(cfg.distributed)
         self.cfg = cfg
         prepare_run_dir(cfg)
         if jax.process_index() == 0:
             save_config(cfg, cfg.run_dir)
         self.mesh = make_mesh(cfg.mesh)
-        n_proc = jax.process_count()
-        if rows % n_proc:
-            raise ValueError(f"{what}={rows} must divide over {n_proc} processes")
-        self.task = task or build_task(cfg, process_index=jax.process_index(), process_count=n_proc)
-
-    def _init_student(self) -> LoadedModel:
-        """The student, the optimizer and the sharded train state."""
-        cfg = self.cfg
-        s = self.student = load_model(cfg.student, seed=cfg.seed, mesh=self.mesh, lora=cfg.lora)
+        self.task = task or build_task(cfg, process_index=jax.process_index(), process_count=jax.process_count())
+        self.stop_token_ids = resolve_stop_tokens(cfg.sampling.stop_token_ids, self.task)
+        self.student = load_model(cfg.student, seed=cfg.seed, mesh=self.mesh, lora=cfg.lora)
+        s = self.student
         self.optimizer = make_optimizer(cfg.optim, cfg.steps)
         self.shardings = state_shardings(self.optimizer, s.trainable, s.frozen, s.t_axes, s.f_axes, self.mesh)
         self.state = init_train_state(self.optimizer, s.trainable, s.frozen, self.shardings)
-        return s
+        self.program = (program or opd_program)(self)
 
-    def _open_loop(self) -> None:
-        """Checkpointer, metric sinks and loop counters; restores the latest checkpoint when resuming."""
-        cfg = self.cfg
         self.checkpointer = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"),
                                          max_to_keep=cfg.checkpoint.max_to_keep, async_save=cfg.checkpoint.async_save)
         self.logger = MetricsLogger(cfg.run_dir, total_steps=cfg.steps, tensorboard=cfg.logging.tensorboard,
                                     wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
                                     progress=cfg.logging.progress)
+        self.hooks: list[Hook] = []
+        if cfg.eval.every:
+            self.add_hook(lambda tr, step, m: tr.run_eval(f"eval_step{step}") if step < cfg.steps else None,
+                          every=cfg.eval.every)
         self._eval_fn = None
         self._stop_requested = False
         self.skipped_total = 0
@@ -206,42 +244,20 @@ class Trainer:
         if cfg.resume and self.checkpointer.latest_step() is not None:
             self._restore()
 
-    # ---- data ------------------------------------------------------------------------------------------
-    def _next_batch(self, peek: bool = False) -> PromptBatch:
-        c = self.cfg
-        n_local = c.groups_per_batch // jax.process_count()
-        saved = self.task.state()
-        rows = self.task.next_prompts(n_local)
-        if peek:
-            self.task.restore(saved)
-        else:
-            self.last_rows = rows  # this step's prompts and answers, for a host-side grader (baselines.rl)
-        arrays = self.task.pack(rows, c.sampling.max_prompt_len, c.sampling.truncate_prompts)
-        if peek:  # shapes of the global batch (every process's rows), for the shardings
-            return PromptBatch(**{k: np.zeros((c.groups_per_batch, *v.shape[1:]), v.dtype) if v.ndim else v
-                                  for k, v in arrays.items()})
-        out = {}
-        for name, arr in arrays.items():
-            sh = getattr(self.batch_shardings, name)
-            if arr.ndim == 0:
-                out[name] = jax.device_put(arr, sh)
-                continue
-            shape = (c.groups_per_batch, *arr.shape[1:])
-            mine = range(jax.process_index() * n_local, (jax.process_index() + 1) * n_local)
-            if jax.process_count() > 1 and _addressable_rows(sh, shape) != set(mine):
-                # this process's devices hold other rows than the task's slice (e.g. rows replicated when the batch
-                # does not divide over the batch axes): gather all processes' rows first
-                from jax.experimental import multihost_utils
+    @property
+    def teachers(self) -> list[LoadedModel]:
+        return self.program.teachers
 
-                full = multihost_utils.process_allgather(arr, tiled=True)
-                out[name] = jax.make_array_from_callback(shape, sh, lambda idx, full=full: full[idx])
-            else:
-                out[name] = jax.make_array_from_process_local_data(sh, arr, shape)
-        return PromptBatch(**out)
+    def add_hook(self, fn: Callable[[Trainer, int, dict], dict | None], every: int) -> None:
+        """Call `fn(trainer, step, metrics)` after every `every`-th step (`step` counts completed steps), before
+        the step's metrics are logged; a dict it returns is merged into them."""
+        if every <= 0:
+            raise ValueError(f"add_hook: every must be >= 1, got {every}")
+        self.hooks.append(Hook(fn, every))
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def _meta(self) -> dict:
-        return {"data": self.task.state(), "seed": self.cfg.seed, "skipped_total": self.skipped_total}
+        return {"data": self.program.data_state(), "seed": self.cfg.seed, "skipped_total": self.skipped_total}
 
     def save(self, force: bool = False) -> None:
         step = int(self.state.step)
@@ -249,18 +265,26 @@ class Trainer:
 
     def _restore(self) -> None:
         self.state, meta, step = self.checkpointer.restore(self.state)
-        self.task.restore(meta.get("data", {}))
+        self.program.restore_data(meta.get("data", {}))
         self.skipped_total = int(meta.get("skipped_total", 0))
         self.start_step = step
         if jax.process_index() == 0:
             print(f"resumed from {self.cfg.run_dir} at step {step}")
 
     # ---- eval ------------------------------------------------------------------------------------------
-    def run_eval(self, tag: str) -> dict:
+    @property
+    def eval_sampler(self) -> Callable:
+        """The jitted eval sampler of the student (`eval.make_eval_sampler`), built on first use."""
         if self._eval_fn is None:
-            self._eval_fn = make_eval_sampler(self.student.mdef, self.mesh, self.cfg)
-        result = task_eval(self.cfg, self.task, self._eval_fn, (self.state.trainable, self.state.frozen), self.mesh,
-                           step=int(self.state.step), out_dir=os.path.join(self.cfg.run_dir, "eval"), tag=tag)
+            self._eval_fn = make_eval_sampler(self.student.mdef, self.mesh, self.cfg, self.stop_token_ids)
+        return self._eval_fn
+
+    def run_eval(self, tag: str, task: Task | None = None) -> dict:
+        """Evaluate the current student on `task`'s eval problems (default: the run's task) with the `eval.*`
+        settings, write `<run_dir>/eval/<tag>.*`, and return the summary metrics ({} without eval problems)."""
+        result = task_eval(self.cfg, task or self.task, self.eval_sampler, (self.state.trainable, self.state.frozen),
+                           self.mesh, step=int(self.state.step), out_dir=os.path.join(self.cfg.run_dir, "eval"),
+                           tag=tag)
         return {} if result is None else result.summary()
 
     # ---- loop ------------------------------------------------------------------------------------------
@@ -276,18 +300,10 @@ class Trainer:
             flag = multihost_utils.process_allgather(flag)
         return bool(np.any(flag))
 
-    def step_flops(self) -> float:
-        c = self.cfg
-        t_cfg = self.teachers[0].cfg if self.teachers else None
-        f = flops.opd_step_flops(self.student.cfg, t_cfg, c.batch_size, c.sampling.max_prompt_len,
-                                 c.sampling.max_new_tokens, lora_rank=c.lora.rank) if t_cfg is not None else None
-        return float(f["total"]) if f else float("nan")
-
     def run(self) -> dict:
         c = self.cfg
         prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
-        peak = peak_flops_per_device(jax.devices()[0]) * jax.device_count()
-        step_flops = self.step_flops()
+        peak = flops.peak_flops_per_device(jax.devices()[0]) * jax.device_count()
         history: dict = {}
         try:
             if c.eval.source or c.data.source.startswith("synthetic:"):
@@ -295,18 +311,20 @@ class Trainer:
                     history["eval_start"] = self.run_eval("eval_step0")
                     self.logger.log(self.start_step, history["eval_start"])
             for step in range(self.start_step, c.steps):
-                batch = self._next_batch()
+                batch = self.program.next_batch()
                 t0 = time.perf_counter()
-                self.state, metrics = self.step_fn(self.state, self.teacher_params, batch, self.key, self.sp)
+                self.state, metrics = self.program.step(self.state, batch)
                 metrics = jax.device_get(metrics)
                 dt = time.perf_counter() - t0
                 metrics = {k: float(v) for k, v in metrics.items()}
+                step_flops = self.program.step_flops(batch)
                 metrics.update(step_time=dt, tokens_per_s=metrics["num_tokens"] / dt,
-                               mfu=step_flops / dt / peak if step_flops == step_flops else float("nan"))
+                               mfu=step_flops / dt / peak if not math.isnan(step_flops) else float("nan"))
                 self._track_nonfinite(step + 1, metrics)
                 done = step + 1
-                if c.eval.every and done % c.eval.every == 0 and done < c.steps:
-                    metrics.update(self.run_eval(f"eval_step{done}"))
+                for hook in self.hooks:
+                    if done % hook.every == 0:
+                        metrics.update(hook.fn(self, done, metrics) or {})
                 self.logger.log(done, metrics)
                 history.setdefault("first", metrics)
                 history["last"] = metrics
@@ -368,5 +386,5 @@ def train(cfg: ExperimentConfig) -> dict:
     return Trainer(cfg).run()
 
 
-__all__ = ["Trainer", "train", "load_model", "NonFiniteLossError", "RunDirExistsError", "TrainState", "nnx",
-           "model_axes"]
+__all__ = ["Trainer", "StepProgram", "OpdProgram", "PromptFeed", "opd_program", "train", "NonFiniteLossError",
+           "RunDirExistsError"]

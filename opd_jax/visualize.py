@@ -17,20 +17,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from opd_jax import losses
+from opd_jax.checkpoint import load_run_model
 from opd_jax.config import ExperimentConfig, load_config
+from opd_jax.data import build_task
+from opd_jax.data.task import pad_prompts, resolve_stop_tokens
 from opd_jax.mesh import make_mesh
-from opd_jax.run_setup import load_run_model, resolve_stop_tokens
-from opd_jax.sampling import SamplingParams, pad_prompts, sample
+from opd_jax.sampling import SamplingParams, make_sampler
 from opd_jax.step import completion_hidden
-from opd_jax.tasks import build_task
-from opd_jax.trainer import load_model
+from opd_jax.train_state import load_model
 
 
 def token_kl(cfg: ExperimentConfig, prompt_text: str | None = None, *, greedy: bool = True, seed: int = 0) -> dict:
     """Sample one student completion and score it per token against the first teacher."""
     mesh = make_mesh(cfg.mesh)
     task = build_task(cfg)
-    stops = resolve_stop_tokens(cfg, task)
+    stops = resolve_stop_tokens(cfg.sampling.stop_token_ids, task)
     student, _ = load_run_model(cfg.student, cfg.run_dir, seed=cfg.seed, mesh=mesh, lora=cfg.lora)
     if not cfg.teachers:
         raise ValueError("visualize: the config has no teacher (teachers: [...])")
@@ -46,11 +47,8 @@ def token_kl(cfg: ExperimentConfig, prompt_text: str | None = None, *, greedy: b
     t_tok, t_mask, _ = pad_prompts([t_prompt], cfg.sampling.max_prompt_len, **pad)
     sp = SamplingParams.create(cfg.sampling.temperature, cfg.sampling.top_k, cfg.sampling.top_p, greedy=greedy)
 
-    @jax.jit
-    def draw(params, tok, mask, key, sp):
-        return sample(student.mdef.merge(*params), tok, mask, key, sp, max_new_tokens=cfg.sampling.max_new_tokens,
-                      stop_token_ids=tuple(stops), pad_id=task.pad_id)
-
+    draw = make_sampler(student.mdef, max_new_tokens=cfg.sampling.max_new_tokens, stop_token_ids=stops,
+                        pad_id=task.pad_id)
     out = draw((student.trainable, student.frozen), tok, mask, jax.random.key(seed), sp)
     n = int(out.lengths[0])
     comp, cmask = out.tokens[:, :n], out.mask[:, :n]

@@ -30,13 +30,13 @@ from opd_jax.baselines.sft import (
     sft_step,
     teacher_sft_examples,
 )
+from opd_jax.checkpoint import load_run_model
 from opd_jax.config import config_from_dict
 from opd_jax.data.synthetic import EOS, ArithmeticTask
+from opd_jax.data.task import Task
 from opd_jax.eval.evaluate import pass_at_k
 from opd_jax.mesh import make_mesh
-from opd_jax.run_setup import load_run_model
 from opd_jax.sampling import SamplingParams
-from opd_jax.tasks import Task
 from opd_jax.trainer import Trainer
 
 QUIET = dict(progress=False, tensorboard=False)

@@ -13,16 +13,7 @@ import pytest
 
 from opd_jax.config.schema import DataConfig
 from opd_jax.data import sources as src_mod
-from opd_jax.data.dataset import (
-    NO_TRAINABLE_TOKENS,
-    PROMPT_TOO_LONG,
-    TOO_LONG,
-    DataError,
-    Example,
-    PromptDataset,
-    SFTDataset,
-    pack_sft,
-)
+from opd_jax.data.dataset import PROMPT_TOO_LONG, DataError, Example, PromptDataset
 from opd_jax.data.sources import (
     PRESETS,
     BadRecord,
@@ -484,85 +475,8 @@ def test_too_few_rows_for_processes():
         _ds(2, seed=0, process_index=0, process_count=3)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# SFT
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class CharRenderer:
-    """Minimal renderer: <role> content <end>; assistant content and its <end> are trainable."""
-
-    ROLE = {"system": 3, "user": 4, "assistant": 5}
-
-    def build_conversation(self, messages):
-        toks, mask = [1], [0]
-        for m in messages:
-            body = [10 + (ord(c) % 100) for c in m["content"]] + [2]
-            toks += [self.ROLE[m["role"]]] + body
-            mask += [0] + [int(m["role"] == "assistant")] * len(body)
-        return toks, mask
-
-
 def _conv(q, a):
     return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-
-
-def test_pack_sft_layout():
-    r = CharRenderer()
-    ex = [Example(_conv("hi", "yo!"), None, "t", 0), Example(_conv("question", "a"), None, "t", 1)]
-    b = pack_sft(ex, r, seq_len=32)
-    assert b.tokens.shape == (2, 32) and b.tokens.dtype == np.int32
-    t0, m0 = r.build_conversation(ex[0].messages)
-    assert b.lengths.tolist() == [len(t0), len(r.build_conversation(ex[1].messages)[0])]
-    assert b.tokens[0, : len(t0)].tolist() == t0 and (b.tokens[0, len(t0):] == 0).all()
-    assert b.loss_mask[0, : len(t0)].tolist() == m0 and b.loss_mask[0, len(t0):].sum() == 0
-    assert b.loss_mask[0, -5:].sum() == 0 and b.loss_mask[:, 0].sum() == 0
-    assert b.positions[0, : len(t0)].tolist() == list(range(len(t0))) and b.positions[0, len(t0):].sum() == 0
-    assert (b.segment_ids == b.mask.astype(np.int32)).all() and b.mask.sum() == b.lengths.sum()
-    # buckets: the smallest bucket that fits the longest row
-    assert pack_sft(ex, r, seq_len=64, buckets=(8, 16, 32)).tokens.shape == (2, 16)
-    with pytest.raises(ValueError, match="seq_len"):
-        pack_sft(ex, r, seq_len=8)
-    assert pack_sft(ex, r, seq_len=8, truncate=True).lengths.tolist() == [8, 8]
-
-
-def test_sft_dataset_skips_and_resume():
-    convs = [{"messages": _conv(f"q{i}", "a" * (i % 7 + 1))} for i in range(30)]
-    convs[3] = {"messages": _conv("long", "x" * 100)}  # too long for seq_len 40
-    convs[4] = {"messages": [{"role": "user", "content": "no answer"}]}  # nothing to train on
-    src = ListSource(convs, name="conv", prompt_field="messages", answer_field=None)
-
-    def make(buckets):
-        return SFTDataset(PromptDataset(src, seed=0), CharRenderer(), seq_len=40, batch_size=4, buckets=buckets,
-                          window_batches=3)
-
-    for buckets in (None, (16, 24, 40)):
-        sft = make(buckets)
-        first = [sft.next_batch() for _ in range(4)]
-        assert all(b.tokens.shape[0] == 4 for b in first)
-        if buckets is None:
-            assert all(b.tokens.shape == (4, 40) for b in first)
-        else:
-            assert all(b.tokens.shape[1] in buckets for b in first)
-        state = json.loads(json.dumps(sft.state()))
-        expected = [sft.next_batch() for _ in range(5)]
-        counts = sft.dataset.stats.counts
-        assert counts.get(TOO_LONG, 0) >= 1 and counts.get(NO_TRAINABLE_TOKENS, 0) >= 1
-        again = make(buckets)
-        again.restore(state)
-        for want, got in zip(expected, [again.next_batch() for _ in range(5)], strict=True):
-            assert np.array_equal(want.tokens, got.tokens) and np.array_equal(want.loss_mask, got.loss_mask)
-        assert "too_long" in sft.report()
-    with pytest.raises(ValueError, match="buckets"):
-        SFTDataset(PromptDataset(src, seed=0, process_count=2), CharRenderer(), seq_len=40, batch_size=2,
-                   buckets=(16,))
-
-
-def test_sft_all_unusable_raises():
-    src = ListSource([{"messages": _conv("q", "x" * 50)}] * 3, prompt_field="messages", answer_field=None)
-    sft = SFTDataset(PromptDataset(src, seed=0), CharRenderer(), seq_len=16, batch_size=2)
-    with pytest.raises(DataError, match="too_long"):
-        sft.next_batch()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -573,6 +487,7 @@ def test_sft_all_unusable_raises():
 def test_prompt_budget_with_qwen3_renderer(tmp_path):
     from fixtures_tokenizer import make_tokenizer_dir
 
+    from opd_jax.baselines.sft import pack_rows
     from opd_jax.data.renderers import get_renderer, load_tokenizer
 
     r = get_renderer("qwen3", load_tokenizer(make_tokenizer_dir(tmp_path / "tok")))
@@ -581,10 +496,11 @@ def test_prompt_budget_with_qwen3_renderer(tmp_path):
                        tokenize=lambda ex: r.build_prompt(ex.messages))
     assert _ids(ds.next_batch(2)) == [0, 0] and ds.stats.counts == {PROMPT_TOO_LONG: 1}
     convs = ListSource([{"m": _conv("What is 1 + 2?", "3")}], prompt_field="m", answer_field=None)
-    b = pack_sft(PromptDataset(convs, seed=0).all_examples(), r, seq_len=64)
+    rows = [r.build_conversation(ex.messages) for ex in PromptDataset(convs, seed=0).all_examples()]
+    b, _ = pack_rows(rows, 64)
     prompt = r.build_prompt(_conv("What is 1 + 2?", "3")[:1])
-    assert b.tokens[0, : len(prompt)].tolist() == prompt  # SFT rows start with the exact sampling prompt
-    assert b.loss_mask[0, : len(prompt)].sum() == 0 and b.loss_mask[0, len(prompt):].sum() > 0
+    assert b["tokens"][0, : len(prompt)].tolist() == prompt  # SFT rows start with the exact sampling prompt
+    assert b["loss_mask"][0, : len(prompt)].sum() == 0 and b["loss_mask"][0, len(prompt):].sum() > 0
 
 
 def test_shared_data_dir_env(monkeypatch, tmp_path):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from opd_jax.eval import math_grading as mg
-from opd_jax.eval.math_grading import extract_answer, extract_boxed, grade, grade_batch, normalize_answer
+from opd_jax.data import math_grading as mg
+from opd_jax.data.math_grading import extract_answer, extract_boxed, grade, grade_batch, normalize_answer
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared/data"
 WORKERS = 2  # one pool size for every test, so the spawned workers are reused

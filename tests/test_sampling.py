@@ -24,17 +24,15 @@ from hf_utils import tiny_hf
 from scipy.special import chdtrc
 
 from opd_jax.config.schema import MeshConfig
+from opd_jax.data.task import PromptTooLongError, bucket_length, pad_prompts
 from opd_jax.mesh import make_mesh
 from opd_jax.models.qwen3 import Qwen3, abstract_model, model_axes, positions_from_mask
 from opd_jax.models.weight_mapping import config_from_hf, params_from_hf
 from opd_jax.sampling import (
-    PromptTooLongError,
     SampleOutput,
     SamplingParams,
-    bucket_length,
     choose_tokens,
     make_sampler,
-    pad_prompts,
     sample,
     truncate_logits,
 )

@@ -139,8 +139,8 @@ def env() -> SimpleNamespace:
     e.sp = SamplingParams.create()
     e.step = make_opd_step(e.builder, None, None, e.batch)
     # sampling in 2 micro-batches, with stop tokens: fixed samples for the update-phase tests
-    e.sampler = jax.jit(StepBuilder(make_cfg(micro_batches=2, stop_token_ids=list(STOPS)), e.sdef, [e.tdef], None,
-                                    e.opt).sample_phase)
+    e.sampler = jax.jit(StepBuilder(make_cfg(micro_batches=2), e.sdef, [e.tdef], None, e.opt,
+                                    stop_token_ids=STOPS).sample_phase)
     e.samples = e.sampler(new_state(e.opt, e.tr, e.fr), e.batch, jax.random.key(1), e.sp)
     e.sgd = optax.sgd(1.0)  # update-phase tests: the update is exactly -grad
     e.teacher_logits = jax.jit(lambda params, tokens, mask: full_logits(e.tdef, params, tokens, mask))

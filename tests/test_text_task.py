@@ -19,13 +19,13 @@ import pytest
 from fixtures_tokenizer import make_tokenizer_dir
 
 from opd_jax.config.schema import DataConfig, ExperimentConfig, ModelConfig, TeacherConfig
+from opd_jax.data import build_task
 from opd_jax.data.dataset import DataError
 from opd_jax.data.renderers import load_tokenizer, teacher_sequence
 from opd_jax.data.text_task import TextTask
 from opd_jax.models.qwen3 import build_model, positions_from_mask
 from opd_jax.sampling import SamplingParams
 from opd_jax.step import PromptBatch, StepBuilder
-from opd_jax.tasks import build_task
 from opd_jax.train_state import init_train_state, split_model
 
 QUESTIONS = [

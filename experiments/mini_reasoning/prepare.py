@@ -137,9 +137,9 @@ def prepare(cfg=None, recipe: PrepRecipe | None = None, *, root: str | os.PathLi
     sig = eval_signature(cfg)
 
     from opd_jax.baselines.sft import SFTTrainer, teacher_sft_examples
+    from opd_jax.data import build_task
     from opd_jax.sampling import SamplingParams
-    from opd_jax.tasks import build_task
-    from opd_jax.trainer import load_model
+    from opd_jax.train_state import load_model
 
     try:
         if "teacher_accuracy" not in info or not (t_dir / "config.json").exists():

@@ -29,12 +29,12 @@ from experiments.mini_reasoning import common
 
 def grade_both(trainer, facts_task, tag: str) -> dict:
     """Greedy held-out accuracy on the old skill (the trainer's own task) and on the whole facts table."""
-    from opd_jax.run_setup import task_eval
+    from opd_jax.eval.evaluate import task_eval
 
     old = float(trainer.run_eval(f"{tag}_arithmetic")["eval_accuracy"])
     cfg = copy.deepcopy(trainer.cfg)
     cfg.eval.num_problems = 0  # the whole table
-    res = task_eval(cfg, facts_task, trainer._eval_fn, (trainer.state.trainable, trainer.state.frozen),
+    res = task_eval(cfg, facts_task, trainer.eval_sampler, (trainer.state.trainable, trainer.state.frozen),
                     trainer.mesh, step=int(trainer.state.step), out_dir=os.path.join(cfg.run_dir, "eval"),
                     tag=f"{tag}_facts")
     return {"arithmetic": old, "facts": float(res.summary()["eval_accuracy"])}
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from experiments.mini_reasoning.prepare import _export, _sft_cfg
     from opd_jax.baselines.sft import SFTTrainer
+    from opd_jax.data import build_task
     from opd_jax.data.synthetic import FactsTask
-    from opd_jax.tasks import build_task
     from opd_jax.trainer import Trainer
 
     runs, base, prep = common.start_stage(a)

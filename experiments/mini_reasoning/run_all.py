@@ -70,7 +70,7 @@ def run_one(method: str, seed: int, prep, *, steps: int, eval_every: int, out_ro
     """Train one method/seed from the cached student; returns its curve rows."""
     import jax
 
-    from opd_jax.tasks import build_task
+    from opd_jax.data import build_task
 
     run_dir = os.path.join(out_root, f"{method}_s{seed}")
     cfg = method_config(method, prep.overrides(), seed=seed, steps=steps, eval_every=eval_every, run_dir=run_dir,
@@ -84,7 +84,7 @@ def run_one(method: str, seed: int, prep, *, steps: int, eval_every: int, out_ro
         from opd_jax.baselines.sft import SFTTrainer, teacher_sft_examples
         from opd_jax.mesh import make_mesh
         from opd_jax.sampling import SamplingParams
-        from opd_jax.trainer import load_model
+        from opd_jax.train_state import load_model
 
         mesh = make_mesh(cfg.mesh)
         teacher = load_model(t_model, seed=0, mesh=mesh)

@@ -9,8 +9,9 @@ Two modes, picked from the task:
     the KL reference and the advantage is `task_reward_coef * A_task - kl_penalty_coef * KL`.
 (b) host reward (`task.reward_fn` is None, e.g. math answers checked with math-verify on the host): the step is
     split into two jitted programs, sample -> host grade -> update (`StepBuilder.sample_phase` and
-    `StepBuilder.update_phase(..., task_reward=...)`). This is the one place where a training step leaves the
-    single XLA program: the grader is Python, so the completions have to come back to the host.
+    `StepBuilder.update_phase(..., task_reward=...)`, `host_reward_program`). This is the one place where a
+    training step leaves the single XLA program: the grader is Python, so the completions have to come back to
+    the host.
 """
 
 from __future__ import annotations
@@ -22,15 +23,15 @@ import numpy as np
 
 from opd_jax import losses
 from opd_jax.config import ExperimentConfig
+from opd_jax.data import build_task
+from opd_jax.data.task import Task
 from opd_jax.distributed import initialize_distributed
-from opd_jax.mesh import batch_sharding, replicated
-from opd_jax.run_setup import global_rows, host_local
+from opd_jax.mesh import batch_sharding, global_rows, host_local, replicated
 from opd_jax.sampling import SampleOutput, SamplingParams
 from opd_jax.step import PromptBatch
-from opd_jax.tasks import Task, build_task
-from opd_jax.trainer import Trainer
+from opd_jax.trainer import OpdProgram, Trainer, opd_program
 
-__all__ = ["HostRewardRLTrainer", "check_rl_config", "make_rl_trainer", "train_rl"]
+__all__ = ["HostRewardRLTrainer", "host_reward_program", "check_rl_config", "make_rl_trainer", "train_rl"]
 
 
 def check_rl_config(cfg: ExperimentConfig) -> None:
@@ -51,60 +52,58 @@ def check_rl_config(cfg: ExperimentConfig) -> None:
         raise ValueError("loss.kl_penalty_coef != 0 needs a reference model in `teachers`")
 
 
-class HostRewardRLTrainer(Trainer):
-    """Mode (b): `Trainer` whose step is `sample (jit) -> task.grade_batch (host) -> update (jit)`.
+def host_reward_program(trainer: Trainer) -> OpdProgram:
+    """Mode (b) as a `StepProgram`: `sample (jit) -> task.grade_batch (host) -> update (jit)`, reusing the
+    fused step's halves (`StepBuilder.sample_phase` / `update_phase`), its teachers and its prompt feed.
 
-    Everything else (checkpoints, resume, eval, metrics, SIGTERM, non-finite skips) is the `Trainer`'s. The
-    sample program reads the train state without donating it; the update program donates it. Each process
-    grades its own rows: the completions come back process-local and the rewards go in as one global array.
-    """
+    The sample program reads the train state without donating it; the update program donates it. Each process
+    grades its own rows: the completions come back process-local and the rewards go in as one global array."""
+    p = opd_program(trainer)
+    c, mesh, b, task = trainer.cfg, trainer.mesh, p.builder, trainer.task
+    B, N = c.batch_size, c.sampling.max_new_tokens
+    rep = replicated(mesh)
+    rows, toks = batch_sharding(mesh, (B,)), batch_sharding(mesh, (B, N))
+    sample_sh = SampleOutput(tokens=toks, mask=toks, lengths=rows, logprobs=toks, sampler_logprobs=toks,
+                             truncated=rows)
+    sp_sh = SamplingParams(temperature=rep, top_k=rep, top_p=rep)
 
-    def __init__(self, cfg: ExperimentConfig, task: Task | None = None):
-        super().__init__(cfg, task)
-        c, mesh, b = cfg, self.mesh, self.builder
-        B, N = c.batch_size, c.sampling.max_new_tokens
-        rep = replicated(mesh)
-        rows, toks = batch_sharding(mesh, (B,)), batch_sharding(mesh, (B, N))
-        sample_sh = SampleOutput(tokens=toks, mask=toks, lengths=rows, logprobs=toks, sampler_logprobs=toks,
-                                 truncated=rows)
-        sp_sh = SamplingParams(temperature=rep, top_k=rep, top_p=rep)
-        self.reward_sharding = rows
+    def sample_fn(state, batch: PromptBatch, key, sp):
+        # the same per-step key as the fused step
+        return b.sample_phase(state, batch, jax.random.fold_in(key, state.step), sp)
 
-        def sample_fn(state, batch: PromptBatch, key, sp):
-            # the same per-step key as the fused step
-            return b.sample_phase(state, batch, jax.random.fold_in(key, state.step), sp)
+    sample_jit = jax.jit(sample_fn, in_shardings=(trainer.shardings, p.feed.shardings, rep, sp_sh),
+                         out_shardings=sample_sh)
+    update_jit = jax.jit(b.update_phase,
+                         in_shardings=(trainer.shardings, p.teacher_shardings, p.feed.shardings, sample_sh, rows),
+                         out_shardings=(trainer.shardings, rep), donate_argnums=(0,))
 
-        self.sample_fn = jax.jit(sample_fn, in_shardings=(self.shardings, self.batch_shardings, rep, sp_sh),
-                                 out_shardings=sample_sh)
-        self.update_fn = jax.jit(
-            b.update_phase,
-            in_shardings=(self.shardings, self.teacher_shardings, self.batch_shardings, sample_sh, rows),
-            out_shardings=(self.shardings, rep), donate_argnums=(0,),
-        )
-        self.step_fn = self.split_step
-
-    def grade(self, samples: SampleOutput) -> np.ndarray:
+    def grade(samples: SampleOutput) -> np.ndarray:
         """This process's rewards [local rows], 1.0 for a correct completion. Completions keep their stop token."""
         tokens, lengths = host_local(samples.tokens), host_local(samples.lengths)
-        K = self.cfg.group_size
-        answers = [a for a in self.last_rows.answers for _ in range(K)]
+        answers = [a for a in p.feed.last_rows.answers for _ in range(c.group_size)]
         if len(answers) != len(tokens):
             raise RuntimeError(f"{len(answers)} answers for {len(tokens)} local samples")
         completions = [tokens[i, : int(lengths[i])].tolist() for i in range(len(tokens))]
-        correct = self.task.grade_batch(completions, [a if a is not None else "" for a in answers])
+        correct = task.grade_batch(completions, [a if a is not None else "" for a in answers])
         return np.asarray(correct, np.float32)
 
-    def split_step(self, state, teacher_params, batch: PromptBatch, key, sp) -> tuple:
-        """`Trainer.step_fn` signature: (state, teacher params, batch, key, sampling params) -> (state, metrics)."""
+    def split_step(state, batch: PromptBatch) -> tuple:
         t0 = time.perf_counter()
-        samples = self.sample_fn(state, batch, key, sp)
-        reward = self.grade(samples)  # blocks on the samples
+        samples = sample_jit(state, batch, p.key, p.sampling_params)
+        reward = grade(samples)  # blocks on the samples
         t1 = time.perf_counter()
-        state, metrics = self.update_fn(state, teacher_params, batch, samples, global_rows(reward,
-                                                                                            self.reward_sharding))
-        metrics = dict(metrics)
-        metrics.update(sample_grade_time=t1 - t0)
-        return state, metrics
+        state, metrics = update_jit(state, p.teacher_params, batch, samples, global_rows(reward, rows))
+        return state, {**metrics, "sample_grade_time": t1 - t0}
+
+    p.step = split_step
+    return p
+
+
+class HostRewardRLTrainer(Trainer):
+    """Mode (b): the `Trainer` loop over `host_reward_program`."""
+
+    def __init__(self, cfg: ExperimentConfig, task: Task | None = None):
+        super().__init__(cfg, task, program=host_reward_program)
 
 
 def make_rl_trainer(cfg: ExperimentConfig, task: Task | None = None) -> Trainer:

@@ -22,13 +22,13 @@ Where rows come from:
       train_sft(cfg, examples=rows)
 
 The training loop (eval schedule, checkpoints and resume, metrics, SIGTERM, non-finite tracking) is the
-OPD `Trainer`'s: `SFTTrainer` subclasses it with its own set-up, data and step.
+`Trainer`'s: `sft_program` gives it the SFT data and step, and `SFTTrainer` is the Trainer built with it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,16 +39,15 @@ from jax.sharding import Mesh
 
 from opd_jax import flops, losses
 from opd_jax.config import ExperimentConfig
-from opd_jax.mesh import batch_sharding, replicated
+from opd_jax.data.task import Task, pad_prompts
+from opd_jax.mesh import batch_sharding, global_rows, host_local, replicated
 from opd_jax.models.qwen3 import positions_from_mask
-from opd_jax.run_setup import global_rows, host_local, resolve_stop_tokens
-from opd_jax.sampling import SamplingParams, pad_prompts, sample
-from opd_jax.tasks import Task
-from opd_jax.train_state import ModelDef, TrainState
-from opd_jax.trainer import LoadedModel, Trainer
+from opd_jax.sampling import SamplingParams, make_sampler
+from opd_jax.train_state import LoadedModel, ModelDef, TrainState, accumulate_gradients, apply_gradients
+from opd_jax.trainer import StepProgram, Trainer
 
 __all__ = ["SFTBatch", "SFTTrainer", "ListSFTSource", "TaskSFTSource", "length_buckets", "make_sft_step",
-           "pack_rows", "sft_step", "teacher_sft_examples", "train_sft"]
+           "pack_rows", "sft_program", "sft_step", "teacher_sft_examples", "train_sft"]
 
 F32 = jnp.float32
 Example = tuple[list[int], list[int]]  # (tokens, loss_mask)
@@ -154,8 +153,6 @@ def sft_step(mdef: ModelDef, optimizer: optax.GradientTransformation, mesh: Mesh
     """One SFT update (traced): mean NLL over the loss tokens, gradients accumulated over `micro_batches`,
     skipped (weights and moments unchanged) when the loss or the gradient norm is not finite."""
     B, S = batch.tokens.shape
-    if B % micro_batches:
-        raise ValueError(f"micro_batches={micro_batches} does not divide the SFT batch of {B} rows")
     targets_w = batch.loss_mask[:, 1:].astype(F32)
     n_loss = jnp.maximum(jnp.sum(targets_w), 1.0)  # one global denominator: micro-batches add up
 
@@ -172,28 +169,14 @@ def sft_step(mdef: ModelDef, optimizer: optax.GradientTransformation, mesh: Mesh
         nll = -jnp.sum(out["lp"] * w)
         return nll / n_loss, {"nll": jax.lax.stop_gradient(nll), "hit": jnp.sum(out["hit"] * w)}
 
-    def mb_body(grads, xs):
-        tok, m, w = xs
-        (_, aux), g = jax.value_and_grad(mb_loss, has_aux=True)(state.trainable, tok, m, w)
-        return jax.tree.map(jnp.add, grads, g), aux
+    def mb_grads(xs):
+        (_, aux), g = jax.value_and_grad(mb_loss, has_aux=True)(state.trainable, *xs)
+        return g, aux
 
-    xs = (batch.tokens, batch.mask, targets_w)
-    zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-    if micro_batches == 1:
-        grads, aux = mb_body(zeros, xs)
-    else:
-        split = lambda x: x.reshape(micro_batches, B // micro_batches, *x.shape[1:])
-        grads, aux = jax.lax.scan(mb_body, zeros, tuple(split(x) for x in xs))
-        aux = jax.tree.map(jnp.sum, aux)
-
+    grads, aux = accumulate_gradients(mb_grads, state.trainable, (batch.tokens, batch.mask, targets_w),
+                                      micro_batches)
     loss = aux["nll"] / n_loss
-    grad_norm = optax.tree.norm(grads)
-    updates, new_opt = optimizer.update(grads, state.opt_state, state.trainable)
-    new_params = optax.apply_updates(state.trainable, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = TrainState(step=state.step + 1, trainable=keep(new_params, state.trainable), frozen=state.frozen,
-                           opt_state=keep(new_opt, state.opt_state))
+    new_state, grad_norm, finite = apply_gradients(state, grads, optimizer, loss)
     real = jnp.sum(batch.mask.astype(F32))
     metrics = dict(
         loss=loss, token_accuracy=aux["hit"] / n_loss, grad_norm=grad_norm, num_tokens=jnp.sum(targets_w),
@@ -220,76 +203,71 @@ def make_sft_step(mdef: ModelDef, optimizer: optax.GradientTransformation, mesh:
                    donate_argnums=(0,))
 
 
-# ---- trainer -------------------------------------------------------------------------------------------
+# ---- the program ----------------------------------------------------------------------------------------
+def sft_program(examples: Sequence[Example] | None = None) -> Callable[[Trainer], StepProgram]:
+    """A `StepProgram` factory for SFT: rows from `examples` (a fixed list, e.g. teacher samples) or else
+    `task.sft_examples`, packed into length buckets, and the jitted `make_sft_step`. No teacher is loaded."""
+
+    def build(trainer: Trainer) -> StepProgram:
+        cfg, task, mesh = trainer.cfg, trainer.task, trainer.mesh
+        n_proc = jax.process_count()
+        if cfg.batch_size % n_proc:
+            raise ValueError(f"batch_size (groups_per_batch x group_size) = {cfg.batch_size} must divide over "
+                             f"{n_proc} processes")
+        if examples is not None:
+            source: ListSFTSource | TaskSFTSource = ListSFTSource(examples, seed=cfg.data.shuffle_seed)
+        else:  # fail now, not at the first step, when the task has no SFT data
+            saved = task.state()
+            task.sft_examples(1)
+            task.restore(saved)
+            source = TaskSFTSource(task)
+        max_len = cfg.sampling.max_prompt_len + cfg.sampling.max_new_tokens
+        buckets = length_buckets(max_len) if n_proc == 1 else None  # hosts must agree on shapes
+        rows = batch_sharding(mesh, (cfg.batch_size, 1))
+        sft_fn = make_sft_step(trainer.student.mdef, trainer.optimizer, mesh, logprob_chunk=cfg.loss.logprob_chunk,
+                               micro_batches=cfg.micro_batches, shardings=trainer.shardings,
+                               batch_size=cfg.batch_size)
+        counts = {"truncated_rows": 0}
+
+        def next_batch() -> SFTBatch:
+            arrays, cut = pack_rows(source.next(cfg.batch_size // n_proc), max_len, pad_id=task.pad_id,
+                                    buckets=buckets)
+            if cut and counts["truncated_rows"] == 0:
+                print(f"SFT: {cut} row(s) longer than sampling.max_prompt_len + max_new_tokens = {max_len} were "
+                      "cut (counted in the truncated_rows metric)")
+            counts["truncated_rows"] += cut
+            return SFTBatch(**{k: global_rows(v, rows) for k, v in arrays.items()})
+
+        def step_flops(batch: SFTBatch) -> float:
+            return float(flops.sft_flops(trainer.student.cfg, cfg.batch_size, batch.tokens.shape[1],
+                                         lora_rank=cfg.lora.rank)["total"])
+
+        def step(state, batch: SFTBatch):
+            state, metrics = sft_fn(state, batch)
+            return state, {**metrics, "seq_len": batch.tokens.shape[1], "truncated_rows": counts["truncated_rows"],
+                           "step_flops": step_flops(batch)}
+
+        def data_state() -> dict:
+            return {**source.state(), "truncated_rows": counts["truncated_rows"]}
+
+        def restore_data(d: dict) -> None:
+            source.restore(d)
+            counts["truncated_rows"] = int(d.get("truncated_rows", 0))
+
+        return StepProgram(next_batch=next_batch, step=step, data_state=data_state, restore_data=restore_data,
+                           step_flops=step_flops)
+
+    return build
+
+
 class SFTTrainer(Trainer):
-    """`Trainer`'s loop (`run`: eval schedule, checkpoints, resume, metrics, SIGTERM, non-finite tracking) with
-    the SFT set-up, data and step. `examples`: train on this fixed list instead of `task.sft_examples`."""
+    """The `Trainer` loop (eval schedule, checkpoints, resume, metrics, SIGTERM, non-finite tracking) over
+    `sft_program`. `examples`: train on this fixed list instead of `task.sft_examples`."""
 
     def __init__(self, cfg: ExperimentConfig, task: Task | None = None, examples: Sequence[Example] | None = None):
         if cfg.algorithm != "sft":
             raise ValueError(f"SFTTrainer: algorithm must be 'sft', got {cfg.algorithm!r}")
-        self._open_run(cfg, task, cfg.batch_size, "batch_size (groups_per_batch x group_size)")
-        n_proc = jax.process_count()
-        resolve_stop_tokens(cfg, self.task)
-        if examples is not None:
-            self.source = ListSFTSource(examples, seed=cfg.data.shuffle_seed)
-        else:  # fail now, not at the first step, when the task has no SFT data
-            saved = self.task.state()
-            self.task.sft_examples(1)
-            self.task.restore(saved)
-            self.source = TaskSFTSource(self.task)
-        self.max_len = cfg.sampling.max_prompt_len + cfg.sampling.max_new_tokens
-        self.buckets = length_buckets(self.max_len) if n_proc == 1 else None  # hosts must agree on shapes
-
-        self.teachers, self.teacher_params, self.teacher_shardings, self.route = [], [], [], {}
-        s = self._init_student()
-        self.batch_sharding = batch_sharding(self.mesh, (cfg.batch_size, 1))
-        self.sft_fn = make_sft_step(s.mdef, self.optimizer, self.mesh, logprob_chunk=cfg.loss.logprob_chunk,
-                                    micro_batches=cfg.micro_batches, shardings=self.shardings,
-                                    batch_size=cfg.batch_size)
-        self.step_fn = self._step
-        self.key, self.sp = jax.random.key(cfg.seed), None  # unused: SFT does not sample
-        self.truncated_rows = 0
-        self._open_loop()
-
-    # ---- data ------------------------------------------------------------------------------------------
-    def _next_batch(self, peek: bool = False) -> SFTBatch:
-        n_local = self.cfg.batch_size // jax.process_count()
-        arrays, cut = pack_rows(self.source.next(n_local), self.max_len, pad_id=self.task.pad_id,
-                                buckets=self.buckets)
-        if cut and self.truncated_rows == 0:
-            print(f"SFT: {cut} row(s) longer than sampling.max_prompt_len + max_new_tokens = {self.max_len} were "
-                  "cut (counted in the truncated_rows metric)")
-        self.truncated_rows += cut
-        return SFTBatch(**{k: global_rows(v, self.batch_sharding) for k, v in arrays.items()})
-
-    def _step(self, state, teacher_params, batch: SFTBatch, key, sp):
-        state, metrics = self.sft_fn(state, batch)
-        width = batch.tokens.shape[1]
-        f = flops.sft_flops(self.student.cfg, self.cfg.batch_size, width, lora_rank=self.cfg.lora.rank)["total"]
-        return state, {**metrics, "seq_len": width, "truncated_rows": self.truncated_rows,
-                       "step_flops": float(f)}
-
-    def step_flops(self) -> float:
-        # constant only without length buckets; with them see the per-step `step_flops` metric
-        if self.buckets is not None and len(self.buckets) > 1:
-            return float("nan")
-        c = self.cfg
-        return float(flops.sft_flops(self.student.cfg, c.batch_size, self.max_len, lora_rank=c.lora.rank)["total"])
-
-    # ---- checkpoints -------------------------------------------------------------------------------------
-    def _meta(self) -> dict:
-        return {"data": self.source.state(), "seed": self.cfg.seed, "skipped_total": self.skipped_total,
-                "truncated_rows": self.truncated_rows}
-
-    def _restore(self) -> None:
-        self.state, meta, step = self.checkpointer.restore(self.state)
-        self.source.restore(meta.get("data", {}))
-        self.skipped_total = int(meta.get("skipped_total", 0))
-        self.truncated_rows = int(meta.get("truncated_rows", 0))
-        self.start_step = step
-        if jax.process_index() == 0:
-            print(f"resumed from {self.cfg.run_dir} at step {step}")
+        super().__init__(cfg, task, program=sft_program(examples))
 
 
 def train_sft(cfg: ExperimentConfig, *, task: Task | None = None, examples: Sequence[Example] | None = None) -> dict:
@@ -298,27 +276,6 @@ def train_sft(cfg: ExperimentConfig, *, task: Task | None = None, examples: Sequ
 
 
 # ---- teacher samples (off-policy distillation) --------------------------------------------------------
-_SAMPLERS: dict[tuple, tuple] = {}  # key -> (mdef, mesh, jitted sampler)
-
-
-def _sampler(mdef: ModelDef, max_new_tokens: int, stops: tuple[int, ...], pad_id: int, mesh: Mesh | None,
-             layout: str):
-    """One jitted sampler per teacher and shape settings, so repeated calls do not recompile. (Keyed by the
-    ModelDef's id, kept alive by the cache: a GraphDef holding a ModelConfig is not hashable.)"""
-    key = (id(mdef), max_new_tokens, stops, pad_id, id(mesh), layout)
-    if key not in _SAMPLERS:
-
-        @jax.jit
-        def sample_fn(params, tokens, mask, key, sp):
-            return sample(mdef.merge(*params), tokens, mask, key, sp, max_new_tokens=max_new_tokens,
-                          stop_token_ids=stops, pad_id=pad_id, mesh=mesh, layout=layout)
-
-        if len(_SAMPLERS) >= 8:
-            _SAMPLERS.pop(next(iter(_SAMPLERS)))
-        _SAMPLERS[key] = (mdef, mesh, sample_fn)
-    return _SAMPLERS[key][-1]
-
-
 def teacher_sft_examples(
     teacher: LoadedModel,
     task: Task,
@@ -354,7 +311,8 @@ def teacher_sft_examples(
     n_prompts = max(1, batch_size // samples_per_prompt)
     rows_per_batch = int(math.ceil(n_prompts * samples_per_prompt / n_dev) * n_dev)
 
-    sample_fn = _sampler(mdef, max_new_tokens, stops, task.pad_id, mesh, layout)
+    sample_fn = make_sampler(mdef, max_new_tokens=max_new_tokens, stop_token_ids=stops, pad_id=task.pad_id,
+                             mesh=mesh, layout=layout)
     key = jax.random.key(0) if key is None else key
     counts = {"sampled": 0, "kept": 0, "correct": 0, "truncated": 0}
     out: list[Example] = []

@@ -1,5 +1,5 @@
 """Examples out of a `Source`: deterministic shuffling, per-host slices, a resumable position, counted bad-row
-skips, and SFT batches.
+skips. (SFT rows are packed by `opd_jax.baselines.sft`.)
 
 Order (random-access sources). Epoch `e` visits the source in the permutation `default_rng([seed, e]).permutation(N)`
 (seed and epoch both feed the generator, so seed 0 / epoch 1 and seed 1 / epoch 0 differ). Global slot `g` of the
@@ -26,11 +26,6 @@ Resume. `state()` is a small JSON-able dict (epoch, position, skip counts) and i
 counts are this process's, informational), so one copy saved by the primary host restores all of them. `restore`
 refuses a state from another seed, process count, shuffle setting or source length.
 
-SFT. `pack_sft` turns conversations into right-padded rows (no sequence packing): the model's attention has no
-segment mask yet, so packing several conversations into a row would let them attend to each other. `segment_ids`
-(1 real / 0 pad) and `positions` (0..len-1 per row) are still produced so a segment-aware model can use them
-unchanged. `SFTDataset` optionally buckets by length: rows in a window of batches are sorted by length, cut into
-batches, each padded to the smallest bucket that fits, and the batches of the window are shuffled.
 """
 
 from __future__ import annotations
@@ -50,17 +45,10 @@ __all__ = [
     "SkipStats",
     "DataError",
     "PromptDataset",
-    "SFTBatch",
-    "pack_sft",
-    "SFTDataset",
     "PROMPT_TOO_LONG",
-    "TOO_LONG",
-    "NO_TRAINABLE_TOKENS",
 ]
 
 PROMPT_TOO_LONG = "prompt_too_long"
-TOO_LONG = "too_long"  # SFT: the rendered conversation exceeds seq_len
-NO_TRAINABLE_TOKENS = "no_trainable_tokens"  # SFT: nothing for the loss (no assistant turn)
 
 _STATE_VERSION = 1
 
@@ -361,183 +349,3 @@ class PromptDataset:
 
     def report(self) -> str:
         return self.stats.report(self.source.name)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# SFT
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SFTBatch:
-    """Right-padded SFT rows, one conversation per row.
-
-    `loss_mask[b, t] = 1` marks `tokens[b, t]` as a target: the logits at position t-1 predict it (so column 0 is
-    always 0). `mask` marks real tokens; `segment_ids` is 1 on real tokens, 0 on padding; `positions` count 0.. per
-    row (0 on padding)."""
-
-    tokens: np.ndarray  # [B, S] int32
-    loss_mask: np.ndarray  # [B, S] float32
-    mask: np.ndarray  # [B, S] bool
-    segment_ids: np.ndarray  # [B, S] int32
-    positions: np.ndarray  # [B, S] int32
-    lengths: np.ndarray  # [B] int32: real tokens per row
-
-    def as_dict(self) -> dict[str, np.ndarray]:
-        return {k: getattr(self, k) for k in ("tokens", "loss_mask", "mask", "segment_ids", "positions", "lengths")}
-
-
-def _render(example: Example | Sequence[dict], renderer: Any) -> tuple[list[int], list[int]]:
-    messages = example.messages if isinstance(example, Example) else list(example)
-    tokens, trainable = renderer.build_conversation(messages)
-    if len(tokens) != len(trainable):
-        raise ValueError(f"renderer returned {len(tokens)} tokens but {len(trainable)} mask entries")
-    return [int(t) for t in tokens], [int(bool(m)) for m in trainable]
-
-
-def _pad_len(longest: int, seq_len: int, buckets: Sequence[int] | None) -> int:
-    if buckets is None:
-        return seq_len
-    for b in sorted(buckets):
-        if longest <= b <= seq_len:
-            return b
-    return seq_len
-
-
-def pack_sft(examples: Sequence[Example | Sequence[dict]], renderer: Any, seq_len: int, *, pad_id: int = 0,
-             buckets: Sequence[int] | None = None, truncate: bool = False,
-             rendered: Sequence[tuple[list[int], list[int]]] | None = None) -> SFTBatch:
-    """Render conversations with `renderer.build_conversation` and right-pad them into an `SFTBatch`.
-
-    One conversation per row (no packing, see the module docstring). Rows are padded to `seq_len`, or with `buckets`
-    to the smallest bucket >= the longest row (capped at seq_len). A conversation longer than `seq_len` raises,
-    unless `truncate` (then it is cut to its first `seq_len` tokens). `rendered` passes pre-rendered (tokens, mask)
-    pairs and skips rendering."""
-    rows = list(rendered) if rendered is not None else [_render(e, renderer) for e in examples]
-    if not rows:
-        raise ValueError("pack_sft: no examples")
-    for i, (tok, _) in enumerate(rows):
-        if len(tok) > seq_len and not truncate:
-            raise ValueError(f"pack_sft: row {i} has {len(tok)} tokens > seq_len {seq_len} (pass truncate=True)")
-    rows = [(tok[:seq_len], m[:seq_len]) for tok, m in rows]
-    width = _pad_len(max(len(t) for t, _ in rows), seq_len, buckets)
-    B = len(rows)
-    tokens = np.full((B, width), pad_id, np.int32)
-    loss_mask = np.zeros((B, width), np.float32)
-    mask = np.zeros((B, width), bool)
-    positions = np.zeros((B, width), np.int32)
-    lengths = np.zeros((B,), np.int32)
-    for b, (tok, m) in enumerate(rows):
-        L = len(tok)
-        tokens[b, :L] = tok
-        loss_mask[b, :L] = m
-        mask[b, :L] = True
-        positions[b, :L] = np.arange(L)
-        lengths[b] = L
-    loss_mask[:, 0] = 0.0  # nothing predicts the first token
-    return SFTBatch(tokens=tokens, loss_mask=loss_mask, mask=mask, segment_ids=mask.astype(np.int32),
-                    positions=positions, lengths=lengths)
-
-
-class SFTDataset:
-    """SFT batches from a `PromptDataset` of conversations (e.g. `preset:openthoughts3`).
-
-    Conversations longer than `seq_len` are bad rows `too_long` (or cut to `seq_len` with `truncate=True`); ones
-    without a trainable token are `no_trainable_tokens`. Both are checked inside the dataset (its `check` hook), so
-    they are counted and substituted like any bad row and every process keeps the shared position.
-
-    With `buckets` (e.g. (1024, 2048, 4096, 8192, 16384)) rows are grouped by length inside windows of
-    `window_batches` batches to cut padding; shapes then vary per batch, which a multi-process run cannot have
-    (every host must feed the same shape), so buckets need process_count == 1. Without buckets every batch is
-    [batch_size, seq_len] in the dataset's order.
-    """
-
-    def __init__(self, dataset: PromptDataset, renderer: Any, *, seq_len: int, batch_size: int, pad_id: int = 0,
-                 buckets: Sequence[int] | None = None, window_batches: int = 8, truncate: bool = False):
-        if buckets is not None and dataset.process_count > 1:
-            raise ValueError("SFTDataset: length buckets give per-host shapes; use buckets=None with several "
-                             "processes")
-        if dataset.check is not None:
-            raise ValueError("SFTDataset installs its own dataset.check; pass a PromptDataset without one")
-        self.dataset = dataset
-        self.renderer = renderer
-        self.seq_len = seq_len
-        self.batch_size = batch_size
-        self.pad_id = pad_id
-        self.buckets = tuple(buckets) if buckets is not None else None
-        self.window_batches = window_batches if buckets is not None else 1
-        self.truncate = truncate
-        self._rendered: dict[int, tuple[list[int], list[int]]] = {}  # index -> rendering, filled by _check
-        dataset.check = self._check
-        self._window: list[list[tuple[list[int], list[int]]]] = []
-        self._window_index = 0
-        self._emitted = 0  # batches of the current window already returned
-        self._window_start: dict | None = None  # dataset state before the current window was read
-
-    def _check(self, ex: Example) -> tuple[str, str] | None:
-        try:
-            tok, m = _render(ex, self.renderer)
-        except ValueError as e:
-            return "render_error", str(e)
-        if len(tok) > self.seq_len and not self.truncate:
-            return TOO_LONG, f"{len(tok)} tokens > seq_len {self.seq_len}"
-        if not any(m[1 : self.seq_len]):
-            return NO_TRAINABLE_TOKENS, "no assistant token to train on"
-        self._rendered[ex.index] = (tok[: self.seq_len], m[: self.seq_len])
-        return None
-
-    def _next_rows(self, n: int) -> list[tuple[list[int], list[int]]]:
-        self._rendered.clear()
-        examples = self.dataset.next_batch(n)
-        rows = [self._rendered.get(ex.index) for ex in examples]
-        self._rendered.clear()
-        return [r if r is not None else _render(ex, self.renderer) for r, ex in zip(rows, examples, strict=True)]
-
-    def _fill_window(self) -> None:
-        self._window_start = self.dataset.state()
-        rows = self._next_rows(self.batch_size * self.window_batches)
-        if self.buckets is not None:
-            rows.sort(key=lambda r: len(r[0]))  # stable: equal lengths keep the dataset's order
-        batches = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
-        if self.buckets is not None:
-            order = np.random.default_rng([self.dataset.seed, 1, self._window_index]).permutation(len(batches))
-            batches = [batches[i] for i in order]
-        self._window = batches
-        self._emitted = 0
-
-    def next_batch(self) -> SFTBatch:
-        if self._emitted >= len(self._window):
-            if self._window:
-                self._window_index += 1
-            self._fill_window()
-        rows = self._window[self._emitted]
-        self._emitted += 1
-        return pack_sft([], self.renderer, self.seq_len, pad_id=self.pad_id, buckets=self.buckets,
-                        truncate=True, rendered=rows)
-
-    def __iter__(self) -> Iterator[SFTBatch]:
-        while True:
-            yield self.next_batch()
-
-    def state(self) -> dict:
-        if self._window_start is None:  # nothing read yet
-            return {"window_index": 0, "emitted": 0, "window_start": None, "dataset": self.dataset.state()}
-        return {"window_index": self._window_index, "emitted": self._emitted, "window_start": self._window_start}
-
-    def restore(self, state: dict) -> None:
-        """Rewind the dataset to the start of the saved window, rebuild it (deterministic) and skip the batches
-        already returned."""
-        self._window = []
-        self._emitted = 0
-        if state.get("window_start") is None:
-            self.dataset.restore(state["dataset"])
-            self._window_index = 0
-            self._window_start = None
-            return
-        self.dataset.restore(state["window_start"])
-        self._window_index = int(state["window_index"])
-        self._fill_window()
-        self._emitted = int(state["emitted"])
-
-    def report(self) -> str:
-        return self.dataset.report()

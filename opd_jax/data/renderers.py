@@ -1,8 +1,9 @@
 """Renderers: chat messages <-> token ids, one explicit object per prompt format.
 
 Student and teacher each get their own renderer (config `data.renderer` and `teacher.renderer`). A student/teacher
-format mismatch silently corrupts teacher logprobs, so the teacher's input is always built by `teacher_sequence`:
-the teacher's own prompt followed by the student's sampled completion ids, unchanged.
+format mismatch silently corrupts teacher logprobs, so the teacher's input is always the teacher's own prompt
+followed by the student's sampled completion ids, unchanged: the step concatenates them on device
+(`step.completion_hidden`), and `teacher_sequence` is the same rule on the host, which the tests hold the step to.
 
 Names accepted by `get_renderer`:
   "qwen3"            Qwen3 chat format, thinking on: the prompt ends at `<|im_start|>assistant\\n`, the model opens
@@ -24,7 +25,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from opd_jax.eval.math_grading import extract_answer, extract_boxed, strip_thinking
+from opd_jax.data.math_grading import extract_answer, extract_boxed, strip_thinking
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

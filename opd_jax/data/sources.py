@@ -611,7 +611,7 @@ def open_source(spec: str, *, split: str | None = None, prompt_field: str | None
         common["dataset_name"] = common.pop("name")
         return TFDSSource(tname, split=tsplit or split or "train", data_dir=data_dir, **common, **kwargs)
     if kind == "synthetic":
-        raise ValueError(f"{spec!r} is a generated task, not a record source: use opd_jax.tasks.build_task")
+        raise ValueError(f"{spec!r} is a generated task, not a record source: use opd_jax.data.build_task")
     raise ValueError(f"data source {spec!r}: unknown prefix {kind!r}; expected hf, jsonl, parquet, tfds, preset, "
                      "synthetic")
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from opd_jax.config.schema import ExperimentConfig
-from opd_jax.tasks import EvalProblem, PromptRows, Task
+from opd_jax.data.task import EvalProblem, PromptRows, Task
 
 PAD, BOS, EOS = 0, 1, 2
 CHARS = "0123456789+-*()=;#@"  # append only: ids of existing characters never move

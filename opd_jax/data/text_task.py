@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 
 from opd_jax.config.schema import ExperimentConfig
+from opd_jax.data import math_grading
 from opd_jax.data.dataset import Example, PromptDataset
 from opd_jax.data.renderers import Renderer, check_same_vocab, get_renderer, load_tokenizer
 from opd_jax.data.sources import open_source
-from opd_jax.eval import math_grading
-from opd_jax.tasks import EvalProblem, PromptRows, Task
+from opd_jax.data.task import EvalProblem, PromptRows, Task
 
 
 def _local_tokenizer_dir(path: str | None) -> str | None:

@@ -1,1 +1,1 @@
-"""Evaluation: answer grading (math_grading)."""
+"""Evaluation: sampled avg@k / pass@k of a task's eval problems (`evaluate`) and `opd-jax eval` (`run`)."""

@@ -1,7 +1,8 @@
 """Sampled evaluation: k completions per problem with the jitted sampler, graded on the host.
 
 Reports avg@k (mean pass@1) with its standard error over problems, the unbiased pass@k, mean length and
-truncation rate, and writes a per-problem table (JSONL with completions, and CSV).
+truncation rate, and writes a per-problem table (JSONL with completions, and CSV). `task_eval` is one graded
+evaluation of a task's eval problems with a run's `eval.*` settings, as the trainer and `opd-jax eval` run it.
 """
 
 from __future__ import annotations
@@ -9,15 +10,17 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import jax
 import numpy as np
 from etils import epath
+from jax.sharding import Mesh
 
-from opd_jax.sampling import SamplingParams, pad_prompts
-from opd_jax.tasks import EvalProblem
+from opd_jax.config.schema import ExperimentConfig
+from opd_jax.data.task import EvalProblem, Task, pad_prompts
+from opd_jax.sampling import SamplingParams, make_sampler
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -114,3 +117,43 @@ def write_eval(result: EvalResult, out_dir: str, name: str = "eval") -> dict[str
         w.writerows(result.rows)
     paths["summary"].write_text(json.dumps(result.summary(), indent=2))
     return {k: str(v) for k, v in paths.items()}
+
+
+# ---- a run's evaluation ----------------------------------------------------------------------------------------
+def make_eval_sampler(mdef, mesh: Mesh | None, cfg: ExperimentConfig, stop_token_ids: Sequence[int]) -> Callable:
+    """The run's eval sampler: `fn((trainable, frozen), tokens, mask, key, sp) -> SampleOutput` with
+    `eval.max_new_tokens`, the decode layout of `sampling.layout`, and replicated outputs so every process can
+    read the samples back (a batch-sharded array would span other hosts' devices)."""
+    return make_sampler(mdef, max_new_tokens=cfg.eval.max_new_tokens, stop_token_ids=stop_token_ids, mesh=mesh,
+                        layout=cfg.sampling.layout, replicate_outputs=True)
+
+
+def eval_sampling_params(cfg: ExperimentConfig) -> SamplingParams:
+    e = cfg.eval
+    return SamplingParams.create(e.temperature, e.top_k, e.top_p, greedy=e.temperature <= 0)
+
+
+def task_eval(cfg: ExperimentConfig, task: Task, eval_fn: Callable, params, mesh: Mesh, *, step: int,
+              out_dir: str | None = None, tag: str = "eval") -> EvalResult | None:
+    """Sample `eval.k` completions for each of the task's eval problems (the first `eval.num_problems`), grade
+    them, and (process 0, when `out_dir` is given) write `<out_dir>/<tag>.{jsonl,csv}` and `<tag>_summary.json`.
+    The key depends only on the seed and `step`, so re-evaluating a checkpoint reproduces its numbers.
+    None when the task has no eval problems."""
+    c = cfg
+    problems = task.eval_problems()
+    if c.eval.num_problems:
+        problems = problems[: c.eval.num_problems]
+    if not problems:
+        return None
+    n_dev = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch = max(n_dev, min(64, len(problems) * c.eval.k))
+    batch = int(math.ceil(batch / n_dev) * n_dev)  # rows shard evenly over the batch axes
+    result = evaluate(
+        eval_fn, params, problems, k=c.eval.k, grade_batch=task.grade_batch, decode=task.decode,
+        max_prompt_len=c.sampling.max_prompt_len, sampling=eval_sampling_params(c),
+        key=jax.random.fold_in(jax.random.key(c.seed + 7), int(step)), batch_size=batch, pad_id=task.pad_id,
+        truncate_prompts=c.sampling.truncate_prompts,
+    )
+    if out_dir is not None and jax.process_index() == 0:
+        write_eval(result, out_dir, name=tag)
+    return result

@@ -17,12 +17,13 @@ import sys
 
 import jax
 
+from opd_jax.checkpoint import load_run_model
 from opd_jax.config import ExperimentConfig
+from opd_jax.data import build_task
+from opd_jax.data.task import resolve_stop_tokens
 from opd_jax.distributed import initialize_distributed
-from opd_jax.eval.evaluate import EvalResult
+from opd_jax.eval.evaluate import EvalResult, make_eval_sampler, task_eval
 from opd_jax.mesh import make_mesh
-from opd_jax.run_setup import load_run_model, make_eval_sampler, resolve_stop_tokens, task_eval
-from opd_jax.tasks import build_task
 
 __all__ = ["run_eval", "run_eval_cli"]
 
@@ -33,11 +34,11 @@ def run_eval(cfg: ExperimentConfig, *, out_name: str | None = None) -> tuple[Eva
     initialize_distributed(cfg.distributed)
     mesh = make_mesh(cfg.mesh)
     task = build_task(cfg, process_index=jax.process_index(), process_count=jax.process_count())
-    resolve_stop_tokens(cfg, task)
+    stops = resolve_stop_tokens(cfg.sampling.stop_token_ids, task)
     model, step = load_run_model(cfg.student, cfg.run_dir, seed=cfg.seed, mesh=mesh, lora=cfg.lora)
     name = out_name or (f"eval_cli_step{step}" if step is not None else "eval_cli")
     out_dir = os.path.join(cfg.run_dir, "eval")
-    eval_fn = make_eval_sampler(model.mdef, mesh, cfg)
+    eval_fn = make_eval_sampler(model.mdef, mesh, cfg, stops)
     result = task_eval(cfg, task, eval_fn, (model.trainable, model.frozen), mesh, step=step or 0, out_dir=out_dir,
                        tag=name)
     return result, {"checkpoint_step": step, "name": name, "out_dir": out_dir}

@@ -473,8 +473,8 @@ def _parse_size(s: str) -> int:
 
 def convert_main(argv: Sequence[str] | None = None) -> int:
     """`opd-jax convert SRC DST`: re-export an HF Qwen3 checkpoint through opd_jax (dtype change, re-sharding
-    files, or checking that opd_jax reads it). Trained opd_jax weights are exported by the trainer with
-    `export_hf`, not through this command."""
+    files, or checking that opd_jax reads it). Trained opd_jax weights are exported from Python with `export_hf`
+    (e.g. `export_hf(trainer.state.trainable, trainer.student.cfg, out_dir)`), not through this command."""
     p = argparse.ArgumentParser(prog="opd-jax convert", description=convert_main.__doc__)
     p.add_argument("src", help="HF checkpoint dir (local or gs://)")
     p.add_argument("dst", help="output dir (local or gs://)")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 
 from opd_jax.config.schema import ModelConfig
+from opd_jax.models.weights import GLOBAL_WEIGHTS, LAYER_WEIGHTS
 
 _QWEN3_COMMON: dict = {"vocab_size": 151_936, "head_dim": 128, "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6}
 
@@ -91,17 +93,11 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, **merged)
 
 
-def _layer_params(cfg: ModelConfig) -> int:
-    h, d = cfg.hidden_size, cfg.head_dim
-    attn = h * cfg.num_heads * d + 2 * h * cfg.num_kv_heads * d + cfg.num_heads * d * h  # q, k, v, o; no biases
-    mlp = 3 * h * cfg.intermediate_size  # gate, up, down
-    norms = 2 * h + 2 * d  # input / post-attention RMSNorm, per-head q_norm / k_norm
-    return attn + mlp + norms
-
-
 def num_params(cfg: ModelConfig) -> int:
-    """Total parameters including embeddings (lm_head counted once more when untied), norms included."""
+    """Total parameters from the weight table: embeddings (lm_head once more when untied), every layer weight,
+    norms included."""
     cfg = resolve_model_config(cfg)
-    embed = cfg.vocab_size * cfg.hidden_size
-    lm_head = 0 if cfg.tie_embeddings else embed
-    return embed + lm_head + cfg.num_layers * _layer_params(cfg) + cfg.hidden_size  # + final norm
+    layer = sum(math.prod(w.shape(cfg)) for w in LAYER_WEIGHTS.values())
+    glob = sum(math.prod(w.shape(cfg)) for name, w in GLOBAL_WEIGHTS.items()
+               if not (name == "lm_head" and cfg.tie_embeddings))
+    return glob + cfg.num_layers * layer
