@@ -215,7 +215,7 @@ class Trainer:
                           every=cfg.eval.every)
         self._eval_fn = None
         self._stop_requested = None  # the signal's name once SIGTERM / SIGINT asked the run to stop
-        self.skipped_total = 0
+        self.nonfinite_total = 0
         self.consecutive_skips = 0
         self.start_step = 0
         self.checkpointer = None
@@ -255,7 +255,7 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def _meta(self) -> dict:
-        return {"data": self.program.data_state(), "seed": self.cfg.seed, "skipped_total": self.skipped_total}
+        return {"data": self.program.data_state(), "seed": self.cfg.seed, "nonfinite_total": self.nonfinite_total}
 
     def save(self, force: bool = False) -> None:
         step = int(self.state.step)
@@ -265,7 +265,7 @@ class Trainer:
         c = self.cfg.checkpoint
         self.state, meta, step = self.checkpointer.restore(self.state, c.resume_step, fallback=c.fallback_to_intact)
         self.program.restore_data(meta.get("data", {}))
-        self.skipped_total = int(meta.get("skipped_total", 0))
+        self.nonfinite_total = int(meta.get("nonfinite_total", meta.get("skipped_total", 0)))  # older checkpoints
         self.start_step = step
         if jax.process_index() == 0:
             print(f"resumed from {self.cfg.run_dir} at step {step}")
@@ -358,7 +358,7 @@ class Trainer:
             if self.checkpointer.latest_step() != int(self.state.step):
                 self.save(force=True)
             self.checkpointer.wait()
-            history["skipped_total"] = self.skipped_total
+            history["nonfinite_total"] = self.nonfinite_total
             report = self.task.skip_report()
             if report and jax.process_index() == 0:
                 print(f"data: rows skipped in this run:\n{report}")
@@ -371,10 +371,10 @@ class Trainer:
 
     def _track_nonfinite(self, step: int, metrics: dict) -> None:
         if metrics.get("skipped", 0.0) > 0:
-            self.skipped_total += 1
+            self.nonfinite_total += 1
             self.consecutive_skips += 1
             print(f"step {step}: non-finite loss ({metrics.get('loss')}); update skipped "
-                  f"({self.consecutive_skips} in a row, {self.skipped_total} total)")
+                  f"({self.consecutive_skips} in a row, {self.nonfinite_total} total)")
             if self.consecutive_skips >= self.cfg.max_nonfinite_steps:
                 raise NonFiniteLossError(
                     f"{self.consecutive_skips} consecutive non-finite losses (max_nonfinite_steps="
@@ -382,7 +382,7 @@ class Trainer:
                     f"{self.cfg.run_dir}/checkpoints is intact (step {self.checkpointer.latest_step()}).")
         else:
             self.consecutive_skips = 0
-        metrics["nonfinite_steps_total"] = float(self.skipped_total)
+        metrics["nonfinite_steps_total"] = float(self.nonfinite_total)
         counts = self.task.data_counts()
         metrics.update({f"data/{k}": float(v) for k, v in counts.items()})
         metrics["data/skipped_total"] = float(sum(v for k, v in counts.items() if k.startswith("skipped/")))
