@@ -122,3 +122,59 @@ def test_plan_is_the_one_run_all_uses():
     assert set(p.lrs) == {"opd", "rl", "sft_fresh", "sft_fixed"} and all(len(v) >= 3 for v in p.lrs.values())
     assert len(p.seeds) >= 3 and p.rl_long_steps >= 4 * p.steps
     assert dataclasses.asdict(p.recipe)["teacher_source"].endswith("slips=0.3")
+
+
+def test_error_profile_reads_slips_corrections_and_first_errors():
+    from experiments.opd_chains.analysis import error_profile, walk
+
+    text = "3a+4b*2c-6d+5"  # a3+40 b0*20 c0-61 d1+56 #6
+    assert walk(text, "a3+40b0*20c0-61d1+56#6", 7) == {"first_error": None, "genuine": 0, "spurious": 0,
+                                                       "slips_fixed": 0}
+    fixed = walk(text, "a3+45!0b0*20c0-61!1d1+56#6", 7)
+    assert fixed["first_error"] is None and fixed["genuine"] == 1 and fixed["spurious"] == 1
+    assert walk(text, "a3+40b0*23c3-64d4+52#2", 7)["first_error"] == ("fact", 1)
+    assert walk(text, "a3+40b0*20c0-51d1+56#6", 7)["first_error"] == ("copy", 2)
+    rows = [{"text": text, "correct": 1, "k": 2, "completions": ["a3+45!0b0*20c0-61d1+56#6", "a3+41b1*22c2-63d3+51#1"]}]
+    p = error_profile(rows, 7)
+    assert p["completions"] == 2 and p["accuracy"] == 0.5 and p["first_error_kind"] == {"fact": 1}
+    assert p["share_right_after_fixing_a_slip"] == 0.5 and p["genuine_corrections_per_completion"] == 0.5
+
+
+def test_intervals():
+    from opd_jax.miniature.measure import accuracy_of_rows, mean_ci, wilson
+
+    lo, hi = wilson(50, 100)
+    assert lo < 0.5 < hi and abs((0.5 - lo) - (hi - 0.5)) < 1e-9 and 0.09 < hi - lo < 0.2
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] > 1 - 1e-9
+    m, lo, hi = mean_ci([0.8, 0.82, 0.84])
+    assert abs(m - 0.82) < 1e-9 and lo < 0.8 and hi > 0.84
+    assert mean_ci([0.7]) == (0.7, 0.7, 0.7)
+    a = accuracy_of_rows([{"correct": 1, "k": 1}] * 3 + [{"correct": 0, "k": 1}])
+    assert a["accuracy"] == 0.75 and a["problems"] == 4 and a["ci_low"] < 0.75 < a["ci_high"]
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_tiny(tmp_path, monkeypatch, capsys):
+    """`opd-jax demo`'s code path with tiny models and a small test set: it prepares the pair into a fresh cache,
+    trains OPD and SFT, and prints held-out accuracy (with intervals) and KL before and after."""
+    import json
+
+    monkeypatch.setenv("OPD_JAX_CACHE", str(tmp_path / "cache"))
+    from opd_jax.miniature import demo
+
+    tiny = ["student.hidden_size=16", "student.intermediate_size=32", "student.head_dim=4", "student.num_layers=1",
+            "teachers.0.model.hidden_size=16", "teachers.0.model.intermediate_size=32",
+            "teachers.0.model.head_dim=4", "teachers.0.model.num_layers=1", "sampling.max_new_tokens=40",
+            "eval.max_new_tokens=40", "data.source=synthetic:chains:4:6:mod=7:test=32:val=16",
+            "groups_per_batch=4", "group_size=2"]
+    recipe = {"teacher_steps": 3, "teacher_batch": 8, "student_examples": 8, "student_steps": 2, "student_batch": 4,
+              "teacher_source": "synthetic:chains:4:6:mod=7:test=32:val=16:slips=0.3"}
+    rc = demo.main(["--steps", "2", "--run-dir", str(tmp_path / "demo"), "--recipe", json.dumps(recipe), *tiny])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "before" in out and "after 2 OPD steps" in out and "after 2 SFT steps" in out and "KL" in out
+    s = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    for point in ("before", "opd", "sft"):
+        assert s[point]["t1"]["problems"] == 32 and 0 <= s[point]["t1"]["ci_low"] <= s[point]["t1"]["ci_high"] <= 1
+        assert s[point]["kl"]["tokens"] > 0 and s[point]["kl"]["kl_exact"] >= 0
+    assert any(p.name.startswith("teacher-") for p in (tmp_path / "cache").iterdir())

@@ -17,11 +17,13 @@ class Plan:
     warmup: int = 5  # linear warmup, then constant (the published OPD schedule is constant)
     prompts: int = 16  # prompts per step; x group_size sequences (SFT: that many rows)
     group_size: int = 4
+    # The README's grids (OPD 1e-4..1e-3, RL 3e-5..3e-4, both SFTs 3e-4..3e-3) joined with the 1e-4..1e-3 grid the
+    # first launch ran for every method (plan.py did not match the README then): four rates where the two differ.
     lrs: dict = field(default_factory=lambda: {
         "opd": (1e-4, 3e-4, 1e-3),
-        "rl": (1e-4, 3e-4, 1e-3),
-        "sft_fresh": (1e-4, 3e-4, 1e-3),
-        "sft_fixed": (1e-4, 3e-4, 1e-3),
+        "rl": (3e-5, 1e-4, 3e-4, 1e-3),
+        "sft_fresh": (1e-4, 3e-4, 1e-3, 3e-3),
+        "sft_fixed": (1e-4, 3e-4, 1e-3, 3e-3),
     })
     sweep_seed: int = 0
     seeds: tuple[int, ...] = (0, 1, 2)

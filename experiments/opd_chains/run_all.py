@@ -46,6 +46,7 @@ class Runner:
         self.prep, self.plan, self.results, self.runs, self.reuse = prep, plan, results, runs, reuse
         self.overrides, self.pool = overrides, pool
         self.records: dict[str, dict] = {}
+        self.reused_s = 0.0  # measured wall time of the runs reused since the last `take_reused()`
 
     def spec(self, method: str, lr: float, seed: int, **kw) -> arms.ArmSpec:
         p = self.plan
@@ -59,12 +60,17 @@ class Runner:
         if self.reuse and os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 rec = json.load(f)
-            print(f"[{spec.name}] reused")
+            self.reused_s += rec["wall_s"]
+            print(f"[{spec.name}] reused ({rec['wall_s']:.0f}s when it ran)")
         else:
             rec = arms.run_arm(spec, self.prep, self.runs, pool=self.pool if spec.method == "sft_fixed" else None)
             arms.copy_metrics(rec, self.runs, self.results)
         self.records[spec.name] = rec
         return rec
+
+    def take_reused(self) -> float:
+        s, self.reused_s = self.reused_s, 0.0
+        return s
 
 
 def student_pool(prep: Prepared, cfg, recipe: Recipe) -> list:
@@ -244,17 +250,27 @@ def main(argv: list[str] | None = None) -> int:
     runs = os.path.abspath(a.runs or os.path.join("runs", "opd_chains", "quick" if a.quick else "full"))
     os.makedirs(os.path.join(results, "runs"), exist_ok=True)
     t_start = time.time()
+    # Stage times: measured here, or, for work reused from an earlier invocation (`--reuse`), as measured then (runs
+    # carry their own wall time); so `wall_s` is the time a fresh run_all took, assembled from measured pieces.
+    timing_path = os.path.join(results, "timing.json")
     stage_s: dict[str, float] = {}
+    if a.reuse and os.path.exists(timing_path):
+        with open(timing_path, encoding="utf-8") as f:
+            stage_s = json.load(f)
+    runner_ref: list = []
 
-    def stage(name: str, t0: float) -> None:
-        stage_s[name] = time.time() - t0
-        print(f"== {name}: {stage_s[name]:.0f}s", flush=True)
+    def stage(name: str, t0: float, reused: bool = False) -> None:
+        took = time.time() - t0 + (runner_ref[0].take_reused() if runner_ref else 0.0)
+        if not (reused and name in stage_s):
+            stage_s[name] = took
+        dump(timing_path, stage_s)
+        print(f"== {name}: {stage_s[name]:.0f}s{' (reused; as measured when it ran)' if reused else ''}", flush=True)
 
     t0 = time.time()
     base = setup.base_config(overrides)
     prep = prepare(base, recipe, fresh=a.fresh)
     cfg = setup.base_config([*overrides, *prep.overrides()])
-    stage("prepare", t0)
+    stage("prepare", t0, reused=not prep.info["trained_now"])
     t0 = time.time()
     setting = {"teacher": prep.info["teacher"], "student": prep.info["student"],
                "models": {"teacher": dict(_shape(cfg.teachers[0].model)), "student": dict(_shape(cfg.student))},
@@ -262,13 +278,15 @@ def main(argv: list[str] | None = None) -> int:
     stage("diagnostics", t0)
     if "capacity" not in a.skip:
         t0 = time.time()
+        reused = a.reuse and os.path.exists(os.path.join(results, "capacity.json"))
         setting["capacity"] = capacity_check(cfg, plan, recipe, runs, results, a.reuse)
-        stage("capacity", t0)
+        stage("capacity", t0, reused)
     dump(os.path.join(results, "setting.json"), setting)
 
     t0 = time.time()
     pool = student_pool(prep, cfg, recipe)
     runner = Runner(prep, plan, results, runs, a.reuse, overrides, pool)
+    runner_ref.append(runner)
     stage("fixed data set", t0)
     # learning-rate sweeps on the validation split (seed `sweep_seed`), then all seeds at the chosen rate
     t0 = time.time()
@@ -306,15 +324,18 @@ def main(argv: list[str] | None = None) -> int:
         setting["teacher_clean"] = {**clean_info, "probe": measure.correction_probe(
             cfg, dataclasses.replace(copy.deepcopy(cfg.teachers[0].model), hf_path=clean_dir))}
         dump(os.path.join(results, "setting.json"), setting)
+        before = len(runner.records)
         for seed in plan.seeds:
             runner.run(runner.spec("opd", best["opd"], seed, teacher=clean_dir, stream="opd",
                                    tag=f"opd_clean_teacher_lr{best['opd']:g}_s{seed}"))
-        stage("control", t0)
+        stage("control", t0, reused=not clean_info["trained_now"] and runner.reused_s > 0
+              and len(runner.records) - before == len(plan.seeds))
     rec_out = None
     if "recovery" not in a.skip:
         t0 = time.time()
+        reused = a.reuse and os.path.exists(os.path.join(results, "recovery.json"))
         rec_out = recovery(cfg, prep, plan, best, runner, runs, results, a.reuse)
-        stage("recovery", t0)
+        stage("recovery", t0, reused)
     t0 = time.time()
     from experiments.opd_chains.negative_control import overlap_numbers
 
@@ -322,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     stage("negative control", t0)
 
     summary = {"plan": dataclasses.asdict(plan), "sweep": sweep, "best_lr": best, "runs": sorted(runner.records),
-               "recovery": rec_out is not None, "stage_s": stage_s, "wall_s": time.time() - t_start,
-               "quick": a.quick}
+               "recovery": rec_out is not None, "stage_s": stage_s, "wall_s": sum(stage_s.values()),
+               "this_invocation_s": time.time() - t_start, "quick": a.quick}
     dump(os.path.join(results, "summary.json"), summary)
     from experiments.opd_chains.report import main as report_main
 

@@ -89,17 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true", help="retrain the cached teacher and student")
     p.add_argument("--steps", type=int, default=40, help="OPD steps (and SFT steps)")
     p.add_argument("--run-dir", default="runs/opd_chains/demo")
+    p.add_argument("--recipe", default="{}", help="JSON of prepare.Recipe fields (how teacher and student are made)")
+    p.add_argument("overrides", nargs="*", help="config overrides of the miniature's base config (tests: tiny models)")
     a = p.parse_args(argv)
     setup.quiet_jax()
-    from opd_jax.miniature.prepare import prepare
+    from opd_jax.miniature.prepare import Recipe, prepare
 
     t_start = time.time()
     run_dir = os.path.abspath(a.run_dir)  # orbax wants absolute local checkpoint paths
-    base = setup.base_config()
+    base = setup.base_config(a.overrides)
     print(f"opd-jax demo: model cache {setup.cache_root()}")
-    prep = prepare(base, fresh=a.fresh)
+    prep = prepare(base, Recipe(**json.loads(a.recipe)), fresh=a.fresh)
     prep_s = time.time() - t_start
-    cfg = setup.base_config([*prep.overrides(), f"run_dir={run_dir}"])
+    cfg = setup.base_config([*a.overrides, *prep.overrides(), f"run_dir={run_dir}"])
     t_info = prep.info["teacher"]
     print("measuring the student before training ...", flush=True)
     before = measure_point(cfg, "before", run_dir=os.path.join(run_dir, "before"), hf_path=prep.student)

@@ -208,7 +208,8 @@ def prepare_teacher(cfg: ExperimentConfig, recipe: Recipe, *, name: str = "teach
             t_json.write_text(json.dumps(info, indent=1))
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    return str(t_dir), info
+        return str(t_dir), {**info, "trained_now": True}
+    return str(t_dir), {**info, "trained_now": False}
 
 
 def prepare(cfg: ExperimentConfig | None = None, recipe: Recipe | None = None, *, root: str | os.PathLike | None = None,
@@ -226,18 +227,21 @@ def prepare(cfg: ExperimentConfig | None = None, recipe: Recipe | None = None, *
     t_dir, s_dir = t_root / "teacher", s_root / "student"
     t_json, s_json = t_root / "teacher.json", s_root / "student.json"
     work = tempfile.mkdtemp(prefix="opd_chains_prep_")
+    trained: list[str] = []  # what this call trained (the rest came from the cache)
     try:
         t_info = json.loads(t_json.read_text()) if t_json.exists() and (t_dir / "config.json").exists() else None
         if t_info is None:
             t_root.mkdir(parents=True, exist_ok=True)
             t_info = {"key": t_key, "recipe": recipe.teacher_part(), **train_teacher(cfg, recipe, t_dir, work, log)}
             t_json.write_text(json.dumps(t_info, indent=1))
+            trained.append("teacher")
         s_info = json.loads(s_json.read_text()) if s_json.exists() and (s_dir / "config.json").exists() else None
         if s_info is None:
             s_root.mkdir(parents=True, exist_ok=True)
             s_info = {"key": s_key, "teacher_key": t_key, "recipe": dataclasses.asdict(recipe),
                       **train_student(cfg, recipe, t_dir, s_dir, work, log)}
             s_json.write_text(json.dumps(s_info, indent=1))
+            trained.append("student")
         if grade and "test" not in t_info:
             t_info["test"] = grade_both(cfg, cfg.teachers[0].model, t_dir, work, "teacher")
             t_json.write_text(json.dumps(t_info, indent=1))
@@ -250,4 +254,4 @@ def prepare(cfg: ExperimentConfig | None = None, recipe: Recipe | None = None, *
                 f"{s_info['test']['greedy']['accuracy']:.3f} ({s_info['student_seconds']:.0f}s to train)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return Prepared(str(t_dir), str(s_dir), {"teacher": t_info, "student": s_info})
+    return Prepared(str(t_dir), str(s_dir), {"teacher": t_info, "student": s_info, "trained_now": trained})
