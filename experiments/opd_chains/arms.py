@@ -74,8 +74,10 @@ def arm_config(spec: ArmSpec, prep: Prepared, run_dir: str) -> ExperimentConfig:
         ov.append("algorithm=opd")
     elif spec.method == "rl":
         ov += ["algorithm=rl", "loss.kl_penalty_coef=0", "loss.task_reward_coef=1"]
-    elif spec.method in ("sft_fresh", "sft_fixed"):
+    elif spec.method == "sft_fresh":
         ov.append("algorithm=sft")
+    elif spec.method == "sft_fixed":  # the seed orders the fixed set (SFT starts from the same weights, no sampling)
+        ov += ["algorithm=sft", f"data.shuffle_seed={spec.seed}"]
     else:
         raise ValueError(f"unknown method {spec.method!r}")
     cfg = base_config([*ov, *spec.extra])

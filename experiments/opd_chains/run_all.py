@@ -120,8 +120,16 @@ def capacity_check(cfg, plan: Plan, recipe: Recipe, runs: str, results: str, reu
     info = train_teacher(c, r, out_dir, work)
     res = {**info, "steps": r.teacher_steps, "batch": r.teacher_batch, "lr": r.teacher_lr,
            "source": r.teacher_source, "test": grade_both(cfg, cfg.student, out_dir, work, "capacity")}
+    res["errors_t1"] = capacity_errors(work)
     dump(path, res)
     return res
+
+
+def capacity_errors(work: str) -> dict:
+    """Error profile of the capacity model's T=1 test completions (`grade_both` wrote them under `work`)."""
+    from experiments.opd_chains.analysis import error_profile
+
+    return error_profile(arms.read_jsonl(os.path.join(work, "capacity", "eval", "capacity_t1.jsonl")))
 
 
 def diagnostics(cfg, prep: Prepared, runs: str, results: str) -> dict:

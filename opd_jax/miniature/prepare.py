@@ -138,8 +138,9 @@ def train_teacher(cfg: ExperimentConfig, recipe: Recipe, out: Path, work: str, l
     task = build_task(c)
     task.restore({"position": stream_position("teacher", recipe.seed)})
     task.issued = []
+    kind = "with marked corrections" if getattr(task, "slips", 0) > 0 else "without slips"
     log(f"[prepare] teacher: {t_model.num_layers} layers, hidden {t_model.hidden_size}, SFT from scratch on reference "
-        f"solutions with marked corrections ({recipe.teacher_source}), {recipe.teacher_steps} steps x "
+        f"solutions {kind} ({recipe.teacher_source}), {recipe.teacher_steps} steps x "
         f"{recipe.teacher_batch} rows, lr {recipe.teacher_lr:g}")
     t0 = time.time()
     tr = SFTTrainer(c, task)
