@@ -516,8 +516,8 @@ def results_md(s: dict, cl: list[dict]) -> str:
           f"## Final accuracy at the chosen rates ({len(s['summary']['plan']['seeds'])} seeds)", "",
           "| method | lr | test T=1 (mean, 95% CI over seeds) | per seed (95% Wilson CI) | test greedy | KL to teacher "
           "(nats/token) | val T=1 |", "|---|---|---|---|---|---|---|"]
-    L.append(f"| student (start) | | {pct(st['student']['test']['t1']['accuracy'])} | | "
-             f"{pct(st['student']['test']['greedy']['accuracy'])} | | |")
+    L.append(f"| student (start) | | {acc(st['student']['test']['t1'])} | | {acc(st['student']['test']['greedy'])} | "
+             f"| |")
     for m, d in M.items():
         f, g, v = d["final_t1"], d["final_greedy"], d["final_val_t1"]
         per = "; ".join(f"{r['accuracy']:.3f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]" for r in f["per_run"])
@@ -568,9 +568,8 @@ def results_md(s: dict, cl: list[dict]) -> str:
         for k in ("before", "after_midtrain", "after_opd", "after_sft_fresh"):
             if k in rec:
                 r = rec[k]
-                L.append(f"| {k.replace('_', ' ')} | {acc(r['t1'])} | "
-                         f"{r['greedy']['accuracy']:.3f} | {r['facts_greedy']['accuracy']:.3f} | "
-                         f"{r['facts_t1']['accuracy']:.3f} |")
+                L.append(f"| {k.replace('_', ' ')} | {acc(r['t1'])} | {acc(r['greedy'])} | "
+                         f"{acc(r['facts_greedy'])} | {acc(r['facts_t1'])} |")
         L += ["", "![single prompt and recovery](single_prompt_and_recovery.png)"]
     nc = s.get("negative_control")
     if nc:
