@@ -510,7 +510,11 @@ def results_md(s: dict, cl: list[dict]) -> str:
           "| method | " + " | ".join(["lr: val accuracy"] * width) + " | chosen |",
           "|---" * (width + 2) + "|"]
     for m, d in s["summary"]["sweep"].items():
-        cells = [f"{float(k):g}: {v:.3f}" for k, v in sorted(d["val_score"].items(), key=lambda kv: float(kv[0]))]
+        cells = []
+        for k, v in sorted(d["val_score"].items(), key=lambda kv: float(kv[0])):
+            rec = s["records"].get(f"{m}_lr{float(k):g}_s{s['summary']['plan']['sweep_seed']}")
+            last = f" (last eval {acc(rec['curve'][-1]['val'])})" if rec else ""
+            cells.append(f"{float(k):g}: {v:.3f}{last}")
         L.append(f"| {LABELS[m]} | " + " | ".join(cells + [""] * (width - len(cells))) + f" | {d['best_lr']:g} |")
     L += ["", "![lr sweep](lr_sweep.png)", "",
           f"## Final accuracy at the chosen rates ({len(s['summary']['plan']['seeds'])} seeds)", "",

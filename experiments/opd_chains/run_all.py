@@ -217,6 +217,23 @@ def recovery(cfg, prep: Prepared, plan: Plan, lr: dict, runner: Runner, runs: st
     return out
 
 
+def keep_training_metrics(prep: Prepared, runs: str, results: str, clean_dir: str | None) -> None:
+    """Per-step metrics of the runs that are not arms (teacher, student, clean teacher, capacity check, recovery
+    mid-training) into results/runs/."""
+    import shutil
+
+    srcs = {"prepare_teacher": prep.teacher + ".metrics.jsonl", "prepare_student": prep.student + ".metrics.jsonl",
+            "capacity_student": os.path.join(runs, "capacity_work", "teacher", "metrics.jsonl"),
+            "recovery_midtrain": os.path.join(runs, "recovery_midtrain", "metrics.jsonl")}
+    if clean_dir:
+        srcs["prepare_teacher_clean"] = clean_dir + ".metrics.jsonl"
+    for name, src in srcs.items():
+        if os.path.exists(src):
+            shutil.copy(src, os.path.join(results, "runs", f"{name}.metrics.jsonl"))
+        else:
+            print(f"[metrics] {name}: {src} not found (trained before metrics were kept?)")
+
+
 def _shape(m) -> list[tuple[str, object]]:
     return [(k, getattr(m, k)) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                                           "num_kv_heads", "head_dim", "rope_theta")]
@@ -325,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                                    source=cfg.data.source + ":single=1", stream="single_prompt",
                                    tag=f"single_prompt_lr{best['opd']:g}_s{seed}"))
         stage("single_prompt", t0)
+    clean_dir = None
     if "control" not in a.skip:  # OPD against a teacher trained on clean solutions: it never saw a correction
         t0 = time.time()
         clean_dir, clean_info = prepare_teacher(base, dataclasses.replace(recipe, teacher_source=cfg.data.source),
@@ -344,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         reused = a.reuse and os.path.exists(os.path.join(results, "recovery.json"))
         rec_out = recovery(cfg, prep, plan, best, runner, runs, results, a.reuse)
         stage("recovery", t0, reused)
+    keep_training_metrics(prep, runs, results, clean_dir if "control" not in a.skip else None)
     t0 = time.time()
     from experiments.opd_chains.negative_control import overlap_numbers
 

@@ -148,7 +148,15 @@ def train_teacher(cfg: ExperimentConfig, recipe: Recipe, out: Path, work: str, l
     seconds = time.time() - t0
     assert_held_out(task, task.issued)
     export(tr, out)
+    keep_metrics(c.run_dir, out)
     return {"teacher_seconds": seconds, "teacher_rows": len(task.issued)}
+
+
+def keep_metrics(run_dir: str, out: Path) -> None:
+    """The training run's per-step metrics next to the exported model (`<out>.metrics.jsonl`)."""
+    src = Path(run_dir) / "metrics.jsonl"
+    if src.exists():
+        shutil.copy(src, out.parent / f"{out.name}.metrics.jsonl")
 
 
 def train_student(cfg: ExperimentConfig, recipe: Recipe, teacher_dir: Path, out: Path, work: str,
@@ -186,6 +194,7 @@ def train_student(cfg: ExperimentConfig, recipe: Recipe, teacher_dir: Path, out:
     tr = SFTTrainer(c, task, examples)
     _finished(tr.run())
     export(tr, out)
+    keep_metrics(c.run_dir, out)
     return {"student_seconds": time.time() - t0, "student_pool": len(examples), "teacher_sample_stats": stats,
             "student_pool_rows": len(task.issued)}
 
