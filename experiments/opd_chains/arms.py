@@ -23,12 +23,13 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from experiments.opd_chains.analysis import error_profile
 from opd_jax.config import ExperimentConfig
 from opd_jax.miniature import measure
-from opd_jax.miniature.chains import assert_held_out, split_of, stream_position
+from opd_jax.miniature.chains import ChainsTask, assert_held_out, split_of, stream_position
 from opd_jax.miniature.prepare import Prepared
 from opd_jax.miniature.setup import base_config
 
@@ -130,7 +131,7 @@ def eval_curve(run_dir: str) -> list[dict]:
     return sorted(out, key=lambda r: r["step"])
 
 
-def sample_teacher_rows(cfg: ExperimentConfig, task, n: int, seed: int) -> tuple[list, dict]:
+def sample_teacher_rows(cfg: ExperimentConfig, task: ChainsTask, n: int, seed: int) -> tuple[list, dict]:
     """`n` SFT rows of correct teacher samples (T=1) on the task's next prompts, and the sampling counts."""
     import jax
 
@@ -149,7 +150,8 @@ def sample_teacher_rows(cfg: ExperimentConfig, task, n: int, seed: int) -> tuple
     return rows, stats
 
 
-def run_arm(spec: ArmSpec, prep: Prepared, runs_root: str, *, pool: list | None = None, log=print) -> dict:
+def run_arm(spec: ArmSpec, prep: Prepared, runs_root: str, *, pool: list | None = None,
+            log: Callable[[str], object] = print) -> dict:
     """Train one arm, then measure it. `pool`: the fixed SFT data set (`sft_fixed`)."""
     from opd_jax.tasks import build_task
 

@@ -41,7 +41,7 @@ PUBLISHED = {
 }
 
 
-def load(path: str):
+def load(path: str) -> dict:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -70,7 +70,8 @@ def sci(x: float | None) -> str:
 
 
 # ---- aggregation -----------------------------------------------------------------------------------------------
-def group(records: dict[str, dict], method: str, lr: float, seeds, prefix: str | None = None) -> list[dict]:
+def group(records: dict[str, dict], method: str, lr: float, seeds: list[int],
+          prefix: str | None = None) -> list[dict]:
     out = []
     for seed in seeds:
         name = f"{prefix or method}_lr{lr:g}_s{seed}"

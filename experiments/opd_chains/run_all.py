@@ -21,6 +21,7 @@ import time
 
 from experiments.opd_chains import arms
 from experiments.opd_chains.plan import PLAN, QUICK, Plan
+from opd_jax.config import ExperimentConfig
 from opd_jax.miniature import measure, setup
 from opd_jax.miniature.prepare import Prepared, Recipe, grade_both, prepare, prepare_teacher, sft_config, train_teacher
 
@@ -32,7 +33,7 @@ TINY = ["student.hidden_size=32", "student.intermediate_size=64", "student.head_
 QUICK_RECIPE = Recipe(teacher_steps=30, student_examples=64, student_steps=10)
 
 
-def dump(path: str, obj) -> None:
+def dump(path: str, obj: object) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
@@ -73,7 +74,7 @@ class Runner:
         return s
 
 
-def student_pool(prep: Prepared, cfg, recipe: Recipe) -> list:
+def student_pool(prep: Prepared, cfg: ExperimentConfig, recipe: Recipe) -> list:
     """The fixed teacher-written data set the student was mid-trained on, regenerated exactly (same stream, key)."""
     import jax
 
@@ -102,7 +103,7 @@ def mean_last(curve: list[dict], split: str, n: int = 2) -> float:
     return sum(pts) / len(pts)
 
 
-def capacity_check(cfg, plan: Plan, recipe: Recipe, runs: str, results: str, reuse: bool) -> dict:
+def capacity_check(cfg: ExperimentConfig, plan: Plan, recipe: Recipe, runs: str, results: str, reuse: bool) -> dict:
     """The student's architecture trained like the teacher (from scratch, the teacher's data and steps): can it
     hold the task at the teacher's level?"""
     path = os.path.join(results, "capacity.json")
@@ -132,7 +133,7 @@ def capacity_errors(work: str) -> dict:
     return error_profile(arms.read_jsonl(os.path.join(work, "capacity", "eval", "capacity_t1.jsonl")))
 
 
-def diagnostics(cfg, prep: Prepared, runs: str, results: str) -> dict:
+def diagnostics(cfg: ExperimentConfig, prep: Prepared, runs: str, results: str) -> dict:
     """How teacher and student continue after an injected slip, and where the student's own errors are."""
     from experiments.opd_chains.analysis import error_profile
 
@@ -150,7 +151,7 @@ def diagnostics(cfg, prep: Prepared, runs: str, results: str) -> dict:
     return out
 
 
-def recovery(cfg, prep: Prepared, plan: Plan, lr: dict, runner: Runner, runs: str, results: str,
+def recovery(cfg: ExperimentConfig, prep: Prepared, plan: Plan, lr: dict, runner: Runner, runs: str, results: str,
              reuse: bool) -> dict:
     """Mid-train the teacher (the strong 'original model') on new facts, then win the chains skill back with OPD
     against its own pre-mid-training weights, next to SFT on that model's samples with the same steps."""

@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import jax
 
+from opd_jax.config.schema import ExperimentConfig
 from opd_jax.tasks import EvalProblem, PromptRows, Task
 
 # The arithmetic task's vocabulary (opd_jax.data.synthetic) plus the correction marker: digits, '#', '=' and the
@@ -64,7 +66,7 @@ class ChainTokenizer:
         except KeyError as e:
             raise ValueError(f"character {e.args[0]!r} is not in the chains vocabulary {CHARS!r}") from None
 
-    def decode(self, ids) -> str:
+    def decode(self, ids: Iterable[int]) -> str:
         return "".join(VOCAB[i] if 2 < i < len(VOCAB) else "" for i in ids if i != EOS)
 
 
@@ -335,7 +337,7 @@ def parse_source(source: str) -> dict:
     return kw
 
 
-def make_chains_task(cfg, *, process_index: int = 0, process_count: int = 1) -> ChainsTask:
+def make_chains_task(cfg: ExperimentConfig, *, process_index: int = 0, process_count: int = 1) -> ChainsTask:
     """The `ChainsTask` of `cfg.data.source` (hooked into `opd_jax.data.synthetic.make_synthetic_task`), graded on
     the split `cfg.eval.split` names ('test' unless it is 'val' or 'val+test')."""
     kw = parse_source(cfg.data.source)

@@ -19,7 +19,9 @@ import json
 import os
 import time
 
+from opd_jax.config import ExperimentConfig
 from opd_jax.miniature import setup
+from opd_jax.miniature.prepare import Prepared
 
 # The rates the validation sweep of experiments/opd_chains chose (results/summary.json, "best_lr": opd, sft_fresh).
 OPD_LR = 3e-4
@@ -31,7 +33,7 @@ def _fmt(acc: dict) -> str:
     return f"{acc['accuracy']:.3f} [{acc['ci_low']:.2f}, {acc['ci_high']:.2f}]"
 
 
-def measure_point(cfg, name: str, *, run_dir: str | None = None, hf_path: str | None = None) -> dict:
+def measure_point(cfg: ExperimentConfig, name: str, *, run_dir: str | None = None, hf_path: str | None = None) -> dict:
     """Test accuracy at T=1 and greedy, and the held-out per-token KL on the T=1 samples."""
     from opd_jax.miniature.measure import grade, heldout_kl, summarize_eval
 
@@ -41,7 +43,7 @@ def measure_point(cfg, name: str, *, run_dir: str | None = None, hf_path: str | 
     return {"t1": summarize_eval(rows), "greedy": g, "kl": kl}
 
 
-def grade_teacher(cfg, run_dir: str) -> dict:
+def grade_teacher(cfg: ExperimentConfig, run_dir: str) -> dict:
     """The teacher's test accuracy at T=1 and greedy."""
     import copy
 
@@ -53,7 +55,7 @@ def grade_teacher(cfg, run_dir: str) -> dict:
             for label, t in (("t1", 1.0), ("greedy", 0.0))}
 
 
-def run_method(method: str, cfg, prep, steps: int, lr: float, run_dir: str) -> dict:
+def run_method(method: str, cfg: ExperimentConfig, prep: Prepared, steps: int, lr: float, run_dir: str) -> dict:
     """`steps` steps of OPD or SFT (fresh teacher samples) from the cached student; returns the measurements."""
     import copy
 
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(s: dict, cfg) -> str:
+def report(s: dict, cfg: ExperimentConfig) -> str:
     """The demo's before/after table and its reading, in plain words."""
     b, o, f = s["before"], s["opd"], s["sft"]
     n = b["t1"]["problems"]

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from opd_jax.config import ExperimentConfig
+from opd_jax.config import ExperimentConfig, ModelConfig
 
 Z95 = 1.959963984540054
 
@@ -161,7 +161,7 @@ def heldout_kl(cfg: ExperimentConfig, rows: Sequence[dict], *, run_dir: str | No
             "tokens": int(tot[2])}
 
 
-def correction_probe(cfg: ExperimentConfig, model_cfg, *, split: str = "test", n: int = 256, seed: int = 0,
+def correction_probe(cfg: ExperimentConfig, model_cfg: ModelConfig, *, split: str = "test", n: int = 256, seed: int = 0,
                      run_dir: str | None = None) -> dict:
     """How a model continues from a slip it did not make, by forward passes on teacher-forced scratchpads of held-out
     problems: each problem's reference solution is cut right after one step's result, and that result is replaced by

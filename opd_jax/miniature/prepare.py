@@ -23,14 +23,20 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from opd_jax.config import ExperimentConfig, config_to_dict
+from opd_jax.config import ExperimentConfig, ModelConfig, config_to_dict
 from opd_jax.miniature import setup
 from opd_jax.miniature.chains import assert_held_out, stream_position
 
+if TYPE_CHECKING:
+    from opd_jax.trainer import Trainer
+
 CACHE_VERSION = 1
+Log = Callable[[str], object]
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,7 @@ def cache_keys(cfg: ExperimentConfig, recipe: Recipe) -> tuple[str, str]:
     return t_key, s_key
 
 
-def sft_config(cfg: ExperimentConfig, model, *, steps: int, batch: int, lr: float, run_dir: str, seed: int,
+def sft_config(cfg: ExperimentConfig, model: ModelConfig, *, steps: int, batch: int, lr: float, run_dir: str, seed: int,
                source: str | None = None, warmup: int | None = None, schedule: str = "cosine") -> ExperimentConfig:
     """An SFT run of `model` (a ModelConfig) with `cfg`'s task, sampling and eval settings: `batch` rows a step."""
     c = copy.deepcopy(cfg)
@@ -97,7 +103,7 @@ def sft_config(cfg: ExperimentConfig, model, *, steps: int, batch: int, lr: floa
     return c
 
 
-def export(trainer, out: Path) -> None:
+def export(trainer: Trainer, out: Path) -> None:
     """The trainer's current weights as an HF dir (replacing `out`)."""
     from opd_jax.models.hf_io import export_hf
 
@@ -111,7 +117,7 @@ def _finished(history: dict) -> None:
         raise SystemExit(f"[prepare] stopped at step {history['preempted_at']}; nothing cached")
 
 
-def grade_both(cfg: ExperimentConfig, model, hf_dir: Path, work: str, name: str) -> dict:
+def grade_both(cfg: ExperimentConfig, model: ModelConfig, hf_dir: Path, work: str, name: str) -> dict:
     """Test accuracy of an HF dir at T=1 and greedily, with 95% intervals."""
     from opd_jax.miniature.measure import grade
 
@@ -127,7 +133,7 @@ def grade_both(cfg: ExperimentConfig, model, hf_dir: Path, work: str, name: str)
     return out
 
 
-def train_teacher(cfg: ExperimentConfig, recipe: Recipe, out: Path, work: str, log=print) -> dict:
+def train_teacher(cfg: ExperimentConfig, recipe: Recipe, out: Path, work: str, log: Log = print) -> dict:
     from opd_jax.baselines.sft import SFTTrainer
     from opd_jax.tasks import build_task
 
@@ -160,7 +166,7 @@ def keep_metrics(run_dir: str, out: Path) -> None:
 
 
 def train_student(cfg: ExperimentConfig, recipe: Recipe, teacher_dir: Path, out: Path, work: str,
-                  log=print) -> dict:
+                  log: Log = print) -> dict:
     import jax
 
     from opd_jax.baselines.sft import SFTTrainer, teacher_sft_examples
@@ -200,7 +206,7 @@ def train_student(cfg: ExperimentConfig, recipe: Recipe, teacher_dir: Path, out:
 
 
 def prepare_teacher(cfg: ExperimentConfig, recipe: Recipe, *, name: str = "teacher",
-                    root: str | os.PathLike | None = None, fresh: bool = False, log=print) -> tuple[str, dict]:
+                    root: str | os.PathLike | None = None, fresh: bool = False, log: Log = print) -> tuple[str, dict]:
     """A cached teacher alone (e.g. one trained on `recipe.teacher_source` without slips, for a control), graded on
     the test split: (HF dir, info)."""
     t_key, _ = cache_keys(cfg, recipe)
@@ -223,7 +229,7 @@ def prepare_teacher(cfg: ExperimentConfig, recipe: Recipe, *, name: str = "teach
 
 
 def prepare(cfg: ExperimentConfig | None = None, recipe: Recipe | None = None, *, root: str | os.PathLike | None = None,
-            fresh: bool = False, grade: bool = True, log=print) -> Prepared:
+            fresh: bool = False, grade: bool = True, log: Log = print) -> Prepared:
     """The cached (teacher, student) pair for `cfg` (default: `setup.base_config()`), training what is missing.
     `grade`: also measure both on the test split (T=1 and greedy) when not yet recorded."""
     cfg = cfg or setup.base_config()
