@@ -106,14 +106,9 @@ def cmd_visualize(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import os
+    from opd_jax.miniature.demo import main as demo_main
 
-    try:
-        from experiments.mini_reasoning.demo import main as demo_main
-    except ImportError:  # an editable install made before `experiments` was packaged: use the checkout
-        sys.path.insert(0, os.getcwd())
-        from experiments.mini_reasoning.demo import main as demo_main
-    return demo_main(["--steps", str(args.steps)] + (["--fresh"] if args.fresh else []))
+    return demo_main(["--steps", str(args.steps), "--run-dir", args.run_dir] + (["--fresh"] if args.fresh else []))
 
 
 def parse_size(s: str) -> int:
@@ -173,9 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config("visualize", cmd_visualize, "render a student completion colored by per-token reverse KL")
     sp.add_argument("--prompt", default=None, help="prompt text (default: the first eval problem)")
     sp.add_argument("--out", default=None, help="output HTML path (default: RUN_DIR/kl.html)")
-    sp = sub.add_parser("demo", help="CPU demo: teacher + student (cached), then OPD with before/after accuracy")
+    sp = sub.add_parser("demo", help="CPU demo: teacher + student (cached), then OPD and SFT with before/after "
+                                     "held-out accuracy and KL")
     sp.add_argument("--fresh", action="store_true", help="retrain the cached teacher and student")
-    sp.add_argument("--steps", type=int, default=40, help="OPD steps")
+    sp.add_argument("--steps", type=int, default=40, help="OPD steps (and SFT steps, for the comparison)")
+    sp.add_argument("--run-dir", default="runs/opd_chains/demo", help="where the demo's runs and summary go")
     sp.set_defaults(fn=cmd_demo)
     return p
 
