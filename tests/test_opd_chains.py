@@ -178,3 +178,88 @@ def test_demo_end_to_end_tiny(tmp_path, monkeypatch, capsys):
         assert s[point]["t1"]["problems"] == 32 and 0 <= s[point]["t1"]["ci_low"] <= s[point]["t1"]["ci_high"] <= 1
         assert s[point]["kl"]["tokens"] > 0 and s[point]["kl"]["kl_exact"] >= 0
     assert any(p.name.startswith("teacher-") for p in (tmp_path / "cache").iterdir())
+
+
+def test_shipped_pair_is_the_current_default_pair():
+    """The teacher and student shipped in `opd_jax/miniature/pretrained/` carry the cache keys of today's default
+    config and recipe (a change to either retrains instead of using stale weights, and this test asks for a new
+    pair), and their JSON records say the same keys."""
+    import json
+
+    from opd_jax.miniature.prepare import PRETRAINED, Recipe, cache_keys
+
+    t_key, s_key = cache_keys(base_config(), Recipe())
+    assert sorted(p.name for p in PRETRAINED.iterdir() if p.is_dir()) == [f"student-{s_key}", f"teacher-{t_key}"]
+    t_info = json.loads((PRETRAINED / f"teacher-{t_key}" / "teacher.json").read_text())
+    s_info = json.loads((PRETRAINED / f"student-{s_key}" / "student.json").read_text())
+    assert t_info["key"] == t_key and s_info["key"] == s_key and s_info["teacher_key"] == t_key
+    assert s_info["recipe"] == dataclasses.asdict(Recipe())
+    for name, key in (("teacher", t_key), ("student", s_key)):
+        cfg = json.loads((PRETRAINED / f"{name}-{key}" / name / "config.json").read_text())
+        m = base_config().student if name == "student" else base_config().teachers[0].model
+        assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]) == (
+            m.hidden_size, m.num_layers, m.vocab_size)
+
+
+def test_prepare_copies_the_shipped_pair_into_an_empty_cache(tmp_path, monkeypatch):
+    """A fresh cache gets the shipped pair without training (the demo's first minute); the copy loads."""
+    from opd_jax.miniature import prepare as prep_mod
+
+    def no_training(*a, **k):
+        raise AssertionError("trained although the shipped pair matches")
+
+    monkeypatch.setattr(prep_mod, "train_teacher", no_training)
+    monkeypatch.setattr(prep_mod, "train_student", no_training)
+    logs: list[str] = []
+    p = prep_mod.prepare(root=tmp_path, grade=False, log=logs.append)
+    assert p.info["trained_now"] == [] and sum("shipped" in m for m in logs) == 2, logs
+    assert p.info["teacher"]["test"]["t1"]["accuracy"] > 0.9  # the record travels with the weights
+    from safetensors.numpy import load_file
+
+    assert load_file(os.path.join(p.student, "model.safetensors"))  # a readable HF dir
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_prepare_takes_turns_on_one_cache_root(tmp_path):
+    """Two preparers on one cache root: the second waits for the first's lock."""
+    import threading
+    import time
+
+    from opd_jax.miniature.prepare import _locked
+
+    order: list[str] = []
+    held = threading.Event()
+
+    def first():
+        with _locked(tmp_path):
+            held.set()
+            time.sleep(0.3)
+            order.append("first done")
+
+    t = threading.Thread(target=first)
+    t.start()
+    held.wait()
+    with _locked(tmp_path):
+        order.append("second in")
+    t.join()
+    assert order == ["first done", "second in"]
+
+
+def test_demo_replaces_only_its_own_run_dir(tmp_path):
+    """A rerun replaces the demo's directory (no `.old` copies pile up); a directory the demo did not make is
+    refused with one line naming it, and left as it is."""
+    from opd_jax.errors import RunDirError
+    from opd_jax.miniature.demo import MARKER, claim_run_dir
+
+    d = tmp_path / "demo"
+    claim_run_dir(str(d))
+    (d / "opd").mkdir()
+    (d / "demo_summary.json").write_text("{}")
+    claim_run_dir(str(d))
+    assert sorted(p.name for p in d.iterdir()) == [MARKER]
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(RunDirError, match="not a demo's directory"):
+        claim_run_dir(str(other))
+    assert (other / "notes.txt").read_text() == "keep me"

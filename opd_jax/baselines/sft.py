@@ -112,7 +112,10 @@ class TaskSFTSource:
 
 
 class ListSFTSource:
-    """Rows from a fixed list (this process's), visited in a seeded permutation per epoch; resumable."""
+    """Rows from a fixed list (this process's), visited in a seeded permutation per epoch; resumable.
+
+    `SFTTrainer` seeds it with `data.shuffle_seed`, not the run's `seed`: two runs that differ only in `seed` see the
+    list in the same order (the model init and sampling differ); set `data.shuffle_seed` too for a different order."""
 
     def __init__(self, examples: Sequence[Example], seed: int = 0):
         if not examples:

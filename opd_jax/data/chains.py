@@ -31,20 +31,20 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import jax
 
 from opd_jax.config.schema import ExperimentConfig
-from opd_jax.data.synthetic import check_one_stream
+from opd_jax.data.synthetic import CHARS as ARITHMETIC_CHARS
+from opd_jax.data.synthetic import CharTokenizer, GeneratedTask, check_one_stream
 from opd_jax.data.synthetic import exact_match_reward as arithmetic_reward
-from opd_jax.data.task import EvalProblem, PromptRows, Task
+from opd_jax.data.task import EvalProblem
 
 # The arithmetic task's vocabulary (opd_jax.data.synthetic) plus the correction marker: digits, '#', '=' and the
 # special tokens keep their ids, so `opd_jax.data.synthetic.exact_match_reward` grades chains inside the program.
 PAD, BOS, EOS = 0, 1, 2
-CHARS = "0123456789+-*()=;#@!abcdefghij"
+CHARS = ARITHMETIC_CHARS + "!abcdefghij"
 VOCAB = ["<pad>", "<bos>", "<eos>", *CHARS]
 VOCAB_SIZE = 40  # room to spare, a multiple of 8
 LABELS = "abcdefghij"  # step labels: chains have at most 10 steps
@@ -56,20 +56,11 @@ SPLIT_BUCKETS = 1000
 TEST_BUCKETS, VAL_BUCKETS = 50, 50  # buckets [0, 50) are test, [50, 100) validation, the rest train
 
 
-class ChainTokenizer:
+class ChainTokenizer(CharTokenizer):
     """Characters of `CHARS` <-> ids; `decode` drops the special tokens."""
 
-    pad_id, bos_id, eos_id = PAD, BOS, EOS
     vocab_size = VOCAB_SIZE
-
-    def encode(self, text: str) -> list[int]:
-        try:
-            return [_ID[c] for c in text]
-        except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in the chains vocabulary {CHARS!r}") from None
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return "".join(VOCAB[i] if 2 < i < len(VOCAB) else "" for i in ids if i != EOS)
+    chars, task_name = CHARS, "chains"
 
 
 def split_of(text: str) -> str:
@@ -184,7 +175,7 @@ def assert_held_out(task: ChainsTask, issued: list[str]) -> int:
     return len(issued)
 
 
-class ChainsTask(Task):
+class ChainsTask(GeneratedTask):
     """`Task` of chains: a resumable train stream of prompts and reference solutions, held-out eval problems."""
 
     reward_fn = staticmethod(exact_match_reward)
@@ -243,29 +234,8 @@ class ChainsTask(Task):
         return self._eval_cache[split]
 
     # ---- Task -------------------------------------------------------------------------------------------
-    @property
-    def stop_token_ids(self) -> list[int]:
-        return [EOS]
-
-    def prompt_tokens(self, c: Chain) -> list[int]:
-        return [BOS, *self.tok.encode(c.text + "=")]
-
-    def prompt_tokens_from_text(self, text: str) -> list[int]:
-        """[BOS] + a typed chain, '=' added when missing (`opd-jax visualize --prompt`)."""
-        text = text.strip()
-        return [BOS, *self.tok.encode(text if text.endswith("=") else text + "=")]
-
-    def _rows(self, n: int) -> list[Chain]:
-        start = self.position + self.process_index * n
-        out = [self.problem(start + i) for i in range(n)]
-        self.position += n * self.process_count
-        return out
-
-    def next_prompts(self, n: int) -> PromptRows:
-        probs = self._rows(n)
-        toks = [self.prompt_tokens(c) for c in probs]
-        return PromptRows(student=toks, teacher=toks, answers=[str(c.answer) for c in probs],
-                          answer_tokens=[self.tok.encode(str(c.answer)) for c in probs])
+    def prompt_text(self, c: Chain) -> str:
+        return c.text
 
     def sft_example(self, c: Chain, index: int = 0) -> tuple[list[int], list[int]]:
         """(tokens, loss mask) of the reference solution of `c`, with slips when `slips` > 0 (seeded by `index`)."""
@@ -273,29 +243,9 @@ class ChainsTask(Task):
         text, mask = c.solution_with_slips(random.Random(f"slips-{self.seed}-{index}"), self.slips)
         return prompt + self.tok.encode(text) + [EOS], [0] * len(prompt) + mask + [1]
 
-    def sft_examples(self, n: int) -> list[tuple[list[int], list[int]]]:
-        start = self.position + self.process_index * n
-        probs = self._rows(n)
-        return [self.sft_example(c, start + i) for i, c in enumerate(probs)]
-
     def eval_problems(self) -> list[EvalProblem]:
         splits = ("val", "test") if self.eval_split == "val+test" else (self.eval_split,)
         return [EvalProblem(self.prompt_tokens(c), str(c.answer), c.text) for s in splits for c in self.held_out(s)]
-
-    def grade(self, completion: list[int], answer: str) -> bool:
-        if EOS not in completion:
-            return False
-        text = self.decode(completion[: completion.index(EOS)])
-        return "#" in text and text.rsplit("#", 1)[-1] == answer
-
-    def decode(self, tokens: list[int]) -> str:
-        return self.tok.decode(tokens)
-
-    def state(self) -> dict:
-        return {"position": self.position}
-
-    def restore(self, state: dict) -> None:
-        self.position = int(state.get("position", 0))
 
 
 def parse_source(source: str) -> dict:

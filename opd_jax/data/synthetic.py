@@ -32,17 +32,26 @@ ANSWER_MARK = _ID["#"]
 
 
 class CharTokenizer:
+    """Characters <-> ids, one id per character of `chars` after the three special tokens; `decode` drops the
+    special tokens. Raises ValueError naming a character outside the vocabulary."""
+
     pad_id, bos_id, eos_id = PAD, BOS, EOS
     vocab_size = VOCAB_SIZE
+    chars, task_name = CHARS, "arithmetic"
+
+    def __init__(self) -> None:
+        self.vocab = ["<pad>", "<bos>", "<eos>", *self.chars]
+        self._id = {c: i for i, c in enumerate(self.vocab)}
 
     def encode(self, text: str) -> list[int]:
         try:
-            return [_ID[c] for c in text]
+            return [self._id[c] for c in text]
         except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in the arithmetic vocabulary {CHARS!r}") from None
+            raise ValueError(f"character {e.args[0]!r} is not in the {self.task_name} vocabulary "
+                             f"{self.chars!r}") from None
 
     def decode(self, ids) -> str:
-        return "".join(VOCAB[i] if 2 < i < len(VOCAB) else "" for i in ids if i != EOS)
+        return "".join(self.vocab[i] if 2 < i < len(self.vocab) else "" for i in ids if i != EOS)
 
 
 @dataclass
@@ -91,7 +100,76 @@ def exact_match_reward(tokens: jax.Array, mask: jax.Array, answer: jax.Array) ->
     return (ok & ends_with_eos & (n_ans > 0)).astype(jnp.float32)
 
 
-class ArithmeticTask(Task):
+class GeneratedTask(Task):
+    """A task whose rows are made from their global index (`problem(i)`), so any process can regenerate any row:
+    per-host slicing and resume are exact. Prompts are `<bos>` + the problem's text + '=', completions end with
+    `<eos>`, and the answer follows the last '#'. Subclasses set `tok`, `seed`, `position` (global rows drawn so
+    far), `process_index`, `process_count` and define `problem`, `prompt_text`, `sft_example` and
+    `eval_problems`."""
+
+    tok: CharTokenizer
+    position: int
+    process_index: int
+    process_count: int
+
+    def problem(self, global_index: int):
+        raise NotImplementedError
+
+    def prompt_text(self, p) -> str:
+        raise NotImplementedError
+
+    def sft_example(self, p, index: int = 0) -> tuple[list[int], list[int]]:
+        """(tokens, loss mask) of the reference solution of problem `p` (row `index` of the stream)."""
+        raise NotImplementedError
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return [EOS]
+
+    def prompt_tokens(self, p) -> list[int]:
+        return [BOS, *self.tok.encode(self.prompt_text(p) + "=")]
+
+    def prompt_tokens_from_text(self, text: str) -> list[int]:
+        """[BOS] + a problem typed by a user, with the trailing '=' added when missing (`opd-jax visualize`)."""
+        text = text.strip()
+        return [BOS, *self.tok.encode(text if text.endswith("=") else text + "=")]
+
+    def _rows(self, n: int) -> tuple[int, list]:
+        """This process's slice of the next `n * process_count` global rows: (first global index, problems)."""
+        start = self.position + self.process_index * n
+        probs = [self.problem(start + i) for i in range(n)]
+        self.position += n * self.process_count
+        return start, probs
+
+    def next_prompts(self, n: int) -> PromptRows:
+        _, probs = self._rows(n)
+        toks = [self.prompt_tokens(p) for p in probs]
+        return PromptRows(student=toks, teacher=toks, answers=[str(p.answer) for p in probs],
+                          answer_tokens=[self.tok.encode(str(p.answer)) for p in probs])
+
+    def sft_examples(self, n: int) -> list[tuple[list[int], list[int]]]:
+        """The reference solutions of the same row stream as `next_prompts`."""
+        start, probs = self._rows(n)
+        return [self.sft_example(p, start + i) for i, p in enumerate(probs)]
+
+    def grade(self, completion: list[int], answer: str) -> bool:
+        """True when the completion ends (at its first `<eos>`) in '#<answer>'."""
+        if EOS not in completion:
+            return False
+        text = self.decode(completion[: completion.index(EOS)])
+        return "#" in text and text.rsplit("#", 1)[-1] == answer
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tok.decode(tokens)
+
+    def state(self) -> dict:
+        return {"position": self.position}
+
+    def restore(self, state: dict) -> None:
+        self.position = int(state.get("position", 0))
+
+
+class ArithmeticTask(GeneratedTask):
     reward_fn = staticmethod(exact_match_reward)
     vocab_size = len(VOCAB)
 
@@ -106,58 +184,21 @@ class ArithmeticTask(Task):
         eval_rng = random.Random(10_000 + seed)  # held-out stream, disjoint seed
         self._eval = [make_problem(eval_rng, num_ops, max_operand) for _ in range(eval_problems)]
 
-    @property
-    def stop_token_ids(self) -> list[int]:
-        return [EOS]
-
-    def prompt_tokens(self, p: Problem) -> list[int]:
-        return [BOS, *self.tok.encode(p.expression + "=")]
-
-    def prompt_tokens_from_text(self, text: str) -> list[int]:
-        """[BOS] + an expression typed by a user, with the trailing '=' added when missing (`opd-jax visualize`)."""
-        text = text.strip()
-        return [BOS, *self.tok.encode(text if text.endswith("=") else text + "=")]
+    def prompt_text(self, p: Problem) -> str:
+        return p.expression
 
     def problem(self, global_index: int) -> Problem:
         # one RNG per row index: any process can regenerate any row, so per-host slicing and resume are exact
         idx = 0 if self.fixed_prompt else global_index
         return make_problem(random.Random(self.seed * 1_000_003 + idx), self.num_ops, self.max_operand)
 
-    def next_prompts(self, n: int) -> PromptRows:
-        # n per-process rows; this process takes its slice of the next n*process_count global rows
-        start = self.position + self.process_index * n
-        probs = [self.problem(start + i) for i in range(n)]
-        self.position += n * self.process_count
-        toks = [self.prompt_tokens(p) for p in probs]
-        return PromptRows(student=toks, teacher=toks, answers=[str(p.answer) for p in probs],
-                          answer_tokens=[self.tok.encode(str(p.answer)) for p in probs])
-
-    def sft_example(self, p: Problem) -> tuple[list[int], list[int]]:
+    def sft_example(self, p: Problem, index: int = 0) -> tuple[list[int], list[int]]:
         prompt = self.prompt_tokens(p)
         completion = self.tok.encode(p.solution) + [EOS]
         return prompt + completion, [0] * len(prompt) + [1] * len(completion)
 
-    def sft_examples(self, n: int) -> list[tuple[list[int], list[int]]]:
-        # the reference scratchpad solutions of the same row stream as next_prompts
-        start = self.position + self.process_index * n
-        self.position += n * self.process_count
-        return [self.sft_example(self.problem(start + i)) for i in range(n)]
-
     def eval_problems(self) -> list[EvalProblem]:
         return [EvalProblem(self.prompt_tokens(p), str(p.answer), p.expression) for p in self._eval]
-
-    def grade(self, completion: list[int], answer: str) -> bool:
-        text = self.decode(completion)
-        return text.rsplit("#", 1)[-1] == answer if "#" in text and EOS in completion else False
-
-    def decode(self, tokens: list[int]) -> str:
-        return self.tok.decode(tokens)
-
-    def state(self) -> dict:
-        return {"position": self.position}
-
-    def restore(self, state: dict) -> None:
-        self.position = int(state.get("position", 0))
 
 
 class FactsTask(ArithmeticTask):

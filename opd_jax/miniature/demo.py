@@ -1,8 +1,8 @@
 """`opd-jax demo`: on-policy distillation end to end on a laptop CPU, next to SFT with the same steps.
 
-1. The teacher and the student, from the cache or trained now (`prepare`, about two minutes on a quiet 2-core
-   CPU): a teacher that solves chains of modular steps and corrects slips, and a smaller student mid-trained on a
-   limited set of the teacher's samples.
+1. The teacher and the student: the pair shipped with the package (copied into the cache), or trained now with
+   `--fresh` (`prepare`, 8-10 minutes on a 2-core CPU): a teacher that solves chains of modular steps and corrects
+   slips, and a smaller student mid-trained on a limited set of the teacher's samples.
 2. From that student, `--steps` steps of OPD (the student samples, the teacher scores the same tokens, the per-token
    reverse KL is the advantage) and, separately, the same number of SFT steps on fresh teacher samples (the same
    number of sequences per step).
@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
+from pathlib import Path
 
 from opd_jax.config import ExperimentConfig
 from opd_jax.miniature import setup
@@ -27,6 +29,22 @@ from opd_jax.miniature.prepare import Prepared
 OPD_LR = 3e-4
 SFT_LR = 3e-4
 DEMO_TEST_PROBLEMS = 512
+MARKER = ".opd_jax_demo"  # marks a directory as the demo's own, so a rerun may replace it
+
+
+def claim_run_dir(run_dir: str) -> None:
+    """Make `run_dir` the demo's, empty: a directory a previous demo made (it holds `MARKER`) is replaced, so reruns
+    leave no `.old` copies; any other non-empty directory raises RunDirError and is left as it is."""
+    from opd_jax.errors import RunDirError
+
+    path = Path(run_dir)
+    if path.exists() and any(path.iterdir()):
+        if not (path / MARKER).exists():
+            raise RunDirError(f"--run-dir {run_dir} exists and is not a demo's directory (no {MARKER} in it); the demo "
+                              "replaces only its own", hint="pick another --run-dir, or move that directory away")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / MARKER).write_text("made by `opd-jax demo`; a rerun replaces this directory\n")
 
 
 def _fmt(acc: dict) -> str:
@@ -101,9 +119,10 @@ def run_method(method: str, cfg: ExperimentConfig, prep: Prepared, steps: int, l
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fresh", action="store_true", help="retrain the cached teacher and student")
+    p.add_argument("--fresh", action="store_true", help="train the teacher and student anew (8-10 min on 2 cores) "
+                                                        "instead of using the shipped pair")
     p.add_argument("--steps", type=int, default=40, help="OPD steps (and SFT steps)")
-    p.add_argument("--run-dir", default="runs/opd_chains/demo")
+    p.add_argument("--run-dir", default="runs/opd_chains/demo", help="the demo's directory, replaced by a rerun")
     p.add_argument("--recipe", default="{}", help="JSON of prepare.Recipe fields (how teacher and student are made)")
     p.add_argument("overrides", nargs="*", help="config overrides of the miniature's base config (tests: tiny models)")
     a = p.parse_args(argv)
@@ -113,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     run_dir = os.path.abspath(a.run_dir)  # orbax wants absolute local checkpoint paths
     base = setup.base_config(a.overrides)
-    print(f"opd-jax demo: model cache {setup.cache_root()}")
+    claim_run_dir(run_dir)
+    print(f"opd-jax demo: model cache {setup.cache_root()}, runs under {run_dir}")
     prep = prepare(base, Recipe(**json.loads(a.recipe)), fresh=a.fresh, grade=False)  # graded below
     prep_s = time.time() - t_start
     cfg = setup.base_config([*a.overrides, *prep.overrides(), f"run_dir={run_dir}"])
@@ -129,7 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"teacher": t_info, "before": before, "opd": opd, "sft": sft, "steps": a.steps,
                "opd_lr": OPD_LR, "sft_lr": SFT_LR, "prepare_s": prep_s, "total_s": total,
                "teacher_dir": prep.teacher, "student_dir": prep.student}
-    os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "demo_summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
     print(report(summary, cfg))

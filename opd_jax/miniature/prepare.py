@@ -9,14 +9,23 @@ Both are graded on the held-out test split, greedy and at T=1. Cache: `<cache_ro
 `<cache_root()>/student-<key>/`, each an HF dir plus a JSON of how it was made and how it scores; the key hashes the
 models, the task and the recipe, so any change retrains what it affects and nothing else.
 
+The default pair (`setup.base_config()`, `Recipe()`) ships with the package in `pretrained/<name>-<key>/` (the HF
+dir and its JSON, ~2 MB): `prepare` copies it into the cache instead of training when the keys match, so a fresh
+install runs the demo in about a minute; `fresh=True` (`opd-jax demo --fresh`) trains anew. A test keeps the shipped
+keys equal to the current ones, and `experiments/opd_chains/retrain_check.py` retrains the pair and compares.
+Concurrent `prepare` calls on one cache root take turns (a lock file), so two demos never train the same model twice
+or read a half-written one.
+
 Every training stream is a `ChainsTask` train stream started at its own `stream_position`, and each one records
 the problems it hands out; `prepare` asserts that none of them is an eval problem.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -37,6 +46,7 @@ if TYPE_CHECKING:
 
 CACHE_VERSION = 1
 Log = Callable[[str], object]
+PRETRAINED = Path(__file__).parent / "pretrained"  # the default pair, shipped: <name>-<key>/{<name>/, <name>.json}
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,32 @@ def cache_keys(cfg: ExperimentConfig, recipe: Recipe) -> tuple[str, str]:
     s_key = _key({"v": CACHE_VERSION, "teacher_key": t_key, "student": s, "task": task,
                   "recipe": dataclasses.asdict(recipe)})
     return t_key, s_key
+
+
+@contextlib.contextmanager
+def _locked(root: Path):
+    """Hold an exclusive lock on `root` (a cache root) for the duration: one preparer at a time."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _from_shipped(entry: Path, name: str, log: Log) -> bool:
+    """Copy the shipped `PRETRAINED/<entry.name>` into `entry` when there is one; True when copied."""
+    src = PRETRAINED / entry.name
+    if not (src / name / "config.json").exists() or not (src / f"{name}.json").exists():
+        return False
+    tmp = entry.with_name(entry.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(entry, ignore_errors=True)
+    os.replace(tmp, entry)
+    log(f"[prepare] {name}: the shipped weights ({src}); --fresh trains anew")
+    return True
 
 
 def sft_config(cfg: ExperimentConfig, model: ModelConfig, *, steps: int, batch: int, lr: float, run_dir: str, seed: int,
@@ -210,7 +246,13 @@ def prepare_teacher(cfg: ExperimentConfig, recipe: Recipe, *, name: str = "teach
     """A cached teacher alone (e.g. one trained on `recipe.teacher_source` without slips, for a control), graded on
     the test split: (HF dir, info)."""
     t_key, _ = cache_keys(cfg, recipe)
-    t_root = (Path(root) if root else setup.cache_root()) / f"{name}-{t_key}"
+    root = Path(root) if root else setup.cache_root()
+    with _locked(root):
+        return _prepare_teacher(cfg, recipe, root / f"{name}-{t_key}", t_key, name, fresh, log)
+
+
+def _prepare_teacher(cfg: ExperimentConfig, recipe: Recipe, t_root: Path, t_key: str, name: str, fresh: bool,
+                     log: Log) -> tuple[str, dict]:
     if fresh:
         shutil.rmtree(t_root, ignore_errors=True)
     t_dir, t_json = t_root / "teacher", t_root / "teacher.json"
@@ -236,10 +278,20 @@ def prepare(cfg: ExperimentConfig | None = None, recipe: Recipe | None = None, *
     recipe = recipe or Recipe()
     t_key, s_key = cache_keys(cfg, recipe)
     root = Path(root) if root else setup.cache_root()
+    with _locked(root):
+        return _prepare(cfg, recipe, root, t_key, s_key, fresh, grade, log)
+
+
+def _prepare(cfg: ExperimentConfig, recipe: Recipe, root: Path, t_key: str, s_key: str, fresh: bool, grade: bool,
+             log: Log) -> Prepared:
     t_root, s_root = root / f"teacher-{t_key}", root / f"student-{s_key}"
     if fresh:
         for d in (t_root, s_root):
             shutil.rmtree(d, ignore_errors=True)
+    else:
+        for entry, name in ((t_root, "teacher"), (s_root, "student")):
+            if not (entry / name / "config.json").exists():
+                _from_shipped(entry, name, log)
     t_dir, s_dir = t_root / "teacher", s_root / "student"
     t_json, s_json = t_root / "teacher.json", s_root / "student.json"
     work = tempfile.mkdtemp(prefix="opd_chains_prep_")
