@@ -383,11 +383,8 @@ def stop_sampler(stops: tuple[int, ...]):
         def __init__(self, model: Qwen3):
             self.model = model
 
-        def init_cache(self, *a, **kw):
-            return self.model.init_cache(*a, **kw)
-
-        def logits(self, h):
-            return self.model.logits(h)
+        def __getattr__(self, name):  # init_cache, logits, decode_kind, cfg, dtypes: the model's
+            return getattr(self.model, name)
 
         def __call__(self, tokens, *a, **kw):
             jax.debug.callback(lambda t: calls.append(int(t.shape[1])), tokens)
