@@ -104,12 +104,17 @@ def truncate_logits(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, cap: 
     return jnp.where(scaled >= cut, scaled, -jnp.inf)
 
 
-def choose_tokens(logits: jax.Array, key: jax.Array, sp: SamplingParams) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """logits [B, V] fp32 -> (tokens, untempered logprob, sampler logprob)."""
+def choose_tokens(logits: jax.Array, key: jax.Array, sp: SamplingParams, truncation: bool = True
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """logits [B, V] fp32 -> (tokens, untempered logprob, sampler logprob). `truncation=False` (static) leaves
+    out the top-k/top-p branch, which otherwise runs only when `sp` asks for it (a `lax.cond`): for cost
+    accounting of untruncated sampling, where XLA's `cost_analysis()` would count both branches."""
     greedy = sp.temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, sp.temperature)
-    needs_truncation = (sp.top_k > 0) | (sp.top_p < 1.0)
-    scaled = jax.lax.cond(needs_truncation, lambda s: truncate_logits(s, sp.top_k, sp.top_p), lambda s: s, scaled)
+    if truncation:
+        needs_truncation = (sp.top_k > 0) | (sp.top_p < 1.0)
+        scaled = jax.lax.cond(needs_truncation, lambda s: truncate_logits(s, sp.top_k, sp.top_p), lambda s: s,
+                              scaled)
     sampled = jax.random.categorical(key, scaled, axis=-1)
     tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
     full = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]

@@ -29,9 +29,11 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 BLOCK_K = 64  # cache slots per block: the cache length is a multiple of 64 (attention.DECODE_BLOCK)
 MIN_ROWS = 16  # tl.dot needs at least 16 rows: the query heads of one KV head are padded to this
+TRITON_CALL = "__gpu$xla.gpu.triton"  # the custom call a Pallas/Triton kernel lowers to
 TARGET_PROGRAMS = 1024  # split the filled slots until about this many programs run (the H200 has 132 SMs)
 
 
@@ -61,28 +63,28 @@ def _kernel(layer_ref, n_ref, q_ref, k_ref, v_ref, valid_ref, o_ref, m_ref, l_re
     offsets = jnp.arange(block_k)
 
     def body(i, carry):
-        m, l, acc = carry
+        m, den, acc = carry
         s0 = start + i * block_k
         k = k_ref[layer, b, h, pl.ds(s0, block_k), :]
         v = v_ref[layer, b, h, pl.ds(s0, block_k), :]
         ok = (valid_ref[b, pl.ds(s0, block_k)] != 0) & (s0 + offsets < end)
-        s = pl.dot(q, k, trans_b=True, precision=precision)  # [rows, block_k] fp32
+        s = plgpu.dot(q, k, trans_b=True, precision=precision)  # [rows, block_k] fp32
         s = jnp.where(ok[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.exp(s - m_new[:, None])
         corr = jnp.exp(m - m_new)
-        l = l * corr + p.sum(axis=-1)
-        acc = acc * corr[:, None] + pl.dot(p.astype(v.dtype), v, precision=precision)
-        return m_new, l, acc
+        den = den * corr + p.sum(axis=-1)
+        acc = acc * corr[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
+        return m_new, den, acc
 
     d = q_ref.shape[1]
     init = (jnp.full((rows,), -1e30, jnp.float32), jnp.zeros((rows,), jnp.float32),
             jnp.zeros((rows, d), jnp.float32))
     trips = jnp.maximum(0, (end - start + block_k - 1) // block_k)  # 0 for a split past the filled slots
-    m, l, acc = jax.lax.fori_loop(0, trips, body, init)
+    m, den, acc = jax.lax.fori_loop(0, trips, body, init)
     o_ref[...] = acc
     m_ref[...] = m
-    l_ref[...] = l
+    l_ref[...] = den
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_k", "splits"))
@@ -114,12 +116,10 @@ def decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, layer: jax.Arra
     kernel = functools.partial(_kernel, block_k=block_k, split_len=split_len, precision=precision)
     params = {}
     if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-
         params["compiler_params"] = plgpu.CompilerParams(num_warps=4, num_stages=2)
     scalar = pl.BlockSpec((), lambda b, h, j: ())
     full = lambda shape: pl.BlockSpec(shape, lambda b, h, j: (0,) * len(shape))  # noqa: E731  the whole array
-    o, m, l = pl.pallas_call(
+    o, m, den = pl.pallas_call(
         kernel,
         grid=(B, KV, splits),
         in_specs=[
@@ -145,7 +145,7 @@ def decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, layer: jax.Arra
     # has l = 0 and adds nothing
     m_all = m.max(axis=2, keepdims=True)
     w = jnp.exp(m - m_all)
-    denom = jnp.sum(w * l, axis=2)
+    denom = jnp.sum(w * den, axis=2)
     out = jnp.sum(w[..., None] * o, axis=2)
     out = out / jnp.where(denom > 0, denom, 1.0)[..., None]
     return out.reshape(B, 1, H, D).astype(vc.dtype)

@@ -15,9 +15,20 @@ a query row with no valid key averages every value, exactly as a softmax over `f
 With `causal=True` (self-attention over the same slots, as in training, teacher scoring and prefill) the queries
 go a tile at a time and each tile skips the key chunks after it: about half the blocks, forward and backward.
 
-Decode reads the stacked cache where it lies, a DECODE_BLOCK of slots at a time and only up to the filled length
-(`decode_attention`); on a single-device CPU program the XLA:CPU FFI kernel of `opd_jax.kernels` does the same
-work (`one_token_attention` picks it).
+One-token decode attention is chosen per program when it is traced (`decode_kind`, from `model.decode_attention`
+and the platform of the mesh's devices, so an AOT lowering for a TPU pod on a CPU host gets the TPU path), and the
+KV cache is laid out for it (`KVCache`):
+- CPU: the stacked cache is read where it lies, a DECODE_BLOCK of slots at a time and only up to the filled length
+  (`decode_attention`, a loop whose trip count is the filled length); on a single-device fp32 program the XLA:CPU
+  FFI kernel of `opd_jax.kernels.cpu` does the same work. K is tiled per block.
+- TPU: one fixed-shape masked attention over a static prefix of the cache (`dense_decode_attention`): no loop
+  inside the decode step, and the sampler runs its decode loop in segments (`sampling.decode_segments`), each
+  attending over the prefix that covers it, so a step reads O(filled) slots up to the segment size. XLA fuses
+  the layer's slice of the stacked cache into the products that read it.
+- GPU: the same dense attention for caches of up to GPU_DENSE_MAX_SLOTS slots; above, the Triton flash-decoding
+  kernel of `opd_jax.kernels.gpu`, which reads only the filled slots of the layer, in place in the stacked cache.
+A data-dependent loop inside the decode step is what GPU and TPU programs must not have: on a GPU its predicate
+goes to the host at every iteration, once per layer per token (issue #16).
 """
 
 from __future__ import annotations
