@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
             results[S, label] = row
             read = 2 * args.batch * args.kv_heads * fill * args.head_dim * dtype.itemsize
             row["read_roofline"] = read / bw
-            print(f"slots {S:>5} {label}: " + ", ".join(f"{n} {1e6 * t:.1f} us" for n, t in row.items()), flush=True)
+            print(f"slots {S:>5} {label}: " + ", ".join(f"{n} " + (f"{1e6 * t:.1f} us" if t == t else "n/a")
+                                                         for n, t in row.items()), flush=True)
 
     print()
     for (S, label), row in results.items():
@@ -163,8 +164,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"decode_attention_{S}_{label}_{name}_us: " + (f"{1e6 * t:.1f}" if t == t else "n/a"))
         base = row.get("dense_ref")
         for name in ("kernel", "dense", "dense_prefix", "jax_gqa", "blocks"):
-            if base and name in row:
-                print(f"decode_attention_{S}_{label}_{name}_vs_dense: {base / row[name]:.2f}x")
+            if base and name in row:  # > 1: faster than the dense reference
+                print(f"decode_attention_{S}_{label}_{name}_speedup_vs_dense_ref: {base / row[name]:.2f}x")
+        if "kernel" in row and row["read_roofline"] == row["read_roofline"]:
+            print(f"decode_attention_{S}_{label}_kernel_vs_read_roofline: {row['kernel'] / row['read_roofline']:.2f}x")
 
 
 if __name__ == "__main__":

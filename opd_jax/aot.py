@@ -172,7 +172,6 @@ class DecodeSegment:
     bytes_accessed: float  # cost_analysis()["bytes accessed"] per chip, every layer counted (layers unrolled)
     must_read_first: float  # weights + the filled K/V per chip, at the first and last step
     must_read_last: float
-    compiled: bool = True  # False: interpolated between the compiled first and last segments
 
 
 @dataclass
@@ -196,7 +195,6 @@ class DecodeReport:
     cast_bytes: float  # per chip: the compute-dtype copy of the weights made once per sampling call (0: none)
     segments: list[DecodeSegment] = field(default_factory=list)
     scanned_bytes_accessed: float = float("nan")  # the layer-scan program (its body counted once), last segment
-    bytes_per_slot: float = float("nan")  # accessed bytes per slot of prefix, from the compiled segments
     compile_seconds: float = 0.0
 
     @property
@@ -219,12 +217,9 @@ class DecodeReport:
                f"{self.prompt_len + self.new_tokens - 1})"]
         for g in self.segments:
             out.append(f"  steps filling {g.first_fill:>6}..{g.last_fill:<6} (prefix {g.limit:>6} slots): "
-                       f"{g.bytes_accessed / GB:7.2f} GB accessed{'' if g.compiled else ' (interpolated)'} vs "
+                       f"{g.bytes_accessed / GB:7.2f} GB accessed vs "
                        f"{g.must_read_first / GB:6.2f}..{g.must_read_last / GB:.2f} GB must-read "
                        f"({g.bytes_accessed / g.must_read_last:.2f}x..{g.bytes_accessed / g.must_read_first:.2f}x)")
-        if not math.isnan(self.bytes_per_slot):
-            out.append(f"  accessed per prefix slot: {self.bytes_per_slot / 1e6:.3f} MB (K/V alone: "
-                       f"{self.kv_bytes_per_slot / 1e6:.3f} MB)")
         out.append(f"  over all {sum(g.steps for g in self.segments)} decode steps: {self.mean_ratio:.2f}x the bytes "
                    f"that must be read (worst step {self.worst_ratio:.2f}x)")
         if not math.isnan(self.scanned_bytes_accessed):
@@ -458,6 +453,7 @@ def _decode_step_cost(cfg, mesh, limit: int | None, unroll: bool) -> tuple[float
     """(bytes accessed per chip, compile seconds) of one compiled decode step of the student on `mesh`."""
     import jax
     import jax.numpy as jnp
+    from jax.experimental.layout import Format, Layout
 
     from opd_jax.mesh import SAMPLING_RULES, named_sharding
     from opd_jax.models.attention import CACHE_AXES, K_CACHE_AXES
@@ -473,11 +469,15 @@ def _decode_step_cost(cfg, mesh, limit: int | None, unroll: bool) -> tuple[float
 
     def sampling_layout(tree, axes):  # the decode layout and dtype the sampler holds the weights in
         sh = tree_shardings(mesh, axes, tree, rules)
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(
-            x.shape, dtype if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype, sharding=s),
-            tree, sh)
+        # Layout.AUTO: inside the sampler the weights are loop-invariant operands of the decode loop, laid out once
+        # per call where they are resharded (and cast); a standalone step with row-major inputs would instead
+        # re-lay out the q/k/v weights at every call, which the sampler never does
+        sds = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            x.shape, dtype if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype), tree)
+        return sds, jax.tree.map(lambda s: Format(Layout.AUTO, s), sh)
 
-    trainable, frozen = sampling_layout(spec.trainable, spec.t_axes), sampling_layout(spec.frozen, spec.f_axes)
+    (trainable, t_sh), (frozen, f_sh) = (sampling_layout(spec.trainable, spec.t_axes),
+                                         sampling_layout(spec.frozen, spec.f_axes))
     B = cfg.batch_size // cfg.sampling.micro_batches
     P, N = cfg.sampling.max_prompt_len, cfg.sampling.max_new_tokens
     cache = jax.eval_shape(lambda: model0.init_cache(B, P + N, mesh, rules))
@@ -502,19 +502,23 @@ def _decode_step_cost(cfg, mesh, limit: int | None, unroll: bool) -> tuple[float
 
     truncation = cfg.sampling.top_k > 0 or cfg.sampling.top_p < 1.0  # else the un-taken branch would count
     t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(2,)).lower(trainable, frozen, cache, rows, rows, key, sp).compile()
+    shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+    in_sh = (t_sh, f_sh, shardings(cache), rows.sharding, rows.sharding, rep, shardings(sp))
+    compiled = jax.jit(step, in_shardings=in_sh, donate_argnums=(2,)).lower(
+        trainable, frozen, cache, rows, rows, key, sp).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost["bytes accessed"]), time.perf_counter() - t0
 
 
 def decode_report(cfg, devices: Sequence, *, scanned: bool = False) -> DecodeReport:
-    """Compile the student's decode step for `devices` at the first and the last decode segment's cache prefix
-    (layers unrolled, so XLA's `cost_analysis()` counts every layer; plus, if `scanned`, the step as run, with
-    the layer scan), interpolate the segments between, and compare each with the bytes it must read: the
-    weights in the decode layout and compute dtype, and the K/V of the filled slots, per chip. Sampling as the
-    config asks: without top-k/top-p the step is compiled without the truncation branch, which would otherwise
-    be counted although it never runs."""
+    """Compile the student's decode step for `devices` once per decode segment (its cache prefix; layers
+    unrolled, so XLA's `cost_analysis()` counts every layer; plus, if `scanned`, the step as run, with the layer
+    scan) and compare each with the bytes it must read: the weights in the decode layout and compute dtype, and
+    the K/V of the filled slots, per chip. As inside the sampler, the weights' layouts are the compiler's
+    choice (they are laid out once per sampling call), and sampling is as the config asks: without top-k/top-p
+    the step is compiled without the truncation branch, which would otherwise be counted although it never
+    runs."""
     import jax.numpy as jnp
 
     from opd_jax.mesh import SAMPLING_RULES, logical_to_spec, make_mesh
@@ -554,27 +558,15 @@ def decode_report(cfg, devices: Sequence, *, scanned: bool = False) -> DecodeRep
     rep = DecodeReport(kind=kind, layout=cfg.sampling.layout, batch=B, batch_per_chip=local[1], cache_slots=slots,
                        prompt_len=P, new_tokens=N, weight_bytes=weight_bytes, kv_bytes_per_slot=kv_per_slot,
                        cast_bytes=cast_bytes)
-    segs = decode_segments(P, N, kind, cfg.sampling.decode_segments)
-    limits = sorted({limit or slots for _, limit in segs})
-    measured = {}
-    for limit in (limits[0], limits[-1]) if len(limits) > 1 else limits:
-        measured[limit], secs = _decode_step_cost(cfg, mesh, None if limit == slots else limit, unroll=True)
-        rep.compile_seconds += secs
-    lo, hi = limits[0], limits[-1]
-    per_slot = (measured[hi] - measured[lo]) / (hi - lo) if hi > lo else 0.0
     start = 1
-    for end, limit in segs:
-        limit = limit or slots
-        # only the prefix length differs between the segments' programs, so their bytes are affine in it: the
-        # first and last are compiled, the ones between interpolated
-        acc = measured.get(limit, measured[lo] + per_slot * (limit - lo))
+    for end, limit in decode_segments(P, N, kind, cfg.sampling.decode_segments):
+        acc, secs = _decode_step_cost(cfg, mesh, limit, unroll=True)  # one compile per segment: XLA's fusion
+        rep.compile_seconds += secs  # choices change with the prefix length, so bytes are not affine in it
         first, last = P + start, P + end - 1
-        rep.segments.append(DecodeSegment(limit=limit, first_fill=first, last_fill=last, steps=end - start,
+        rep.segments.append(DecodeSegment(limit=limit or slots, first_fill=first, last_fill=last, steps=end - start,
                                           bytes_accessed=acc, must_read_first=weight_bytes + first * kv_per_slot,
-                                          must_read_last=weight_bytes + last * kv_per_slot,
-                                          compiled=limit in measured))
+                                          must_read_last=weight_bytes + last * kv_per_slot))
         start = end
-    rep.bytes_per_slot = per_slot
     if scanned:
         acc, secs = _decode_step_cost(cfg, mesh, None, unroll=False)
         rep.scanned_bytes_accessed, rep.compile_seconds = acc, rep.compile_seconds + secs

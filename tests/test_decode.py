@@ -92,6 +92,23 @@ def test_decode_attention_equals_dense_reference(path):
                 assert not got[1].any()
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU: the compiled Triton kernel")
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_compiled_gpu_kernel_equals_dense_reference(dtype, atol):
+    """On a GPU: the kernel compiled by Triton (not interpreted), directly and as the model's "pallas" decode
+    attention picks it, against dense attention at every fill."""
+    q, k, _, v, valid = cache(2)
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    direct = jax.jit(gpu_kernels.decode_attention)
+    picked = jax.jit(lambda *a: one_token_attention(*a, cpu_kernel=False, kind="pallas"))
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    for n in FILLS:
+        want = reference(f32(q), f32(k), f32(v), valid, 1, n)
+        for fn in (direct, picked):
+            got = np.asarray(fn(q, k, v, jnp.int32(1), valid, jnp.int32(n)), np.float32)
+            np.testing.assert_allclose(got, want, atol=atol, rtol=0, err_msg=f"{n} slots filled")
+
+
 def test_gpu_kernel_under_a_mesh_equals_one_device():
     """Batch over one mesh axis and KV heads over another: the kernel runs per shard (shard_map)."""
     q, k, _, v, valid = cache(1)
