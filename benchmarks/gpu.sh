@@ -8,7 +8,7 @@
 # under its own timeout, so one failing or hanging part does not lose the others; the log ends with every
 # part's exit status and all `name: value` headline lines collected in one block.
 #
-# Parts (timeouts sum to 360 s; expected ~5 min on an H200):
+# Parts (timeouts sum to 360 s; expected about 5 minutes on an H200):
 #   1. versions and the device;
 #   2. correctness on the device: tests/test_decode.py (every decode attention equals dense attention; on a GPU
 #      also the compiled Triton kernel, fp32 <= 1e-5) and the one-program test;
@@ -17,7 +17,9 @@
 #   4. benchmarks/sampler.py --model qwen3-0.6b: the sampler (as shipped, dense, and the pre-#16 decode path)
 #      against transformers.generate (CUDA, bf16 autocast);
 #   5. benchmarks/opd_step.py --model qwen3-0.6b: the fused step vs unfused vs TRL GKDTrainer (CUDA, bf16
-#      autocast), with the decode ms/step, the weight-read roofline and MFU.
+#      autocast), with the decode ms/step, the weight-read roofline and MFU;
+#   6. benchmarks/profile_decode.py --model qwen3-0.6b: one sampler call under jax.profiler, the device ops by
+#      time per decode step and launches per step (the cost after attention); the trace is kept in $OUT/trace.
 #
 # Dependencies. jax (CUDA), flax, optax, orbax, transformers and torch come from the image; opd_jax from this
 # checkout (PYTHONPATH, nothing is installed into the image). Part 5's TRL side needs trl and accelerate (pure
@@ -97,26 +99,28 @@ print("XLA_FLAGS:", os.environ.get("XLA_FLAGS", ""))
 EOF
 
 # ---- 2. correctness on the device --------------------------------------------------------------------------------
-part tests 60 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_decode.py \
+part tests 45 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_decode.py \
     "tests/test_step.py::test_fused_step_is_one_program"
 
 # ---- 3. one layer's decode attention -----------------------------------------------------------------------------
 if [[ $SMOKE == 1 ]]; then
-    part decode_attention 45 "$PY" benchmarks/decode_attention.py --smoke
+    part decode_attention 40 "$PY" benchmarks/decode_attention.py --smoke
 else
-    part decode_attention 45 "$PY" benchmarks/decode_attention.py --runs 5 --reps 20
+    part decode_attention 40 "$PY" benchmarks/decode_attention.py --runs 5 --reps 20
 fi
 
 # ---- 4, 5. sampler and the OPD step at the issue's shapes --------------------------------------------------------
 # JAX and torch share the GPU in one process: let JAX allocate on demand instead of taking 75% up front.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 if [[ $SMOKE == 1 ]]; then
-    part sampler 105 "$PY" benchmarks/sampler.py --smoke
-    part opd_step 135 "$PY" benchmarks/opd_step.py --smoke $([[ $TRL == 1 ]] || echo --skip-trl)
+    part sampler 100 "$PY" benchmarks/sampler.py --smoke
+    part opd_step 130 "$PY" benchmarks/opd_step.py --smoke $([[ $TRL == 1 ]] || echo --skip-trl)
+    part profile 30 "$PY" benchmarks/profile_decode.py --smoke
 else
-    part sampler 105 "$PY" benchmarks/sampler.py --model qwen3-0.6b --runs 3
-    part opd_step 135 "$PY" benchmarks/opd_step.py --model qwen3-0.6b --rounds 3 --threads 0 \
+    part sampler 100 "$PY" benchmarks/sampler.py --model qwen3-0.6b --runs 3
+    part opd_step 130 "$PY" benchmarks/opd_step.py --model qwen3-0.6b --rounds 3 --threads 0 \
         $([[ $TRL == 1 ]] || echo --skip-trl)
+    part profile 30 "$PY" benchmarks/profile_decode.py --model qwen3-0.6b --new-tokens 64
 fi
 
 # ---- summary ---------------------------------------------------------------------------------------------------

@@ -4,6 +4,11 @@
 (the fused OPD step does). Prompts are left-padded to a static bucket; RoPE positions come from the pad mask,
 so padding never shifts a row's positions.
 
+On GPU and TPU programs (issue #16) the sampler casts the student's weights to the compute dtype once per call
+(`cast_weights`) and, with the TPU's dense decode attention, runs the decode loop in segments, each attending
+over a static prefix of the cache (`decode_segments`); the decode attention itself is picked per program by
+`opd_jax.models.attention.decode_kind`.
+
 Two logprobs are recorded for every sampled token:
 - `logprobs`: log softmax(logits) at temperature 1 with no truncation — the student's own distribution,
   which the OPD loss and the reverse-KL estimate use.

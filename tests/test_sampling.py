@@ -483,6 +483,19 @@ def test_accelerator_decode_logprobs_equal_full_forward(kind):
     np.testing.assert_allclose(np.asarray(out.logprobs), at(log_softmax(full), out.tokens), atol=1e-4, rtol=0)
 
 
+def test_unrolled_decode_layers_equal_the_scan():
+    """`model.decode_unroll` (the decode step's layers traced one by one, static slices) samples exactly what the
+    layer scan samples."""
+    s = setup("gqa2-untied")
+    tokens, mask = padded()
+    sp = SamplingParams.create(temperature=1.0)
+    out = jax.device_get(make_sampler(graphdef_with("gqa2-untied", decode_unroll=True), max_new_tokens=N, pad_id=PAD)(
+        s.params, tokens, mask, jax.random.key(3), sp))
+    ref = run(s, sp, key=3)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-5, rtol=0)
+
+
 def test_decode_segments_equal_one_loop():
     """Dense decode attention in three segments (a 64- then a 128-slot prefix, then the whole 192-slot cache)
     against the CPU block loop over the same 140-token greedy decode: same tokens, logprobs within 1e-5."""

@@ -50,14 +50,16 @@ def num_splits(batch: int, kv_heads: int, cache_len: int, block_k: int = BLOCK_K
 
 
 def _kernel(layer_ref, n_ref, q_ref, k_ref, v_ref, valid_ref, o_ref, m_ref, l_ref, *, block_k: int,
-            split_len: int, precision):
-    """One program: (row b, KV head h, split j). q_ref [rows, D] (the G query heads of KV head h, padded);
-    k_ref, v_ref: the whole stacked cache [layers, B, KV, S, D]; valid_ref: [B, S] int8. Writes the split's
-    unnormalized output [rows, D], its running max and denominator [rows]."""
+            split_len: int, groups: int, precision):
+    """One program: (row b, KV head h, split j). q_ref [rows, D]: a block over the `groups` query heads of KV
+    head h, padded to `rows` (Triton does not bound a block to its array: rows past `groups` are masked on load
+    and store); k_ref, v_ref: the whole stacked cache [layers, B, KV, S, D]; valid_ref: [B, S] int8. Writes the
+    split's unnormalized output [rows, D], its running max and denominator [rows]."""
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer, n = layer_ref[()], n_ref[()]
     rows = q_ref.shape[0]
-    q = q_ref[...]
+    real = jnp.arange(rows) < groups
+    q = plgpu.load(q_ref, mask=real[:, None], other=0.0)
     start = j * split_len
     end = jnp.minimum(start + split_len, n)
     offsets = jnp.arange(block_k)
@@ -82,9 +84,9 @@ def _kernel(layer_ref, n_ref, q_ref, k_ref, v_ref, valid_ref, o_ref, m_ref, l_re
             jnp.zeros((rows, d), jnp.float32))
     trips = jnp.maximum(0, (end - start + block_k - 1) // block_k)  # 0 for a split past the filled slots
     m, den, acc = jax.lax.fori_loop(0, trips, body, init)
-    o_ref[...] = acc
-    m_ref[...] = m
-    l_ref[...] = den
+    plgpu.store(o_ref, acc, mask=real[:, None])
+    plgpu.store(m_ref, m, mask=real)
+    plgpu.store(l_ref, den, mask=real)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_k", "splits"))
@@ -113,7 +115,7 @@ def decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, layer: jax.Arra
     scale = 1.0 / math.sqrt(D)
     qg = (q.reshape(B, KV, G, D).astype(jnp.float32) * scale).astype(kc.dtype)
     precision = jax.lax.Precision.HIGHEST if kc.dtype == jnp.float32 else None
-    kernel = functools.partial(_kernel, block_k=block_k, split_len=split_len, precision=precision)
+    kernel = functools.partial(_kernel, block_k=block_k, split_len=split_len, groups=G, precision=precision)
     params = {}
     if not interpret:
         params["compiler_params"] = plgpu.CompilerParams(num_warps=4, num_stages=2)
