@@ -111,7 +111,7 @@ fi
 
 # ---- 4, 5. sampler and the OPD step at the shapes --------------------------------------------------------
 # JAX and torch share the GPU in one process: let JAX allocate on demand instead of taking 75% up front.
-export XLA_PYTHON_CLIENT_PREALLOCATE=false
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 if [[ $SMOKE == 1 ]]; then
     part sampler 100 "$PY" benchmarks/sampler.py --smoke
     part opd_step 130 "$PY" benchmarks/opd_step.py --smoke $([[ $TRL == 1 ]] || echo --skip-trl)

@@ -365,8 +365,15 @@ def main() -> None:
         for r in range(args.rounds):
             rounds[r]("before")
     else:
-        info = run_with_trl(args, bench.prompt_tokens, rounds, times["trl"], cpus["trl"], tokens["trl"])
-        tokens["trl"] = tokens["trl"][args.trl_warmup:]
+        try:
+            info = run_with_trl(args, bench.prompt_tokens, rounds, times["trl"], cpus["trl"], tokens["trl"])
+            tokens["trl"] = tokens["trl"][args.trl_warmup:]
+        except Exception as e:  # noqa: BLE001 - e.g. out of GPU memory beside JAX: keep the opd_jax figures
+            print(f"TRL failed, continuing without it: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            names.remove("trl")
+            for n in names:  # the rounds TRL did not get to
+                while len(times[n]) < args.rounds:
+                    run_variant(n)
 
     per_iter = args.groups * args.group_size * args.new_tokens
     rate, cpu_rate = {}, {}

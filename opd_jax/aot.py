@@ -221,7 +221,8 @@ class DecodeReport:
                        f"{g.must_read_first / GB:6.2f}..{g.must_read_last / GB:.2f} GB must-read "
                        f"({g.bytes_accessed / g.must_read_last:.2f}x..{g.bytes_accessed / g.must_read_first:.2f}x)")
         out.append(f"  over all {sum(g.steps for g in self.segments)} decode steps: {self.mean_ratio:.2f}x the bytes "
-                   f"that must be read (worst step {self.worst_ratio:.2f}x)")
+                   f"that must be read (worst step {self.worst_ratio:.2f}x); {len(self.segments)} compiles, "
+                   f"{self.compile_seconds:.0f} s")
         if not math.isnan(self.scanned_bytes_accessed):
             out.append(f"  the same step with the layer scan (as run): {self.scanned_bytes_accessed / GB:.2f} GB, "
                        "its body counted once by XLA")
@@ -298,9 +299,9 @@ class AotReport:
             f"  total          {g(self.total_bytes)}   of {self.hbm_bytes / GB:.0f} GB "
             f"({100 * self.total_bytes / self.hbm_bytes:.0f}%): {'FITS' if self.fits else 'DOES NOT FIT'}",
         ]
-        if self.sampling_cast_bytes:
-            out.append(f"  of which: the student's weights cast to its compute dtype once per sampling call "
-                       f"(sampling.cast_weights) {self.sampling_cast_bytes / GB:.2f} GB")
+        out.append(f"  of which: the student's weights cast to its compute dtype once per sampling call "
+                   f"(sampling.cast_weights) {self.sampling_cast_bytes / GB:.2f} GB"
+                   + ("" if self.sampling_cast_bytes else " (no copy: not cast, or already in the compute dtype)"))
         a = self.analytic_flops
         if a:
             out += [
@@ -641,8 +642,6 @@ def compile_step(cfg, topology: str | None = None, *, fast: bool = False, decode
         from opd_jax.mesh import make_mesh
 
         report.sampling_cast_bytes = sampling_cast_bytes(cfg, make_mesh(cfg.mesh, devices))
-        if decode:
-            report.decode = decode_report(cfg, devices)
     try:
         compiled = lowered.compile({"exec_time_optimization_effort": -1.0} if fast else None)
     except Exception as e:  # the TPU compiler refuses programs that exceed HBM
@@ -669,6 +668,8 @@ def compile_step(cfg, topology: str | None = None, *, fast: bool = False, decode
         cost = cost[0] if cost else {}
     if cost:
         report.compiled_flops_per_chip = float(cost.get("flops", float("nan")))
+    if decode and cfg.algorithm in ("opd", "rl"):
+        report.decode = decode_report(cfg, devices)  # its own compiles, timed in report.decode.compile_seconds
     return report
 
 

@@ -248,3 +248,27 @@ def test_aot_decode_step_traffic_on_tpu():
     assert b1 >= rep["weight"] + 0.9 * l1 * rep["kv"]  # it reads the weights and the prefix's K/V at least
     assert 0.9 < (b2 - b1) / ((l2 - l1) * rep["kv"]) < 2.0  # the extra prefix costs about its K/V
     # (XLA also counts the copies of small weights into on-chip VMEM: at this toy size they dominate the rest)
+
+
+def test_sampling_cast_bytes_in_the_report():
+    """The compute-dtype copy of the student's weights that the sampler makes once per call: its per-chip size
+    in the decode layout (replicated: every chip holds the whole copy), and none when nothing is cast."""
+    from opd_jax.config.schema import MeshConfig
+    from opd_jax.mesh import make_mesh
+    from opd_jax.models.qwen3 import abstract_model, param_count
+
+    ov = ["student.vocab_size=64", "student.hidden_size=32", "student.intermediate_size=64", "student.num_layers=2",
+          "student.num_heads=4", "student.num_kv_heads=2", "student.head_dim=16", "student.param_dtype=float32",
+          "student.dtype=bfloat16", "sampling.layout=replicated"]
+    mesh = make_mesh(MeshConfig(fsdp=8), jax.devices()[:8])
+    n = param_count(nnx_state(abstract_model(load_config(None, ov).student)))
+    assert aot.sampling_cast_bytes(load_config(None, [*ov, "sampling.cast_weights=always"]), mesh) == 2 * n
+    assert aot.sampling_cast_bytes(load_config(None, ov), mesh) == 0  # auto: a CPU program keeps the per-layer cast
+    assert aot.sampling_cast_bytes(load_config(None, [*ov, "student.param_dtype=bfloat16",
+                                                      "sampling.cast_weights=always"]), mesh) == 0
+
+
+def nnx_state(model):
+    from flax import nnx
+
+    return nnx.to_pure_dict(nnx.split(model)[1])
