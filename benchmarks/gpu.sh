@@ -128,7 +128,7 @@ log ""
 log "=== summary"
 for s in "${STATUS[@]}"; do log "  $s"; done
 log "=== headline lines"
-grep -E '^[a-z][a-z0-9_]*: ' "$LOG" | grep -vE '^(jax devices|device_kind|chip|torch cuda|trl|accelerate|datasets):' \
+grep -E '^[a-z][a-z0-9_]*: ' "$LOG" | grep -vE '^(jax devices|device_kind|chip|torch cuda|trl|accelerate|datasets|trace|model|device):' \
     > "$LOG.headlines" || true
 tee -a "$LOG" < "$LOG.headlines"
 rm -f "$LOG.headlines"
