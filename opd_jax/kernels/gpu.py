@@ -2,19 +2,20 @@
 stacked KV cache where it lies.
 
 Why not JAX's own `jax.experimental.pallas.ops.gpu.decode_attention.gqa`: the algorithm here is the same
-(FlashDecoding: the filled slots are split across programs, each runs an online softmax over `block_k`-slot
-blocks, and the partial results are merged with their log-sum-exp weights; Dao et al., "Flash-Decoding for
-long-context inference", 2023; the shipped kernel's `attn_forward_kernel` and its final merge), but the shipped
-kernel takes one layer's cache `[B, S, KV, D]`. Inside the model's layer scan that is a slice of the stacked
-cache `[layers, B, KV, S, D]` at a traced layer, which XLA materializes as a copy before a custom call: a read
-and a write of the whole layer (all S slots, filled or not) before the kernel reads it again. At the AIME budget
-(5,120 slots, B=32, 8 KV heads, head_dim 128, bf16) that copy alone moves 1.3 GB per layer, twice the time the
-whole decode-attention target allows. This kernel takes the stacked cache and the layer index instead and
-indexes it inside the kernel, so it reads only the filled slots of one layer, once. It also masks by the cache's
-`valid` slots rather than a per-row [start, end) window, so it is exact for any pad pattern, not only left
-padding. Its other constraints are Triton's: power-of-two block shapes (so `head_dim` must be a power of two
->= 16; query heads per KV head are padded to 16 rows, the smallest `tl.dot` tile) and a cache length that is a
-multiple of `block_k` (the cache is allocated in multiples of 64 slots).
+(FlashDecoding: the filled slots are split across programs, each runs an online softmax over `block_k`-slot blocks,
+and the partial results are merged with their log-sum-exp weights; Dao et al., "Flash-Decoding for long-context
+inference", 2023; the shipped kernel's `attn_forward_kernel` and its final merge), but the shipped kernel takes one
+layer's cache `[B, S, KV, D]`. Inside the model's layer scan that is a slice of the stacked cache `[layers, B, KV,
+S, D]` at a traced layer, which XLA can be expected to materialize as a copy before a custom call (an operand must
+be a buffer of its own; not checked on a GPU: `benchmarks/decode_attention.py` times the shipped kernel on such a
+slice): a read and a write of the whole layer (all S slots, filled or not) before the kernel reads it again. At the
+AIME budget (5,120 slots, B=32, 8 KV heads, head_dim 128, bf16) that copy alone moves 1.34 GB per layer: 280 us at
+an H200's 4.8 TB/s, the whole time issue #16 allows one layer's decode attention. This kernel takes the stacked
+cache and the layer index instead and indexes it inside the kernel, so it reads only the filled slots of one layer,
+once. It also masks by the cache's `valid` slots rather than a per-row [start, end) window, so it is exact for any
+pad pattern, not only left padding. Its other constraints are Triton's: power-of-two block shapes (so `head_dim`
+must be a power of two >= 16; query heads per KV head are padded to 16 rows, the smallest `tl.dot` tile) and a
+cache length that is a multiple of `block_k` (the cache is allocated in multiples of 64 slots).
 
 `interpret=True` runs the same kernel body through Pallas's interpreter on any backend: the tests use it to
 prove the kernel equals dense attention on a CPU. On a GPU the kernel is lowered to Triton by `jax.jit`; here
