@@ -2,7 +2,9 @@
 
 from setuptools import find_packages, setup
 
-JAX = "jax==0.10.2"
+# Tested ranges, not pins: the lowest versions are what CI installs (.ci/constraints-lowest.txt); the upper bounds
+# are the newest minor releases seen to run (jax 0.11.2 / flax 0.12.10 on an H200, OPD_NOTES.md).
+JAX_RANGE = ">=0.10.2,<0.12"
 
 setup(
     name="opd_jax",
@@ -14,16 +16,17 @@ setup(
     packages=find_packages(include=["opd_jax", "opd_jax.*"]),  # experiments/ and benchmarks/ run from a checkout
     package_data={"opd_jax.kernels": ["*.cc"]},  # C++ sources, built on first use (opd_jax/kernels/cpu.py)
     install_requires=[
-        JAX,
-        "flax>=0.12.8",
-        "optax>=0.2.8",
-        "orbax-checkpoint>=0.12.8",
-        "numpy",
+        f"jax{JAX_RANGE}",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "numpy>=2.0",
         "omegaconf>=2.3",
         "pyyaml",
-        "safetensors",
+        "safetensors>=0.4",
         "transformers>=4.51",
         "tokenizers",
+        "huggingface_hub>=0.30",
         "datasets",
         "tensorflow-datasets",
         "array_record",
@@ -37,8 +40,11 @@ setup(
         # CPU torch is only for the HF parity tests and the baselines in benchmarks/.
         "test": ["pytest", "pytest-timeout", "torch==2.13.0", "ruff"],
         "bench": ["torch==2.13.0", "trl"],
-        "tpu": [f"jax[tpu]=={JAX.split('==')[1]}"],
-        "gpu": [f"jax[cuda12]=={JAX.split('==')[1]}"],
+        "tpu": [f"jax[tpu]{JAX_RANGE}"],
+        # JAX's CUDA wheels bring their own CUDA libraries: pick the major version the machine's driver supports.
+        "gpu": [f"jax[cuda12]{JAX_RANGE}"],
+        "cuda12": [f"jax[cuda12]{JAX_RANGE}"],
+        "cuda13": [f"jax[cuda13]{JAX_RANGE}"],
         "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["opd-jax=opd_jax.cli:main"]},

@@ -56,9 +56,7 @@ def main() -> int:
     for line in report.lines():
         print(line)
     if not report.fits:
-        print("levers:")
-        for lever in aot.levers(cfg, report):
-            print(f"  - {lever}")
+        print("does not fit: `opd-jax compile ... --levers 6` searches for overrides that make it fit")
     chip = flops.CHIPS[report.chip]
     total = report.analytic_flops.get("total", float("nan"))
     step_s = total / (report.num_chips * chip.peak_flops * args.mfu)
@@ -70,10 +68,10 @@ def main() -> int:
     print(f"topology: {report.topology} ({report.num_chips} {report.chip} chips)")
     print(f"mesh: {report.mesh}")
     print(f"fits: {report.fits}")
-    print(f"hbm_per_chip_gb: {report.total_bytes / aot.GB:.2f}")
+    print(f"hbm_per_chip_gib: {report.total_bytes / aot.GiB:.2f}")
     print(f"hbm_fraction: {report.total_bytes / report.hbm_bytes:.3f}")
-    print(f"arguments_gb: {report.argument_bytes / aot.GB:.2f}")
-    print(f"temporaries_gb: {report.temp_bytes / aot.GB:.2f}")
+    print(f"arguments_gib: {report.argument_bytes / aot.GiB:.2f}")
+    print(f"temporaries_gib: {report.temp_bytes / aot.GiB:.2f}")
     print(f"analytic_flops_per_step: {total:.3e}")
     print(f"analytic_flops_dense_per_step: {report.analytic_flops.get('dense_total', float('nan')):.3e}")
     print(f"xla_counted_flops_per_step: {report.compiled_flops:.3e}")

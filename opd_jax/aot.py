@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TPU_SITE_ENV = "OPD_TPU_SITE"
-GB = 1e9
+GiB = 2**30  # one unit for every memory figure: the TPU compiler reports GiB ("15.75G"), chips have GiB of HBM
 
 # Cloud TPU accelerator suffix -> physical topology (chips per axis).
 _CORE_COUNTED = {  # v4-N / v5p-N: N TensorCores = N/2 chips
@@ -268,7 +268,9 @@ class AotReport:
 
     @property
     def fits(self) -> bool:
-        return not self.error and self.total_bytes <= self.hbm_bytes
+        """The TPU compiler accepted the program. It refuses one that would not fit the chip's HBM (the limit it
+        applies is a little under the chip's nominal GiB), so acceptance is the test, not our own sum."""
+        return not self.error
 
     @property
     def compiled_flops(self) -> float:
@@ -280,24 +282,25 @@ class AotReport:
         return d
 
     def lines(self) -> list[str]:
-        g = lambda b: f"{b / GB:8.2f} GB"
+        g = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
         mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
         out = [f"topology: {self.topology} = {self.topology_name}, {self.num_chips} {self.chip} chips "
-               f"({self.hbm_bytes / GB:.0f} GB HBM each); mesh {mesh}",
+               f"({self.hbm_bytes / GiB:.0f} GiB HBM each); mesh {mesh}",
                f"lower: {self.lower_seconds:.1f} s, compile: {self.compile_seconds:.1f} s"]
         if self.error:
             out.append(f"COMPILE FAILED: {self.error}")
             out.append("  (below: the inputs from their shardings and the compiler's temporaries, if it said)")
         out += [
             "memory per chip (compiled.memory_analysis()):",
-            f"  arguments      {g(self.argument_bytes)}   (student state {self.state_bytes / GB:.2f} GB, "
-            f"teacher weights {self.teacher_bytes / GB:.2f} GB, batch)",
+            f"  arguments      {g(self.argument_bytes)}   (student state {self.state_bytes / GiB:.2f} GiB, "
+            f"teacher weights {self.teacher_bytes / GiB:.2f} GiB, batch)",
             f"  outputs        {g(self.output_bytes)}",
             f"  aliased        {g(self.alias_bytes)}   (donated train state reused for the new state)",
             f"  temporaries    {g(self.temp_bytes)}",
             f"  generated code {g(self.generated_code_bytes)}",
-            f"  total          {g(self.total_bytes)}   of {self.hbm_bytes / GB:.0f} GB "
-            f"({100 * self.total_bytes / self.hbm_bytes:.0f}%): {'FITS' if self.fits else 'DOES NOT FIT'}",
+            f"  total          {g(self.total_bytes)}   of {self.hbm_bytes / GiB:.0f} GiB "
+            f"({100 * self.total_bytes / self.hbm_bytes:.0f}%): "
+            + ("FITS (the compiler accepted it)" if self.fits else "DOES NOT FIT (the compiler refused it)"),
         ]
         out.append(f"  of which: the student's weights cast to its compute dtype once per sampling call "
                    f"(sampling.cast_weights) {self.sampling_cast_bytes / GB:.2f} GB"
@@ -321,25 +324,92 @@ class AotReport:
         return out
 
 
-def levers(cfg, report: AotReport) -> list[str]:
-    """Suggestions when the program does not fit."""
+def lever_candidates(cfg) -> list[tuple[str, list[str]]]:
+    """Changes that lower the step's per-chip memory without changing what it computes, as (why, overrides)."""
     c = cfg
     out = []
-    if c.micro_batches < c.batch_size:
-        out.append(f"micro_batches={c.micro_batches} -> {c.micro_batches * 2} (gradient accumulation: halves "
-                   "training activations)")
-    if c.sampling.micro_batches < c.batch_size:
-        out.append(f"sampling.micro_batches={c.sampling.micro_batches} -> {c.sampling.micro_batches * 2} "
-                   "(halves the KV cache and prefill activations)")
+    for n in (2, 4):
+        mb = c.micro_batches * n
+        if mb <= c.batch_size and c.batch_size % mb == 0:
+            out.append((f"gradient accumulation over {mb} micro-batches: 1/{n} of the training activations",
+                        [f"micro_batches={mb}"]))
+        smb = c.sampling.micro_batches * n
+        if smb <= c.batch_size and c.batch_size % smb == 0:
+            out.append((f"sampling in {smb} micro-batches: 1/{n} of the KV cache and prefill activations",
+                        [f"sampling.micro_batches={smb}"]))
+    for layout in ("train", "tensor", "replicated"):
+        if layout != c.sampling.layout:
+            out.append((f"decode with the {layout!r} weight layout (no per-step copy of gathered weights)"
+                        if layout == "train" else f"decode with the {layout!r} weight layout",
+                        [f"sampling.layout={layout}"]))
     if c.student.remat != "full":
-        out.append(f"student.remat={c.student.remat} -> full (store one activation per layer)")
-    for name, m in [("student", c.student)] + [(f"teachers.{i}.model", t.model) for i, t in enumerate(c.teachers)]:
-        if m.param_dtype != "bfloat16" or m.dtype != "bfloat16":
-            out.append(f"{name}.param_dtype/dtype -> bfloat16 (halves weights, moments and activations)")
-    if c.mesh.tensor == 1:
-        out.append("mesh.tensor=2..8 (shards heads / MLP / vocab: smaller attention-score and logit tensors)")
-    out.append("a larger slice (--topology), or shorter sampling.max_prompt_len / max_new_tokens")
+        out.append(("store one activation per layer, recompute the rest", ["student.remat=full"]))
+    models = [("student", c.student)] + [(f"teachers.{i}.model", t.model) for i, t in enumerate(c.teachers)]
+    for name, m in models:
+        if m.attention_chunk == 0:
+            out.append((f"chunked attention for {name}: O(T x 512) scores instead of O(T^2)",
+                        [f"{name}.attention_chunk=512"]))
+    for name, m in models[1:]:  # the student's dtype changes training numerics: not a free lever
+        if m.param_dtype != "bfloat16":
+            out.append((f"{name} weights in bfloat16 (frozen: half the bytes)",
+                        [f"{name}.param_dtype=bfloat16", f"{name}.dtype=bfloat16"]))
     return out
+
+
+def required_bytes(report: AotReport) -> int:
+    """Per-chip bytes the program needs: the compiled total, or for a refused program what the compiler said it
+    needed (its temporaries plus the inputs)."""
+    return report.total_bytes
+
+
+def search_levers(cfg, topology: str, report: AotReport, *, budget: int = 12, fast: bool = True,
+                  log=print) -> list[tuple[list[str], AotReport]]:
+    """Find overrides that make a refused program fit, by compiling on the same topology: first every single
+    change of `lever_candidates` alone, then the ones that lowered the memory stacked, the most helpful first,
+    each kept only if the stack needs less than before. Stops when the compiler accepts the program or after
+    `budget` compiles. So every suggestion is measured, and none points the wrong way. Returns
+    [(overrides so far, report)] for each step that lowered the memory; the last one fits if a fit was found."""
+    from opd_jax.config import apply_overrides
+
+    compiles = 0
+
+    def trial(over: list[str], why: str) -> AotReport | None:
+        nonlocal compiles
+        try:
+            trial_cfg = apply_overrides(cfg, over)
+        except Exception:  # noqa: BLE001 - a change the config rejects is no lever
+            return None
+        compiles += 1
+        r = compile_step(trial_cfg, topology, fast=fast)
+        log(f"  tried {' '.join(over)}: {required_bytes(r) / GiB:.2f} GiB, {'fits' if r.fits else 'refused'}"
+            + (f"  ({why})" if why else ""))
+        return r
+
+    singles: list[tuple[list[str], AotReport]] = []
+    for why, over in lever_candidates(cfg):
+        if compiles >= budget:
+            break
+        r = trial(over, why)
+        if r is not None and required_bytes(r) < required_bytes(report):
+            singles.append((over, r))
+            if r.fits:
+                return [(over, r)]
+    singles.sort(key=lambda x: required_bytes(x[1]))
+    if not singles:
+        return []
+    applied, best = list(singles[0][0]), singles[0][1]
+    path = [(list(applied), best)]
+    keys = lambda over: {o.split("=", 1)[0] for o in over}  # noqa: E731
+    for over, _ in singles[1:]:
+        if compiles >= budget or best.fits:
+            break
+        if keys(over) & keys(applied):  # another value of a setting already chosen
+            continue
+        r = trial(applied + over, "")
+        if r is not None and required_bytes(r) < required_bytes(best):
+            applied, best = applied + over, r
+            path.append((list(applied), best))
+    return path
 
 
 # ---- abstract inputs -----------------------------------------------------------------------------------------
@@ -635,7 +705,7 @@ def compile_step(cfg, topology: str | None = None, *, fast: bool = False, decode
     lowered, info = lower_step(cfg, devices)
     t1 = time.perf_counter()
     report = AotReport(topology=topology, topology_name=topo.topology_name, chip=topo.chip, num_chips=topo.num_chips,
-                       mesh=info["mesh"], hbm_bytes=chip.hbm_gb * GB, state_bytes=info["state_bytes"],
+                       mesh=info["mesh"], hbm_bytes=chip.hbm_gb * GiB, state_bytes=info["state_bytes"],
                        teacher_bytes=info["teacher_bytes"], lower_seconds=t1 - t0)
     report.analytic_flops = _analytic(cfg, info)
     if cfg.algorithm in ("opd", "rl"):
@@ -686,7 +756,8 @@ def _host_platform_cpu() -> None:
 
 
 def compile_main(args) -> int:
-    """`opd-jax compile CONFIG [k=v ...] [--topology T] [--json PATH] [--fast]`: 0 if the step fits, 3 if not."""
+    """`opd-jax compile CONFIG [k=v ...] [--topology T] [--json PATH] [--fast] [--levers N]`: 0 if the step fits,
+    3 if not (then up to N more compiles search for overrides that make it fit)."""
     from opd_jax.config import load_config
 
     _host_platform_cpu()
@@ -699,10 +770,20 @@ def compile_main(args) -> int:
     report = compile_step(cfg, topology, fast=bool(getattr(args, "fast", False)))
     for line in report.lines():
         print(line)
-    if not report.fits:
-        print("levers to make it fit:")
-        for lever in levers(cfg, report):
-            print(f"  - {lever}")
+    budget = int(getattr(args, "levers", 12) or 0)
+    if not report.fits and budget:
+        print(f"searching for levers (up to {budget} more compiles at the least optimization effort):", flush=True)
+        path = search_levers(cfg, topology, report, budget=budget)
+        if path and path[-1][1].fits:
+            over, r = path[-1]
+            print(f"fits with: {' '.join(over)}  ({r.total_bytes / GiB:.2f} GiB per chip of {r.hbm_bytes / GiB:.0f})")
+        elif path:
+            over, r = path[-1]
+            print(f"closest: {' '.join(over)} needs {required_bytes(r) / GiB:.2f} GiB per chip; still refused. "
+                  "Beyond these: a larger slice (--topology), a larger mesh.tensor, or shorter "
+                  "sampling.max_prompt_len / max_new_tokens")
+        else:
+            print("no single change lowered the memory; try a larger slice (--topology) or shorter sequences")
     out = getattr(args, "json", None)
     if out:
         with open(out, "w", encoding="utf-8") as f:
@@ -717,6 +798,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topology", default=None)
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.add_argument("--fast", action="store_true", help="least XLA optimization effort: quicker compile (tests)")
+    p.add_argument("--levers", type=int, default=12, help="compiles to spend searching for overrides that fit")
     return compile_main(p.parse_intermixed_args(argv))
 
 

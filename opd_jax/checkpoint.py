@@ -20,6 +20,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from opd_jax.config.schema import LoRAConfig, ModelConfig
+from opd_jax.errors import CheckpointError
 from opd_jax.train_state import LoadedModel, TrainState, load_model, tree_shardings
 
 
@@ -50,12 +51,47 @@ class Checkpointer:
         )
         return bool(saved)
 
-    def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict, int]:
-        """Restore into the shardings of `abstract_state` (ShapeDtypeStructs with `.sharding`, or arrays).
-        Returns (state with `frozen` taken from abstract_state, meta, step)."""
-        step = self.manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint found under {self.directory}")
+    def restore(self, abstract_state: TrainState, step: int | None = None, *, fallback: bool = False
+                ) -> tuple[TrainState, dict, int]:
+        """Restore into the shardings of `abstract_state` (ShapeDtypeStructs with `.sharding`, or arrays): `step`,
+        else the latest. Returns (state with `frozen` taken from abstract_state, meta, step).
+
+        A checkpoint that cannot be read (a truncated data file, a deleted manifest) raises `CheckpointError`
+        naming its step and the newest intact one; with `fallback=True` (no explicit `step`) that one is restored
+        instead, with a printed warning."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(f"checkpoint.resume_step={step}: no such checkpoint under {self.directory} "
+                                      f"(steps: {sorted(steps) or 'none'})")
+            try:
+                return self._restore_step(abstract_state, step)
+            except Exception as e:  # noqa: BLE001 - any read failure means a damaged checkpoint
+                raise CheckpointError(f"checkpoint step {step} under {self.directory} is damaged or unreadable "
+                                      f"({_first_line(e)})") from e
+        if not steps:
+            raise CheckpointError(f"no checkpoint found under {self.directory}")
+        try:
+            return self._restore_step(abstract_state, steps[0])
+        except Exception as e:  # noqa: BLE001
+            damaged = f"checkpoint step {steps[0]} under {self.directory} is damaged or unreadable ({_first_line(e)})"
+            cause = e
+        for older in steps[1:]:
+            try:
+                out = self._restore_step(abstract_state, older)
+            except Exception:  # noqa: BLE001 - damaged too: keep looking
+                continue
+            if fallback:
+                print(f"warning: {damaged}; resuming from step {older}, the newest intact checkpoint")
+                return out
+            raise CheckpointError(
+                f"{damaged}. The newest intact checkpoint is step {older}.",
+                hint=f"resume from it with checkpoint.resume_step={older} (or checkpoint.fallback_to_intact=true); "
+                     f"the damaged step {steps[0]} is left as it is") from cause
+        raise CheckpointError(f"{damaged}, and no older checkpoint is intact either (steps {sorted(steps)})",
+                              hint="start over with overwrite=true (the old run is kept, renamed)") from cause
+
+    def _restore_step(self, abstract_state: TrainState, step: int) -> tuple[TrainState, dict, int]:
         target = jax.tree.map(_abstract, _saveable(abstract_state))
         out = self.manager.restore(
             step,
@@ -72,6 +108,11 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
 
 
 def _saveable(state: TrainState) -> dict[str, Any]:

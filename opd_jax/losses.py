@@ -49,15 +49,25 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - logz
 
 
+def _xlogy_terms(logp: jax.Array, rhs: jax.Array) -> jax.Array:
+    """p * rhs elementwise, with 0 wherever p = 0 (logp = -inf, e.g. a masked logit): the limit of p log p,
+    never the NaN of 0 * inf. The unselected branch gets no gradient."""
+    p = jnp.exp(logp)
+    return jnp.where(p > 0, p * jnp.where(p > 0, rhs, 0.0), 0.0)
+
+
 def entropy(logits: jax.Array) -> jax.Array:
+    """-sum_v p log p over the last axis; logits of -inf (probability 0) contribute 0."""
     logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    return -jnp.sum(_xlogy_terms(logp, logp), axis=-1)
 
 
 # ---- full-vocabulary divergences (per token) ---------------------------------------------------------
 def kl(logp: jax.Array, logq: jax.Array) -> jax.Array:
-    """KL(p || q) over the last axis from log-probabilities."""
-    return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
+    """KL(p || q) = sum_v p (log p - log q) over the last axis, from log-probabilities. Tokens with p = 0
+    contribute 0 even where q = 0 too (a logit of -inf in both: the true value is finite); p > 0 with q = 0 is
+    +inf, as it should be."""
+    return jnp.sum(_xlogy_terms(logp, logp - logq), axis=-1)
 
 
 def reverse_kl(s_logits: jax.Array, t_logits: jax.Array) -> jax.Array:
@@ -78,7 +88,9 @@ def jsd(s_logits: jax.Array, t_logits: jax.Array, beta: float) -> jax.Array:
     if beta == 1.0:
         return reverse_kl(s_logits, t_logits)
     ls, lt = jax.nn.log_softmax(s_logits, -1), jax.nn.log_softmax(t_logits, -1)
-    lm = jnp.logaddexp(ls + jnp.log1p(-beta), lt + jnp.log(beta))
+    both_zero = jnp.isneginf(ls) & jnp.isneginf(lt)  # m = 0 there; keep logaddexp (and its gradient) off -inf
+    a, b = (jnp.where(both_zero, 0.0, x) for x in (ls + jnp.log1p(-beta), lt + jnp.log(beta)))
+    lm = jnp.where(both_zero, -jnp.inf, jnp.logaddexp(a, b))
     return beta * kl(lt, lm) + (1.0 - beta) * kl(ls, lm)
 
 
@@ -139,7 +151,7 @@ def opd_advantages(
     """A_t = -kl_coef * (logp_sampler - logp_teacher) (discounted if gamma > 0) + task_coef * A_task.
     `kl_clip` > 0 bounds each token's kl_t: a near-deterministic teacher puts -15..-25 nats on a wrong token, and
     those few tokens would otherwise set the whole batch's update direction."""
-    kl_t = (logp_sampler - logp_teacher) * mask
+    kl_t = jnp.where(mask > 0, logp_sampler - logp_teacher, 0.0)  # a masked -inf teacher logprob is no NaN
     if cfg.kl_clip > 0:
         kl_t = jnp.clip(kl_t, -cfg.kl_clip, cfg.kl_clip)
     adv = discounted_sum(-cfg.kl_penalty_coef * kl_t, mask, cfg.discount)

@@ -11,6 +11,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from opd_jax.config.schema import MeshConfig
+from opd_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -47,18 +48,21 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
     free = [k for k, v in sizes.items() if v == -1]
     if len(free) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got {free}")
+        raise ConfigError(f"mesh: at most one axis may be -1, got {free}")
     for k, v in sizes.items():
         if v == 0 or v < -1:
-            raise ValueError(f"mesh.{k}: must be positive or -1, got {v}")
+            raise ConfigError(f"mesh.{k}: must be positive or -1, got {v}")
     fixed = math.prod(v for v in sizes.values() if v != -1)
+    named = " x ".join(f"mesh.{k}={v}" for k, v in sizes.items())
     if free:
         if len(devices) % fixed:
-            raise ValueError(f"mesh: {len(devices)} devices are not divisible by the fixed axes' product {fixed}")
+            raise ConfigError(f"{named}: the {len(devices)} devices are not divisible by the fixed axes' product "
+                              f"{fixed}")
         sizes[free[0]] = len(devices) // fixed
     total = math.prod(sizes.values())
     if total != len(devices):
-        raise ValueError(f"mesh {sizes} needs {total} devices, but {len(devices)} are available")
+        raise ConfigError(f"{named} needs {total} devices, but {len(devices)} are available",
+                          hint="set one axis to -1 to take the remaining devices")
     try:
         arr = jax.experimental.mesh_utils.create_device_mesh(
             tuple(sizes[a] for a in MESH_AXES), devices=devices, allow_split_physical_axes=True

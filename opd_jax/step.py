@@ -26,10 +26,18 @@ from jax.sharding import Mesh
 from opd_jax import losses
 from opd_jax.config.schema import ExperimentConfig
 from opd_jax.data.task import RewardFn
+from opd_jax.errors import ConfigError
 from opd_jax.mesh import batch_sharding, replicated, with_logical_constraint
 from opd_jax.models.qwen3 import Qwen3, positions_from_mask
 from opd_jax.sampling import SampleOutput, SamplingParams, sample
-from opd_jax.train_state import ModelDef, TrainState, accumulate_gradients, apply_gradients, micro_batches
+from opd_jax.train_state import (
+    ModelDef,
+    TrainState,
+    accumulate_gradients,
+    apply_gradients,
+    micro_batches,
+    resolve_model,
+)
 
 F32 = jnp.float32
 
@@ -47,9 +55,28 @@ class PromptBatch:
 
 
 def uses_teachers(cfg: ExperimentConfig) -> bool:
-    """Whether the step scores with the teachers: OPD always; RL only as a KL reference (kl_penalty_coef != 0).
-    The trainer loads them, and `opd-jax compile` lowers them, by this one rule."""
-    return cfg.algorithm == "opd" or cfg.loss.kl_penalty_coef != 0
+    """Whether the step scores with the teachers (`ExperimentConfig.scores_with_teachers`, the one rule the trainer
+    loads them by and `opd-jax compile` lowers them by)."""
+    return cfg.scores_with_teachers
+
+
+def check_vocabularies(cfg: ExperimentConfig, tokenizer_size: int | None = None) -> None:
+    """Before anything is compiled: the student and every teacher the step scores with share one vocabulary size
+    (the teacher scores the student's token ids; full-vocabulary losses compare whole distributions), and the
+    tokenizer's ids fit the student's head. Sizes come from presets and checkpoints' config.json. Raises
+    ConfigError naming the fields and both sizes."""
+    student = resolve_model(cfg.student).vocab_size
+    if tokenizer_size is not None and tokenizer_size > student:
+        raise ConfigError(f"data.tokenizer / student.vocab_size: the tokenizer has {tokenizer_size} tokens but the "
+                          f"student's head only {student}: ids >= {student} would index past it")
+    if not uses_teachers(cfg):
+        return
+    for i, t in enumerate(cfg.teachers):
+        v = resolve_model(t.model).vocab_size
+        if v != student:
+            raise ConfigError(f"student.vocab_size / teachers.{i}.model.vocab_size: the student has {student} tokens "
+                              f"and teacher {t.name!r} {v}; they must share one vocabulary (the teacher scores the "
+                              "student's token ids)")
 
 
 def _unrows(x: jax.Array) -> jax.Array:
@@ -269,6 +296,8 @@ def build_opd_step(cfg: ExperimentConfig, mesh: Mesh | None, student: ModelDef, 
     ShapeDtypeStructs (only its shapes are read). reward_fn: the in-program task reward (RL and mixed losses).
     The trainer passes real weights' definitions and shardings, `opd-jax compile` abstract ones; both get the
     same program."""
+    if cfg.algorithm == "opd" and not cfg.teachers:
+        raise ConfigError("teachers: algorithm: opd needs at least one teacher to distill from")
     want = len(cfg.teachers) if uses_teachers(cfg) else 0
     if len(teachers) != want or len(teacher_shardings) != want:
         raise ValueError(f"algorithm={cfg.algorithm!r}, loss.kl_penalty_coef={cfg.loss.kl_penalty_coef}: the step "

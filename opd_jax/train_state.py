@@ -9,6 +9,7 @@ anything (what `opd-jax compile` lowers with); `load_model` fills them with real
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 
 from opd_jax.config.schema import LoRAConfig, ModelConfig, OptimConfig
+from opd_jax.errors import ConfigError
 from opd_jax.mesh import named_sharding, replicated
 from opd_jax.models.presets import resolve_model_config
 from opd_jax.models.qwen3 import Qwen3, abstract_model, build_model, model_axes
@@ -150,12 +152,17 @@ class LoadedModel:
 
 
 def resolve_model(cfg: ModelConfig) -> ModelConfig:
-    """The dimensions of a model config: its preset, then an `hf_path`'s config.json (run fields kept)."""
-    cfg = resolve_model_config(cfg)
+    """The dimensions of a model config: its preset, then an `hf_path`'s config.json (run fields kept). A Hub id
+    in `hf_path` becomes its local snapshot directory (`opd_jax.hub.resolve`)."""
+    try:
+        cfg = resolve_model_config(cfg)
+    except ValueError as e:  # an unknown preset
+        raise ConfigError(f"preset: {e}") from None
     if cfg.hf_path:
+        from opd_jax import hub
         from opd_jax.models.hf_io import hf_config_for
 
-        cfg = hf_config_for(cfg)
+        cfg = hf_config_for(dataclasses.replace(cfg, hf_path=hub.resolve(cfg.hf_path)))
     return cfg
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -21,19 +20,27 @@ from typing import Any
 
 import jax
 import numpy as np
-from etils import epath
 
-from opd_jax import flops
+from opd_jax import compile_cache, flops
 from opd_jax.checkpoint import Checkpointer
-from opd_jax.config import ExperimentConfig, save_config
+from opd_jax.config import ExperimentConfig
 from opd_jax.data import build_task
 from opd_jax.data.task import Task, resolve_stop_tokens
 from opd_jax.distributed import initialize_distributed
+from opd_jax.errors import ConfigError
 from opd_jax.eval.evaluate import make_eval_sampler, task_eval
 from opd_jax.mesh import make_mesh
 from opd_jax.metrics import MetricsLogger
+from opd_jax.run_dir import RunDirExistsError, check_run_dir, open_run_dir, trim_metrics
 from opd_jax.sampling import SamplingParams
-from opd_jax.step import PromptBatch, StepBuilder, batch_shardings, build_opd_step, uses_teachers
+from opd_jax.step import (
+    PromptBatch,
+    StepBuilder,
+    batch_shardings,
+    build_opd_step,
+    check_vocabularies,
+    uses_teachers,
+)
 from opd_jax.train_state import (
     LoadedModel,
     TrainState,
@@ -45,10 +52,6 @@ from opd_jax.train_state import (
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
-
-
-class RunDirExistsError(FileExistsError):
     pass
 
 
@@ -81,16 +84,19 @@ class PromptFeed:
         if cfg.groups_per_batch % n_proc:
             raise ValueError(f"groups_per_batch={cfg.groups_per_batch} must divide over {n_proc} processes")
         self.n_local = cfg.groups_per_batch // n_proc
+        self.first_report = ""  # the skip report after drawing the first batch (set by the peek below)
         self.example = self._arrays(peek=True)  # shapes of the global batch (numpy zeros)
         self.shardings = batch_shardings(mesh, self.example)
         self.last_rows = None  # this step's prompts and answers, for a host-side grader (baselines.rl)
 
     def _arrays(self, peek: bool) -> PromptBatch | dict:
         c = self.cfg
-        saved = self.task.state()
+        saved, truncated = self.task.state(), self.task.truncated_prompts
         rows = self.task.next_prompts(self.n_local)
-        if peek:
+        if peek:  # a look at the first batch, then the data position (and its counts) as it was
+            self.first_report = self.task.skip_report()
             self.task.restore(saved)
+            self.task.truncated_prompts = truncated
         else:
             self.last_rows = rows
         arrays = self.task.pack(rows, c.sampling.max_prompt_len, c.sampling.truncate_prompts,
@@ -145,6 +151,10 @@ def opd_program(trainer: Trainer) -> OpdProgram:
     feed = PromptFeed(cfg, task, mesh, with_answers=reward_fn is not None)
     teachers = [load_model(t.model, seed=cfg.seed + 1 + i, mesh=mesh)
                 for i, t in enumerate(cfg.teachers)] if uses_teachers(cfg) else []
+    random = [t.name for t in cfg.teachers[: len(teachers)] if not t.model.hf_path]
+    if random and jax.process_index() == 0:
+        print(f"note: teacher(s) {random} have no hf_path: a random init. This is a smoke test of the machinery (the "
+              "KL falls, accuracy does not rise); give teachers.N.model.hf_path a trained checkpoint for a real run")
     t_params = [t.trainable for t in teachers]
     t_shardings = [t.shardings(mesh)[0] for t in teachers]
     builder, step_fn = build_opd_step(cfg, mesh, trainer.student.mdef, [t.mdef for t in teachers],
@@ -163,37 +173,6 @@ def opd_program(trainer: Trainer) -> OpdProgram:
         sampling_params=sp, key=key)
 
 
-# ---- run directory -----------------------------------------------------------------------------------
-def prepare_run_dir(cfg: ExperimentConfig) -> None:
-    """Refuse to reuse a run directory unless resuming; `overwrite=true` moves the old one aside (never deletes)."""
-    path = epath.Path(cfg.run_dir)
-    used = path.exists() and any(path.iterdir())
-    _sync_processes("opd_jax:run_dir_checked")  # all processes look before any of them writes to it
-    if used:
-        if cfg.resume:
-            return
-        if not cfg.overwrite:
-            raise RunDirExistsError(
-                f"run_dir {cfg.run_dir} already exists; pass resume=true to continue it or overwrite=true to "
-                "start over (the old directory is kept, renamed)")
-        if jax.process_index() == 0:
-            backup = f"{cfg.run_dir.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-            if cfg.run_dir.startswith("gs://"):
-                path.rename(backup)
-            else:
-                shutil.move(cfg.run_dir, backup)
-            print(f"overwrite=true: moved the previous run to {backup}")
-        _sync_processes("opd_jax:run_dir_moved")
-    path.mkdir(parents=True, exist_ok=True)
-
-
-def _sync_processes(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 # ---- the loop --------------------------------------------------------------------------------------------------
 @dataclass
 class Hook:
@@ -204,45 +183,64 @@ class Hook:
 class Trainer:
     """`Trainer(cfg, task=None, program=opd_program).run()`.
 
-    Set-up: distributed init, the run dir and its resolved config, the mesh, the task, the student, the optimizer
-    and the sharded train state; then `program(self)` builds the step. `task` overrides the one `data.source`
-    names; `program` is any `StepProgram` factory."""
+    Set-up: distributed init; a read-only check of the run dir (`run_dir.check_run_dir`); the mesh, the task, the
+    vocabularies, the student, the optimizer and the sharded train state; then `program(self)` builds the step.
+    Only when all of that has worked (and a resumed checkpoint has been read) is the run dir touched: old run moved
+    aside, `config.yaml` written, metrics opened. `task` overrides the one `data.source` names; `program` is any
+    `StepProgram` factory. Raises `opd_jax.errors.UserError` subclasses for inputs the user can fix."""
 
     def __init__(self, cfg: ExperimentConfig, task: Task | None = None,
                  program: Callable[[Trainer], StepProgram] | None = None):
         if program is None and cfg.algorithm not in ("opd", "rl"):
-            raise ValueError(f"algorithm {cfg.algorithm!r} runs through opd_jax.baselines, not the OPD trainer")
+            raise ConfigError(f"algorithm: {cfg.algorithm!r} runs through opd_jax.baselines (opd-jax train picks it), "
+                              "not the OPD trainer")
         initialize_distributed(cfg.distributed)
         self.cfg = cfg
-        prepare_run_dir(cfg)
-        if jax.process_index() == 0:
-            save_config(cfg, cfg.run_dir)
+        # Set-up reads only; nothing is written to the run dir until it has all succeeded (`open_run_dir`).
+        plan = check_run_dir(cfg)
+        cache = compile_cache.enable(cfg.compilation_cache)
         self.mesh = make_mesh(cfg.mesh)
         self.task = task or build_task(cfg, process_index=jax.process_index(), process_count=jax.process_count())
         self.stop_token_ids = resolve_stop_tokens(cfg.sampling.stop_token_ids, self.task)
+        check_vocabularies(cfg, tokenizer_size=getattr(self.task, "vocab_size", None))
         self.student = load_model(cfg.student, seed=cfg.seed, mesh=self.mesh, lora=cfg.lora)
         s = self.student
         self.optimizer = make_optimizer(cfg.optim, cfg.steps)
         self.shardings = state_shardings(self.optimizer, s.trainable, s.frozen, s.t_axes, s.f_axes, self.mesh)
         self.state = init_train_state(self.optimizer, s.trainable, s.frozen, self.shardings)
         self.program = (program or opd_program)(self)
-
-        self.checkpointer = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"),
-                                         max_to_keep=cfg.checkpoint.max_to_keep, async_save=cfg.checkpoint.async_save)
-        self.logger = MetricsLogger(cfg.run_dir, total_steps=cfg.steps, tensorboard=cfg.logging.tensorboard,
-                                    wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
-                                    progress=cfg.logging.progress)
         self.hooks: list[Hook] = []
         if cfg.eval.every:
             self.add_hook(lambda tr, step, m: tr.run_eval(f"eval_step{step}") if step < cfg.steps else None,
                           every=cfg.eval.every)
         self._eval_fn = None
-        self._stop_requested = False
-        self.skipped_total = 0
+        self._stop_requested = None  # the signal's name once SIGTERM / SIGINT asked the run to stop
+        self.nonfinite_total = 0
         self.consecutive_skips = 0
         self.start_step = 0
-        if cfg.resume and self.checkpointer.latest_step() is not None:
+        self.checkpointer = None
+        if plan == "resume":  # restore first: a damaged checkpoint must leave the run dir as it was
+            self.checkpointer = self._make_checkpointer()
             self._restore()
+        open_run_dir(cfg, plan)
+        if plan == "resume":
+            dropped = trim_metrics(cfg.run_dir, self.start_step)
+            if dropped and jax.process_index() == 0:
+                print(f"metrics.jsonl: dropped {dropped} row(s) logged after step {self.start_step}, which this "
+                      "run redoes")
+        self.checkpointer = self.checkpointer or self._make_checkpointer()
+        self.logger = MetricsLogger(cfg.run_dir, total_steps=cfg.steps, tensorboard=cfg.logging.tensorboard,
+                                    wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
+                                    progress=cfg.logging.progress)
+        self._cache_dir = cache
+        report = getattr(getattr(self.program, "feed", None), "first_report", "") or self.task.skip_report()
+        if report and jax.process_index() == 0:
+            print(f"data: rows skipped drawing the first batch (counted in the data/skipped/* metrics):\n{report}")
+
+    def _make_checkpointer(self) -> Checkpointer:
+        c = self.cfg
+        return Checkpointer(os.path.join(c.run_dir, "checkpoints"), max_to_keep=c.checkpoint.max_to_keep,
+                            async_save=c.checkpoint.async_save)
 
     @property
     def teachers(self) -> list[LoadedModel]:
@@ -257,16 +255,17 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def _meta(self) -> dict:
-        return {"data": self.program.data_state(), "seed": self.cfg.seed, "skipped_total": self.skipped_total}
+        return {"data": self.program.data_state(), "seed": self.cfg.seed, "nonfinite_total": self.nonfinite_total}
 
     def save(self, force: bool = False) -> None:
         step = int(self.state.step)
         self.checkpointer.save(step, self.state, self._meta(), force=force)
 
     def _restore(self) -> None:
-        self.state, meta, step = self.checkpointer.restore(self.state)
+        c = self.cfg.checkpoint
+        self.state, meta, step = self.checkpointer.restore(self.state, c.resume_step, fallback=c.fallback_to_intact)
         self.program.restore_data(meta.get("data", {}))
-        self.skipped_total = int(meta.get("skipped_total", 0))
+        self.nonfinite_total = int(meta.get("nonfinite_total", meta.get("skipped_total", 0)))  # older checkpoints
         self.start_step = step
         if jax.process_index() == 0:
             print(f"resumed from {self.cfg.run_dir} at step {step}")
@@ -288,21 +287,30 @@ class Trainer:
         return {} if result is None else result.summary()
 
     # ---- loop ------------------------------------------------------------------------------------------
-    def _on_sigterm(self, signum, frame) -> None:
-        self._stop_requested = True
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self._stop_requested == name == "SIGINT":  # a second Ctrl-C: stop now, without saving
+            raise KeyboardInterrupt
+        self._stop_requested = name
+        if jax.process_index() == 0:
+            print(f"\n{name}: saving a checkpoint after this step, then stopping"
+                  + (" (Ctrl-C again to stop without saving)" if name == "SIGINT" else ""), flush=True)
 
-    def _stop_agreed(self) -> bool:
-        """SIGTERM on any host stops all hosts at the same step, so their saves are collective."""
-        flag = np.asarray([self._stop_requested], np.int32)
+    def _stop_agreed(self) -> str | None:
+        """SIGTERM / SIGINT on any host stops all hosts at the same step, so their saves are collective. Returns the
+        signal's name (as any host received it), or None to go on."""
+        code = np.asarray([signal.Signals[self._stop_requested].value if self._stop_requested else 0], np.int32)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            flag = multihost_utils.process_allgather(flag)
-        return bool(np.any(flag))
+            code = multihost_utils.process_allgather(code)
+        first = int(np.max(code))
+        return signal.Signals(first).name if first else None
 
     def run(self) -> dict:
         c = self.cfg
-        prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} \
+            if _main_thread() else {}
         peak = flops.peak_flops_per_device(jax.devices()[0]) * jax.device_count()
         history: dict = {}
         try:
@@ -312,6 +320,8 @@ class Trainer:
                     self.logger.log(self.start_step, history["eval_start"])
             for step in range(self.start_step, c.steps):
                 batch = self.program.next_batch()
+                if step == self.start_step:  # the window in which the step program is compiled or loaded
+                    cache_before = compile_cache.CacheCounter.snapshot()
                 t0 = time.perf_counter()
                 self.state, metrics = self.program.step(self.state, batch)
                 metrics = jax.device_get(metrics)
@@ -330,8 +340,12 @@ class Trainer:
                 history["last"] = metrics
                 if c.checkpoint.every and done % c.checkpoint.every == 0:
                     self.save()
-                if self._stop_agreed():
-                    print(f"SIGTERM: saving at step {done} and exiting")
+                if step == self.start_step:
+                    self._report_compile_cache(cache_before, dt)
+                stop = self._stop_agreed()
+                if stop:
+                    print(f"{stop}: saving at step {done} and exiting (resume with "
+                          f"resume=true)")
                     self.checkpointer.wait()
                     if self.checkpointer.latest_step() != done:  # not just saved by checkpoint.every
                         self.save(force=True)
@@ -344,20 +358,23 @@ class Trainer:
             if self.checkpointer.latest_step() != int(self.state.step):
                 self.save(force=True)
             self.checkpointer.wait()
-            history["skipped_total"] = self.skipped_total
+            history["nonfinite_total"] = self.nonfinite_total
+            report = self.task.skip_report()
+            if report and jax.process_index() == 0:
+                print(f"data: rows skipped in this run:\n{report}")
             return history
         finally:
             self.logger.close()
             self.checkpointer.wait()
-            if prev_handler is not None:
-                signal.signal(signal.SIGTERM, prev_handler)
+            for sig, prev in handlers.items():
+                signal.signal(sig, prev)
 
     def _track_nonfinite(self, step: int, metrics: dict) -> None:
         if metrics.get("skipped", 0.0) > 0:
-            self.skipped_total += 1
+            self.nonfinite_total += 1
             self.consecutive_skips += 1
             print(f"step {step}: non-finite loss ({metrics.get('loss')}); update skipped "
-                  f"({self.consecutive_skips} in a row, {self.skipped_total} total)")
+                  f"({self.consecutive_skips} in a row, {self.nonfinite_total} total)")
             if self.consecutive_skips >= self.cfg.max_nonfinite_steps:
                 raise NonFiniteLossError(
                     f"{self.consecutive_skips} consecutive non-finite losses (max_nonfinite_steps="
@@ -365,7 +382,24 @@ class Trainer:
                     f"{self.cfg.run_dir}/checkpoints is intact (step {self.checkpointer.latest_step()}).")
         else:
             self.consecutive_skips = 0
-        metrics["skipped_total"] = float(self.skipped_total)
+        metrics["nonfinite_steps_total"] = float(self.nonfinite_total)
+        counts = self.task.data_counts()
+        metrics.update({f"data/{k}": float(v) for k, v in counts.items()})
+        metrics["data/skipped_total"] = float(sum(v for k, v in counts.items() if k.startswith("skipped/")))
+
+    def _report_compile_cache(self, before: tuple[int, int], seconds: float) -> None:
+        """After the first step: did its program come from the persistent compilation cache?"""
+        hits, misses = (now - b for now, b in zip(compile_cache.CacheCounter.snapshot(), before, strict=True))
+        if jax.process_index() != 0:
+            return
+        if self._cache_dir is None:
+            print(f"compilation cache: off (compilation_cache=''); first step {seconds:.1f} s")
+        elif hits:
+            print(f"compilation cache: hit, the step program was loaded from {self._cache_dir} (first step "
+                  f"{seconds:.1f} s)")
+        else:
+            print(f"compilation cache: miss, the step program was compiled ({seconds:.1f} s) and saved to "
+                  f"{self._cache_dir}")
 
 
 def _addressable_rows(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> set[int]:

@@ -4,6 +4,11 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub: Hub ids resolve from a local cache or fail
+# One persistent compilation cache for the session's trainers (`compilation_cache: auto` reads this): the same tiny
+# programs compile once. Tests of the cache itself point it elsewhere.
+os.environ.setdefault("OPD_JAX_COMPILATION_CACHE", os.path.join(
+    __import__("tempfile").mkdtemp(prefix="opd_jax_test_xla_"), "xla"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -134,7 +134,7 @@ def test_aot_fused_opd_step_v5p8(tmp_path):
     assert 0.95 * state <= rep["alias_bytes"] <= 1.05 * state  # the donated state is updated in place
     assert rep["total_bytes"] == (rep["argument_bytes"] + rep["output_bytes"] - rep["alias_bytes"]
                                   + rep["temp_bytes"] + rep["generated_code_bytes"])
-    assert rep["total_bytes"] < 95e9 and rep["fits"]
+    assert rep["total_bytes"] < 95 * 2**30 and rep["fits"]
     # XLA counts each loop body once, so its count is positive but below the analytic (dense) total.
     assert 0 < rep["compiled_flops"] < rep["analytic_flops"]["dense_total"]
     assert rep["analytic_flops"]["total"] <= rep["analytic_flops"]["dense_total"]
@@ -142,11 +142,11 @@ def test_aot_fused_opd_step_v5p8(tmp_path):
 
 @pytest.mark.slow
 def test_aot_reports_a_program_that_does_not_fit(tmp_path):
-    """1024 sequences of 1K tokens in one micro-batch on 4 v5e chips (16 GB): the TPU compiler refuses it."""
+    """1024 sequences of 1K tokens in one micro-batch on 4 v5e chips (16 GiB): the TPU compiler refuses it."""
     rep = _compile(tmp_path, SMALL_OPD, ("topology=v5e-4", "groups_per_batch=256", "group_size=4",
                                          "sampling.max_prompt_len=512", "sampling.max_new_tokens=512",
                                          "micro_batches=1", "sampling.micro_batches=1"))
-    assert rep["chip"] == "v5e" and rep["hbm_bytes"] == 16e9
+    assert rep["chip"] == "v5e" and rep["hbm_bytes"] == 16 * 2**30  # GiB, the compiler's unit
     assert not rep["fits"] and "RESOURCE_EXHAUSTED" in rep["error"]
     assert rep["temp_bytes"] > rep["hbm_bytes"]  # the compiler's figure, parsed from its message
     assert rep["argument_bytes"] == rep["state_bytes"] + rep["teacher_bytes"] > 0

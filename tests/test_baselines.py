@@ -78,7 +78,7 @@ def test_sft_loss_drops_and_checkpoints(sft_run):
     assert _finite(first) and _finite(last)
     assert last["loss"] < 0.5 * first["loss"], (first["loss"], last["loss"])
     assert last["token_accuracy"] > first["token_accuracy"]
-    assert last["skipped_total"] == 0 and last["truncated_rows"] == 0
+    assert last["nonfinite_steps_total"] == 0 and last["truncated_rows"] == 0
     assert last["seq_len"] == 16  # the 16-token bucket, under the 20-token cap
     # the trainer's eval schedule: step 0, every 75 steps, the end; files per eval
     assert set(history["eval_start"]) >= {"eval_accuracy", "eval_pass@1"} and "eval_end" in history
@@ -261,7 +261,7 @@ def test_rl_both_modes(tmp_path):
         after = _leaves(trainer.state.trainable)
         last = history["last"]
         assert _finite(last) and "task_reward" in last and 0 < last["task_reward"] < 1
-        assert last["grad_norm"] > 0 and last["skipped_total"] == 0
+        assert last["grad_norm"] > 0 and last["nonfinite_steps_total"] == 0
         assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
         assert os.listdir(os.path.join(cfg.run_dir, "checkpoints")) == ["2"]
         runs[name] = (history, after)

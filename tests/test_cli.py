@@ -54,3 +54,58 @@ def test_overrides_may_follow_options():
     with pytest.raises(SystemExit) as e:  # anything else stays an error
         cli.parse(["compile", "c.yaml", "--topology", "v5p-64", "stray"])
     assert e.value.code == 2
+
+
+def test_convert_help():
+    for flag in ("-h", "--help"):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["convert", flag])
+        assert e.value.code == 0
+
+
+def test_train_help_lists_the_schema(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    for key in ("optim.learning_rate", "sampling.max_new_tokens", "teachers.N.model.hf_path", "loss.kl_penalty_coef",
+                "checkpoint.fallback_to_intact", "compilation_cache"):
+        assert key in out, key
+    assert "gradient accumulation inside the step" in out  # the schema's own comments
+
+
+def test_config_reference_page_is_current():
+    from opd_jax.config.reference import markdown
+
+    with open(os.path.join(REPO, "docs", "config.md"), encoding="utf-8") as f:
+        assert f.read() == markdown(), "regenerate: python -m opd_jax.config.reference > docs/config.md"
+
+
+def test_sweep_passes_overrides_to_every_run(capsys):
+    sweep = os.path.join(REPO, "configs", "sweeps", "example.yaml")
+    assert cli.main(["sweep", sweep, "--print", "resume=auto"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert len(lines) == 8 and all(shlex.split(ln)[-1] == "resume=auto" for ln in lines)
+    rc = cli.main(["sweep", sweep, "--print", "resume=maybe"])  # checked before any run starts
+    assert rc == 2 and "resume" in capsys.readouterr().err
+
+
+def test_base_config_says_it_is_a_smoke_test(tmp_path, capsys):
+    with open(os.path.join(REPO, "configs", "base.yaml"), encoding="utf-8") as f:
+        assert "SMOKE TEST" in f.read()
+    rc = cli.main(["train", os.path.join(REPO, "configs", "base.yaml"), f"run_dir={tmp_path / 'run'}", "steps=1",
+                   "logging.progress=false", "logging.tensorboard=false", "eval.source=", "eval.every=0"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "random init" in out and "smoke test" in out
+
+
+def test_compilation_cache_hit_on_a_second_start(tmp_path, capsys):
+    """Two starts of the same config: the second loads the step program from the persistent cache, and says so."""
+    from opd_jax.config import load_config
+    from opd_jax.trainer import Trainer
+
+    over = ["steps=1", "groups_per_batch=3", "group_size=3", "logging.progress=false", "logging.tensorboard=false",
+            "sampling.max_new_tokens=5", "eval.source=", "eval.every=0"]  # shapes no other test compiles
+    for i, want in enumerate(("miss", "hit")):
+        cfg = load_config(os.path.join(REPO, "configs", "base.yaml"), [*over, f"run_dir={tmp_path / f'r{i}'}"])
+        Trainer(cfg).run()
+        assert f"compilation cache: {want}" in capsys.readouterr().out

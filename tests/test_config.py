@@ -99,7 +99,7 @@ def test_override_coercion():
         [
             "steps=100",
             "optim.learning_rate=1e-4",
-            "optim.b2=1",  # an int is fine for a float field
+            "optim.b1=0",  # an int is fine for a float field
             "logging.wandb=true",
             "sampling.stop_token_ids=[1,2]",
             "lora.targets=[q,v]",
@@ -113,7 +113,7 @@ def test_override_coercion():
     )
     assert cfg.steps == 100 and type(cfg.steps) is int
     assert cfg.optim.learning_rate == 1e-4 and type(cfg.optim.learning_rate) is float
-    assert cfg.optim.b2 == 1.0 and type(cfg.optim.b2) is float
+    assert cfg.optim.b1 == 0.0 and type(cfg.optim.b1) is float
     assert cfg.logging.wandb is True
     assert cfg.sampling.stop_token_ids == [1, 2]
     assert cfg.lora.targets == ["q", "v"]
@@ -239,7 +239,7 @@ def test_save_load_round_trip(tmp_path):
             "student.hf_path=/ckpt/qwen3",
             "sampling.stop_token_ids=[151645]",
             "data.name=true",  # strings that look like other types survive
-            "eval.source='quoted'",
+            "eval.source=jsonl:'quoted'",  # quotes survive as part of the string
         ],
     )
     path = save_config(cfg, str(tmp_path / "run"))

@@ -225,3 +225,33 @@ def test_trainer_compile_and_benchmark_share_the_step_builder(tmp_path, monkeypa
     assert str(lowered_tr.compile().memory_analysis()) == str(lowered_aot.compile().memory_analysis())
     bench = (ROOT / "benchmarks" / "opd_step.py").read_text()
     assert "build_opd_step(" in bench and "make_opd_step(" not in bench
+
+
+def test_ci_installs_the_lowest_supported_versions():
+    """setup.py declares ranges, not pins; CI's constraints are exactly the ranges' floors, so the floor is what
+    the test suite runs on; and the versions installed here lie inside the ranges."""
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    text = (ROOT / "setup.py").read_text()
+    tree = ast.parse(text)
+    consts = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
+              for t in n.targets if isinstance(t, ast.Name) and isinstance(n.value, ast.Constant)}
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    reqs_node = next(k.value for k in call.keywords if k.arg == "install_requires")
+    reqs = []
+    for elt in reqs_node.elts:
+        if isinstance(elt, ast.JoinedStr):  # f"jax{JAX_RANGE}"
+            reqs.append("".join(v.value if isinstance(v, ast.Constant) else consts[v.value.id] for v in elt.values))
+        else:
+            reqs.append(elt.value)
+    parsed = {Requirement(r).name.lower(): Requirement(r) for r in reqs}
+    assert not [r for r in reqs if "==" in r], "exact pins in install_requires"
+    lowest = dict(line.split("==") for line in (ROOT / ".ci" / "constraints-lowest.txt").read_text().splitlines()
+                  if line and not line.startswith("#"))
+    for name in ("jax", "flax", "optax", "orbax-checkpoint"):
+        floor = next(s.version for s in parsed[name].specifier if s.operator == ">=")
+        assert lowest[name] == floor, (name, lowest[name], floor)
+        assert parsed[name].specifier.contains(version(name)), (name, version(name), parsed[name].specifier)
+    assert "jax[cuda12]" in text and "jax[cuda13]" in text

@@ -20,11 +20,12 @@ from jax.sharding import PartitionSpec as P
 from safetensors.numpy import save_file
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
+from opd_jax.cli import main as cli_main
 from opd_jax.config.schema import LoRAConfig, MeshConfig
 from opd_jax.mesh import make_mesh
 from opd_jax.models import hf_io
 from opd_jax.models.attention import attention, decode_attention, tile_keys, untile_keys
-from opd_jax.models.hf_io import convert_main, export_hf, load_hf_config, load_hf_params, merge_lora
+from opd_jax.models.hf_io import export_hf, load_hf_config, load_hf_params, merge_lora
 from opd_jax.models.qwen3 import abstract_model, positions_from_mask
 from opd_jax.models.weight_mapping import hf_to_ours
 
@@ -247,8 +248,8 @@ def test_remote_paths_are_staged_locally(tmp_path, monkeypatch):
 def test_convert_cli_bf16(tmp_path):
     hf = make_hf(tmp_path / "src", layers=2)
     (tmp_path / "src" / "tokenizer_config.json").write_text("{}")
-    assert convert_main([str(tmp_path / "src"), str(tmp_path / "dst"), "--dtype", "bfloat16",
-                         "--max-shard-size", "30KB"]) == 0
+    assert cli_main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--dtype", "bfloat16",
+                     "--max-shard-size", "30KB"]) == 0
     dst = tmp_path / "dst"
     assert (dst / "model.safetensors.index.json").exists() and (dst / "tokenizer_config.json").exists()
     assert json.loads((dst / "config.json").read_text())["torch_dtype"] == "bfloat16"

@@ -3,7 +3,8 @@
 - 2 processes x 4 fake CPU devices (`jax.distributed` with a local coordinator) train on one 8-device mesh until
   one of them gets SIGTERM; both save, and a second launch resumes: metrics.jsonl (train steps and evals) equals a
   single-process 8-device run of the same config.
-- SIGTERM: a single-process run saves at the step it reached and exits 0; `resume=true` continues from there.
+- SIGTERM: a single-process run saves at the step it reached and exits 75 (preempted, resumable); `resume=true`
+  continues from there.
 - SIGKILL: a run with `checkpoint.every=2` is killed (with a half-written checkpoint left behind); the resumed run
   repeats the steps after its last checkpoint exactly as an uninterrupted run did.
 
@@ -24,6 +25,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from opd_jax.cli import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
 
@@ -114,7 +117,7 @@ class Launch:
                 codes = [p.poll() for p in self.procs]
                 if all(c is not None for c in codes):
                     return codes  # type: ignore[return-value]
-                if any(c not in (None, 0) for c in codes):
+                if any(c not in (None, 0, EXIT_PREEMPTED) for c in codes):
                     self.kill()
                     pytest.fail(f"a process failed (exit codes {codes}):\n{self.output()}")
                 if time.monotonic() > deadline:
@@ -125,9 +128,9 @@ class Launch:
             self.kill()
             raise
 
-    def check(self, timeout: float = LAUNCH_TIMEOUT_S) -> None:
+    def check(self, timeout: float = LAUNCH_TIMEOUT_S, expect: int = 0) -> None:
         codes = self.wait(timeout)
-        assert codes == [0] * len(codes), f"exit codes {codes}:\n{self.output()}"
+        assert codes == [expect] * len(codes), f"exit codes {codes}:\n{self.output()}"
 
     def kill(self) -> None:
         for p in self.procs:
@@ -235,14 +238,15 @@ def reference(workdir: Path, config: Path, cache_dir: Path) -> list[dict]:
 def test_two_processes_match_single_process(workdir: Path, config: Path, cache_dir: Path,
                                             reference: list[dict]) -> None:
     """2 processes x 4 devices train on one 8-device mesh (checkpoint.every=2) until process 1 alone gets SIGTERM:
-    both stop at the same step, save it together and exit 0. A second launch resumes for 2 more steps. Every train
-    step and every eval (at the start of each launch and the end) equals the single-process 8-device run."""
+    both stop at the same step, save it together and exit 75 (preempted). A second launch resumes for 2 more steps.
+    Every train step and every eval (at the start of each launch and the end) equals the single-process 8-device
+    run."""
     run_dir = workdir / "two_procs"
     mh = dict(cache_dir=cache_dir, num_processes=2, devices_per_process=4)
     with Launch(config, run_dir, ["steps=40", "eval.every=0"], name="two_procs_a", **mh) as first:
         _poll_until_step(first, 2)
         first.procs[1].send_signal(signal.SIGTERM)  # one host is preempted; process 0 only learns it collectively
-        first.check()
+        first.check(expect=EXIT_PREEMPTED)
         out = first.output()
     reached = _train_steps(run_dir)[-1]
     assert out.count(f"SIGTERM: saving at step {reached} and exiting") == 2, out
@@ -271,13 +275,13 @@ def test_two_processes_match_single_process(workdir: Path, config: Path, cache_d
 
 
 def test_sigterm_saves_and_resumes(workdir: Path, config: Path, cache_dir: Path, reference: list[dict]) -> None:
-    """SIGTERM after a couple of steps: exit 0 with a checkpoint at the step reached; resume=true goes on."""
+    """SIGTERM after a couple of steps: exit 75 with a checkpoint at the step reached; resume=true goes on."""
     run_dir = workdir / "sigterm"
     long_run = ["steps=40", "checkpoint.every=1000", "eval.every=0"]
     with Launch(config, run_dir, long_run, cache_dir=cache_dir, name="sigterm_a") as run:
         _poll_until_step(run, 2)
         run.procs[0].send_signal(signal.SIGTERM)
-        run.check()
+        run.check(expect=EXIT_PREEMPTED)
         out = run.output()
     reached = _train_steps(run_dir)[-1]
     assert f"SIGTERM: saving at step {reached}" in out
@@ -299,9 +303,24 @@ def test_sigterm_saves_and_resumes(workdir: Path, config: Path, cache_dir: Path,
     assert _checkpoint_steps(run_dir)[-1] == steps
 
 
+def test_sigint_saves_like_sigterm(workdir: Path, config: Path, cache_dir: Path) -> None:
+    """Ctrl-C (SIGINT) stops like a preemption: a checkpoint at the step reached, exit 75, resumable."""
+    run_dir = workdir / "sigint"
+    with Launch(config, run_dir, ["steps=40", "checkpoint.every=1000", "eval.every=0"], cache_dir=cache_dir,
+                name="sigint") as run:
+        _poll_until_step(run, 2)
+        run.procs[0].send_signal(signal.SIGINT)
+        run.check(expect=EXIT_PREEMPTED)
+        out = run.output()
+    reached = _train_steps(run_dir)[-1]
+    assert f"SIGINT: saving at step {reached}" in out, out
+    assert _checkpoint_steps(run_dir) == [reached], out
+
+
 def test_sigkill_and_resume(workdir: Path, config: Path, cache_dir: Path, reference: list[dict]) -> None:
     """kill -9 after step 3 (checkpoint.every=2), plus a half-written checkpoint left behind; the resumed run repeats
-    the steps after its last checkpoint exactly as the uninterrupted run."""
+    the steps after its last checkpoint exactly as the uninterrupted run, and metrics.jsonl holds each step once
+    (the killed run's rows after its checkpoint are dropped on resume)."""
     run_dir = workdir / "sigkill"
     with Launch(config, run_dir, ["steps=40", "eval.every=0"], cache_dir=cache_dir, name="sigkill_a") as run:
         _poll_until_step(run, 3)
@@ -319,17 +338,15 @@ def test_sigkill_and_resume(workdir: Path, config: Path, cache_dir: Path, refere
         (partial / "state").mkdir(parents=True)
         (partial / "state" / "manifest.ocdbt").write_bytes(b"\x00" * 16)
     steps = min(last + 3, REF_STEPS)
-    n_killed = len([r for r in _rows(run_dir) if "loss" in r])
 
     with Launch(config, run_dir, [f"steps={steps}", "eval.every=0", "resume=true"], cache_dir=cache_dir,
                 name="sigkill_b") as resumed:
         resumed.check()
     assert f"at step {last}" in resumed.output(), resumed.output()
     rows = [r for r in _rows(run_dir) if "loss" in r]
-    resumed_rows = rows[n_killed:]
-    assert [int(r["step"]) for r in resumed_rows] == list(range(last + 1, steps + 1))
+    assert [int(r["step"]) for r in rows] == list(range(1, steps + 1)), "each step once, the redone ones replaced"
     ref_train = _by_step(reference, "loss")
-    for row in rows:  # the killed run's steps and the resumed ones
+    for row in rows:  # the killed run's steps up to its checkpoint and the resumed ones
         _assert_close(row, ref_train[int(row["step"])], ["teacher_kl", "loss", "grad_norm"], 1e-5,
                       f"step {row['step']}")
     assert last + 2 in _checkpoint_steps(run_dir)

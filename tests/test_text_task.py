@@ -23,6 +23,7 @@ from opd_jax.data import build_task
 from opd_jax.data.dataset import DataError
 from opd_jax.data.renderers import load_tokenizer, teacher_sequence
 from opd_jax.data.text_task import TextTask
+from opd_jax.errors import ConfigError
 from opd_jax.models.qwen3 import build_model, positions_from_mask
 from opd_jax.sampling import SamplingParams
 from opd_jax.step import PromptBatch, StepBuilder
@@ -153,15 +154,20 @@ def test_teachers_routed_by_dataset_name(tok_dir, tmp_path):
         _write_jsonl(tmp_path / f"{stem}.jsonl", QUESTIONS)
     alpha = TextTask(_cfg(tok_dir, f"jsonl:{tmp_path / 'alpha.jsonl'}", teachers))
     beta = TextTask(_cfg(tok_dir, f"jsonl:{tmp_path / 'beta.jsonl'}", teachers))
-    # data.name overrides the file stem; an unrouted name falls back to teacher 0
+    # data.name overrides the file stem; a name no teacher routes is an error (it would silently go to teacher 0),
+    # unless one teacher takes the rest (empty `datasets`)
     gamma = TextTask(_cfg(tok_dir, f"jsonl:{tmp_path / 'alpha.jsonl'}", teachers, name="gamma"))
-    other = TextTask(_cfg(tok_dir, f"jsonl:{tmp_path / 'beta.jsonl'}", teachers, name="delta"))
+    with pytest.raises(ConfigError, match=r"match no data source.*'delta'"):
+        TextTask(_cfg(tok_dir, f"jsonl:{tmp_path / 'beta.jsonl'}", teachers, name="delta"))
+    catch_all = [TeacherConfig(name="t_rest"), *teachers]
+    other = TextTask(_cfg(tok_dir, f"jsonl:{tmp_path / 'beta.jsonl'}", catch_all, name="delta"))
+    beta2 = TextTask(_cfg(tok_dir, f"jsonl:{tmp_path / 'beta.jsonl'}", catch_all))
 
-    for task, idx in ((alpha, 0), (beta, 1), (gamma, 1), (other, 0)):
+    for task, idx in ((alpha, 0), (beta, 1), (gamma, 1), (other, 0), (beta2, 2)):
         for _ in range(3):  # crosses an epoch
             rows = task.next_prompts(2)
             assert rows.teacher_index == idx
-            if idx == 0:  # "same": the teacher reads the student's prompts
+            if task.teacher_renderers[idx] is task.renderer:  # "same": the teacher reads the student's prompts
                 assert rows.teacher == rows.student
             else:  # the thinking-off template: the student's prompt + the empty think block
                 for s, t in zip(rows.student, rows.teacher, strict=True):
@@ -250,9 +256,10 @@ def test_eval_problems_preset_and_jsonl(tok_dir, shared_data, monkeypatch):
     for spec, fields in (("preset:aime24", {}), (f"jsonl:{path}", {"prompt_field": "problem"})):
         cfg = _cfg(tok_dir, f"jsonl:{path}", [TeacherConfig()], **fields)
         cfg.eval.source = spec
+        cfg.sampling.max_prompt_len = 2048  # eval prompts follow the training rule: over the budget is a skip
         task = TextTask(cfg)
         problems = task.eval_problems()
-        assert len(problems) == 30
+        assert len(problems) == 30 and task.eval_counts["prompts_skipped"] == 0
         for p, row in zip(problems, aime, strict=True):
             assert p.answer == str(row["answer"]) and p.text == row["problem"]
             assert p.prompt == task.renderer.build_prompt([{"role": "user", "content": row["problem"]}])

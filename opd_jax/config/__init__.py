@@ -33,6 +33,7 @@ from opd_jax.config.schema import (
     TeacherConfig,
 )
 from opd_jax.config.sweep import SweepRun, expand_sweep
+from opd_jax.config.validate import validate
 
 __all__ = [
     "CheckpointConfig",
@@ -57,4 +58,5 @@ __all__ = [
     "load_config",
     "save_config",
     "to_yaml",
+    "validate",
 ]

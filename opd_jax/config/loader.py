@@ -25,11 +25,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from opd_jax.config.schema import ExperimentConfig
-
-
-class ConfigError(ValueError):
-    """A config file, override or sweep that does not fit the schema."""
-
+from opd_jax.config.validate import validate
+from opd_jax.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------------------------------
 # YAML parsing
@@ -243,10 +240,11 @@ def _resolve(d: dict) -> dict:
 
 
 def config_from_dict(d: dict) -> ExperimentConfig:
-    """Validate a nested dict (partial is fine: missing keys take schema defaults) into an `ExperimentConfig`."""
+    """Validate a nested dict (partial is fine: missing keys take schema defaults) into an `ExperimentConfig`:
+    types and keys against the schema, then values and pairs of values (`config.validate`)."""
     if not isinstance(d, dict):
         raise ConfigError(f"config must be a mapping, got {type(d).__name__}")
-    return _convert(_resolve(d), ExperimentConfig, "")
+    return validate(_convert(_resolve(d), ExperimentConfig, ""))
 
 
 def _merge(base: dict, top: dict) -> dict:

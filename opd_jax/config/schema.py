@@ -9,6 +9,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+# Chat templates (opd_jax.data.renderers builds one per name; a test holds the two lists equal).
+RendererName = Literal["base", "hf_chat_template", "qwen3", "qwen3_nothink"]
+# Projections LoRA may adapt: the matrices of `opd_jax.models.weights` (a test holds the two equal).
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# `data.source` / `eval.source` prefixes (opd_jax.data.sources.open_source; synthetic: opd_jax.data.synthetic).
+SOURCE_PREFIXES = ("hf", "jsonl", "parquet", "tfds", "preset", "synthetic")
+
 
 @dataclass
 class ModelConfig:
@@ -46,9 +53,11 @@ class ModelConfig:
 
 @dataclass
 class LoRAConfig:
+    """Low-rank adapters on the layer matrices instead of full fine-tuning (rank 0 = off)."""
+
     rank: int = 0  # 0 disables LoRA: full fine-tuning
     alpha: float = 32.0
-    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
 
 
 @dataclass
@@ -62,6 +71,8 @@ class MeshConfig:
 
 @dataclass
 class SamplingConfig:
+    """How the student samples its rollouts inside the step (and the prompt budget of training and eval)."""
+
     max_prompt_len: int = 64  # prompt bucket; prompts are left-padded to this
     max_new_tokens: int = 32  # static: the KV cache holds max_prompt_len + max_new_tokens
     temperature: float = 1.0
@@ -85,6 +96,8 @@ class SamplingConfig:
 
 @dataclass
 class LossConfig:
+    """The OPD objective: the per-token advantage from the teacher, the policy-gradient or divergence loss."""
+
     kind: Literal[
         "importance_sampling", "ppo", "reverse_kl", "forward_kl", "jsd", "topk_reverse_kl", "topk_forward_kl"
     ] = "importance_sampling"
@@ -101,6 +114,8 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    """AdamW and its learning-rate schedule (published defaults: b=(0.9, 0.95), no decay, no clipping)."""
+
     learning_rate: float = 1e-4
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
@@ -113,20 +128,24 @@ class OptimConfig:
 
 @dataclass
 class TeacherConfig:
+    """A frozen teacher: its model, its chat template, and the datasets routed to it."""
+
     name: str = "teacher"
     model: ModelConfig = field(default_factory=ModelConfig)
-    renderer: str = "same"  # chat template for the teacher; "same" reuses the student's
+    renderer: Literal["same", RendererName] = "same"  # chat template for the teacher; "same" reuses the student's
     datasets: list[str] = field(default_factory=list)  # route these dataset names to this teacher
 
 
 @dataclass
 class DataConfig:
+    """Where training prompts come from and how they are rendered for the student."""
+
     source: str = "synthetic:arithmetic"  # hf:NAME, jsonl:PATH, parquet:PATH, tfds:NAME/CONFIG:SPLIT, synthetic:TASK
     name: str = ""  # dataset name used for teacher routing; "" = derived from the source
     prompt_field: str = "question"
     answer_field: str = "answer"
     split: str = "train"
-    renderer: str = "qwen3"  # student chat template
+    renderer: RendererName = "qwen3"  # student chat template
     tokenizer: str | None = None  # HF tokenizer dir; None = the student's hf_path
     shuffle_seed: int = 0
     max_examples: int = 0  # 0 = all
@@ -134,6 +153,8 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
+    """Held-out evaluation during and after training (avg@k, pass@k), and what `opd-jax eval` runs."""
+
     source: str = ""  # same grammar as DataConfig.source; "" disables eval
     prompt_field: str = "question"
     answer_field: str = "answer"
@@ -149,13 +170,19 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Orbax checkpoints of the train state in <run_dir>/checkpoints, and how a resume picks one."""
+
     every: int = 0  # steps; 0 = only the final save
     max_to_keep: int = 3
     async_save: bool = True
+    resume_step: int | None = None  # resume from this step instead of the latest
+    fallback_to_intact: bool = False  # resume: if the latest checkpoint is damaged, take the newest intact one
 
 
 @dataclass
 class LoggingConfig:
+    """Metric sinks: metrics.jsonl always; TensorBoard, W&B and a progress bar as chosen."""
+
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "opd_jax"
@@ -174,6 +201,8 @@ class DistributedConfig:
 
 @dataclass
 class ExperimentConfig:
+    """One run: the algorithm, its models, data, sampling, loss, optimizer and where it writes."""
+
     algorithm: Literal["opd", "sft", "rl"] = "opd"
     run_dir: str = "runs/default"
     seed: int = 0
@@ -182,8 +211,12 @@ class ExperimentConfig:
     group_size: int = 4  # samples per prompt
     micro_batches: int = 1  # gradient accumulation inside the step
     max_nonfinite_steps: int = 3  # consecutive non-finite losses before stopping
-    resume: bool = False
-    overwrite: bool = False
+    # true: continue from the run dir's latest checkpoint (an error when it has none); "auto": continue when there is
+    # one, else start fresh (what a requeued job wants); false: the run dir must be new or empty (or overwrite=true)
+    resume: Literal[False, True, "auto"] = False
+    overwrite: bool = False  # move an existing run dir aside (renamed <run_dir>.old-<time>, never deleted)
+    # JAX's persistent compilation cache: "auto" = $OPD_JAX_COMPILATION_CACHE or ~/.cache/opd_jax/xla; "" = off
+    compilation_cache: str = "auto"
     topology: str | None = None  # AOT target, e.g. "v5p-64"
     student: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -201,6 +234,12 @@ class ExperimentConfig:
     @property
     def batch_size(self) -> int:
         return self.groups_per_batch * self.group_size
+
+    @property
+    def scores_with_teachers(self) -> bool:
+        """Whether the step scores with the teachers: OPD always; RL only as a KL reference (kl_penalty_coef != 0);
+        SFT never. The trainer loads, `opd-jax compile` lowers and validation checks the teachers by this rule."""
+        return self.algorithm == "opd" or (self.algorithm == "rl" and self.loss.kl_penalty_coef != 0)
 
 
 def replace(cfg, **changes):

@@ -36,8 +36,9 @@ class SweepRun:
     overrides: list[str]  # applied on top of `base`, in order; run_dir included
     base: str  # the config file the overrides apply to
 
-    def command(self) -> str:
-        return shlex.join(["opd-jax", "train", self.base, *self.overrides])
+    def command(self, extra: list[str] | tuple[str, ...] = ()) -> str:
+        """The `opd-jax train` command of this run; `extra` overrides go last (e.g. resume=auto)."""
+        return shlex.join(["opd-jax", "train", self.base, *self.overrides, *extra])
 
 
 def _fmt_float(v: float) -> str:

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from opd_jax.data.sources import BadRecord, Source
+from opd_jax.errors import DataError
 
 __all__ = [
     "Example",
@@ -53,8 +54,6 @@ PROMPT_TOO_LONG = "prompt_too_long"
 _STATE_VERSION = 1
 
 
-class DataError(RuntimeError):
-    """The data cannot produce examples at all (every row bad, no rows, fewer rows than processes)."""
 
 
 @dataclass

@@ -22,10 +22,12 @@ from __future__ import annotations
 import abc
 import difflib
 import hashlib
+import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from opd_jax.data.math_grading import extract_answer, extract_boxed, strip_thinking
+from opd_jax.errors import ConfigError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -94,6 +96,26 @@ class Renderer(abc.ABC):
         body = strip_thinking(text)
         return None if body is None else extract_boxed(body)
 
+    # -- the end of this turn: what graders read ----------------------------------------------------------------
+    @property
+    def turn_end_ids(self) -> list[int]:
+        """Token ids after which a completion no longer belongs to this turn: the stop tokens (a renderer adds
+        the ids that open another turn)."""
+        return self.stop_token_ids
+
+    def end_of_turn(self, text: str) -> str:
+        """`text` cut where this format starts the next turn (text-level rule; none by default)."""
+        return text
+
+    def turn_text(self, ids: Sequence[int]) -> str:
+        """The text of the assistant turn a completion holds: the ids up to the first end-of-turn token, decoded
+        without special tokens, cut at the format's next-turn marker (`end_of_turn`). Graders read this, so a
+        completion that answers and then writes another turn is graded on its own answer."""
+        ends = set(self.turn_end_ids)
+        ids = list(ids)
+        cut = next((i for i, t in enumerate(ids) if int(t) in ends), len(ids))
+        return self.end_of_turn(self.decode(ids[:cut]))
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
@@ -119,7 +141,7 @@ class Renderer(abc.ABC):
         unk = getattr(self.tokenizer, "unk_token_id", None)
         if idx is None or (unk is not None and idx == unk and token != getattr(self.tokenizer, "unk_token", None)):
             if required:
-                raise ValueError(f"renderer {self.name!r} needs the token {token!r}, which this tokenizer lacks")
+                raise ConfigError(f"renderer {self.name!r} needs the token {token!r}, which this tokenizer lacks")
             return None
         return int(idx)
 
@@ -157,12 +179,16 @@ class Qwen3Renderer(Renderer):
         self.thinking = thinking
         self.name = "qwen3" if thinking else "qwen3_nothink"
         self._im_end = self._token_id(IM_END)
-        self._token_id(IM_START)
+        self._im_start = self._token_id(IM_START)
         self._endoftext = self._token_id(ENDOFTEXT, required=False)
 
     @property
     def stop_token_ids(self) -> list[int]:
         return [self._im_end] + ([self._endoftext] if self._endoftext is not None else [])
+
+    @property
+    def turn_end_ids(self) -> list[int]:
+        return [*self.stop_token_ids, self._im_start]
 
     @staticmethod
     def _last_query_index(messages: Sequence[Message]) -> int:
@@ -232,7 +258,7 @@ class BaseRenderer(Renderer):
         super().__init__(tokenizer)
         eos = getattr(tokenizer, "eos_token_id", None)
         if eos is None:
-            raise ValueError("the base renderer needs a tokenizer with an eos token")
+            raise ConfigError("the base renderer needs a tokenizer with an eos token")
         self._eos = int(eos)
         self._eos_text = tokenizer.eos_token
 
@@ -263,10 +289,13 @@ class BaseRenderer(Renderer):
         _check_messages(messages)
         return self._tokenize_segments(self._segments(messages), bos=True)
 
+    def end_of_turn(self, text: str) -> str:
+        """Base models ramble on into the next "Question:" of the format: this turn ends there."""
+        return text.split("\nQuestion:", 1)[0]
+
     def parse_answer(self, text: str) -> str | None:
-        """Base models ramble on into a new "Question:"; cut there, then boxed answer or else the last number."""
-        text = text.split("\nQuestion:", 1)[0]
-        return extract_answer(text)
+        """The answer of this turn: cut at the next "Question:", then the boxed answer or else the last number."""
+        return extract_answer(self.end_of_turn(text))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -289,7 +318,7 @@ class HFChatTemplateRenderer(Renderer):
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_tokens: Sequence[str] | None = None, **template_kwargs):
         super().__init__(tokenizer)
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("hf_chat_template: this tokenizer has no chat_template")
+            raise ConfigError("hf_chat_template: this tokenizer has no chat_template")
         self.template_kwargs = template_kwargs
         ids: list[int] = []
         eos = getattr(tokenizer, "eos_token_id", None)
@@ -370,13 +399,24 @@ def get_renderer(name: str, tokenizer: PreTrainedTokenizerBase, **kwargs) -> Ren
 
 
 def load_tokenizer(path: str, **kwargs) -> PreTrainedTokenizerBase:
-    """`transformers.AutoTokenizer.from_pretrained(path)`: a local directory, or a hub name (which needs network
-    access or a populated HF cache). Remote object-store paths (gs://) must be copied to local disk first."""
+    """`transformers.AutoTokenizer.from_pretrained` on a local directory or a Hugging Face Hub id (`org/name[@rev]`,
+    resolved to its cached snapshot by `opd_jax.hub.resolve`: network or a populated HF cache). Remote
+    object-store paths (gs://) must be copied to local disk first. Raises ConfigError naming `path` when it holds
+    no tokenizer."""
     if "://" in str(path):
-        raise ValueError(f"load_tokenizer: {path!r} is a remote URL; copy the tokenizer files to a local directory")
+        raise ConfigError(f"tokenizer {path!r} is a remote URL; copy the tokenizer files to a local directory")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, **kwargs)
+    from opd_jax import hub
+
+    local = hub.resolve(str(path), what="tokenizer")
+    if not os.path.isdir(local):
+        raise ConfigError(f"tokenizer {path!r}: no such directory, and not a Hugging Face Hub id (org/name)")
+    try:
+        return AutoTokenizer.from_pretrained(local, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"tokenizer {path!r}: {local} holds no tokenizer that transformers can load "
+                          f"({str(e).splitlines()[0][:200]})") from None
 
 
 def check_same_vocab(a: Renderer, b: Renderer) -> None:

@@ -38,6 +38,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from opd_jax.errors import ConfigError, DataError
+
 __all__ = [
     "BadRecord",
     "Source",
@@ -478,7 +480,7 @@ class TFDSSource(Source):
             builder.download_and_prepare(file_format="array_record")
         fmt = getattr(builder.info.file_format, "value", builder.info.file_format)
         if str(fmt) != "array_record":
-            raise ValueError(f"{self.spec}: prepared as {fmt!r}; reading it needs TensorFlow. Re-prepare with "
+            raise DataError(f"{self.spec}: prepared as {fmt!r}; reading it needs TensorFlow. Re-prepare with "
                              "download_and_prepare(file_format='array_record') into another data_dir")
         self.builder = builder
         self._ds = builder.as_data_source(split=split)
@@ -593,7 +595,7 @@ def open_source(spec: str, *, split: str | None = None, prompt_field: str | None
     """
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
-        raise ValueError(f"data source {spec!r}: expected PREFIX:VALUE with PREFIX in hf, jsonl, parquet, tfds, "
+        raise ConfigError(f"data source {spec!r}: expected PREFIX:VALUE with PREFIX in hf, jsonl, parquet, tfds, "
                          "preset, synthetic")
     if kind == "preset":
         return _open_preset(rest, name=name, prefer_local=prefer_local, data_dir=data_dir, **kwargs)
@@ -611,8 +613,8 @@ def open_source(spec: str, *, split: str | None = None, prompt_field: str | None
         common["dataset_name"] = common.pop("name")
         return TFDSSource(tname, split=tsplit or split or "train", data_dir=data_dir, **common, **kwargs)
     if kind == "synthetic":
-        raise ValueError(f"{spec!r} is a generated task, not a record source: use opd_jax.data.build_task")
-    raise ValueError(f"data source {spec!r}: unknown prefix {kind!r}; expected hf, jsonl, parquet, tfds, preset, "
+        raise ConfigError(f"{spec!r} is a generated task, not a record source: use opd_jax.data.build_task")
+    raise ConfigError(f"data source {spec!r}: unknown prefix {kind!r}; expected hf, jsonl, parquet, tfds, preset, "
                      "synthetic")
 
 

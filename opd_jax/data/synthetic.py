@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from opd_jax.config.schema import ExperimentConfig
 from opd_jax.data.task import EvalProblem, PromptRows, Task
+from opd_jax.errors import ConfigError
 
 PAD, BOS, EOS = 0, 1, 2
 CHARS = "0123456789+-*()=;#@"  # append only: ids of existing characters never move
@@ -92,6 +93,7 @@ def exact_match_reward(tokens: jax.Array, mask: jax.Array, answer: jax.Array) ->
 
 class ArithmeticTask(Task):
     reward_fn = staticmethod(exact_match_reward)
+    vocab_size = len(VOCAB)
 
     def __init__(self, *, seed: int, num_ops: int = 3, max_operand: int = 20, eval_problems: int = 64,
                  process_index: int = 0, process_count: int = 1, answer_len: int = 8, fixed_prompt: bool = False):
@@ -176,14 +178,23 @@ class FactsTask(ArithmeticTask):
         return self._fact(keys[random.Random(self.seed * 1_000_003 + global_index).randrange(len(keys))])
 
 
-def make_synthetic_task(cfg: ExperimentConfig, *, process_index: int = 0, process_count: int = 1) -> ArithmeticTask:
+def make_synthetic_task(cfg: ExperimentConfig, *, process_index: int = 0, process_count: int = 1) -> Task:
     """`data.source: synthetic:arithmetic[:num_ops[:max_operand]]`, `synthetic:arithmetic_single[...]` for one
-    repeated prompt, or `synthetic:facts[:num_facts]` for the lookup table."""
+    repeated prompt, `synthetic:facts[:num_facts]` for the lookup table, or `synthetic:chains[...]` (the OPD
+    miniature's task, `opd_jax.data.chains`)."""
     parts = cfg.data.source.split(":")
     name = parts[1] if len(parts) > 1 else ""
+    for i, t in enumerate(cfg.teachers):
+        if t.datasets:
+            raise ConfigError(f"teachers.{i}.datasets: {t.datasets}: a synthetic task has one data stream, nothing to "
+                              "route; drop `datasets` (the first teacher scores it)")
+    if name == "chains":  # the OPD miniature's task (opd_jax.data.chains)
+        from opd_jax.data.chains import make_chains_task
+
+        return make_chains_task(cfg, process_index=process_index, process_count=process_count)
     if name not in ("arithmetic", "arithmetic_single", "facts"):
-        raise ValueError(f"data.source: unknown synthetic task {name!r}; valid: 'arithmetic', 'arithmetic_single', "
-                         "'facts'")
+        raise ConfigError(f"data.source: unknown synthetic task {name!r}; valid: 'arithmetic', 'arithmetic_single', "
+                          "'facts', 'chains'")
 
     def number(i: int, default: int) -> int:
         if len(parts) <= i:
@@ -191,7 +202,7 @@ def make_synthetic_task(cfg: ExperimentConfig, *, process_index: int = 0, proces
         try:
             return int(parts[i])
         except ValueError:
-            raise ValueError(f"data.source {cfg.data.source!r}: field {i} ({parts[i]!r}) must be an integer") from None
+            raise ConfigError(f"data.source {cfg.data.source!r}: field {i} ({parts[i]!r}) must be an integer") from None
 
     if name == "facts":
         return FactsTask(seed=cfg.data.shuffle_seed, num_facts=number(2, 64), process_index=process_index,

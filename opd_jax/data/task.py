@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import jax
 import numpy as np
 
+from opd_jax.errors import DataError
+
 # A task reward computed inside the program: (completion tokens [B, N] int32, mask [B, N] bool, answer tokens
 # [B, A] int32 padded with -1) -> reward [B] float32.
 RewardFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -46,7 +48,8 @@ class Task(ABC):
     pad_id: int = 0
     reward_fn: RewardFn | None = None
     answer_len: int = 0  # width of the answer-token array fed to the step (0: no in-program reward)
-    truncated_prompts: int = 0  # prompts left-truncated by `pack` (sampling.truncate_prompts)
+    truncated_prompts: int = 0  # prompts truncated to fit sampling.max_prompt_len (sampling.truncate_prompts)
+    vocab_size: int | None = None  # ids the tokenizer can produce (None: unknown); must fit the student's head
 
     @property
     @abstractmethod
@@ -71,7 +74,12 @@ class Task(ABC):
         return None  # stateless by default
 
     def skip_report(self) -> str:
+        """Human-readable counts of the data rows skipped so far, by reason ("" when none)."""
         return ""
+
+    def data_counts(self) -> dict[str, int]:
+        """Running counts for the metrics: rows skipped by reason (`skipped/<reason>`) and prompts truncated."""
+        return {"prompts_truncated": self.truncated_prompts}
 
     def grade_batch(self, completions: list[list[int]], answers: list[str]) -> list[bool]:
         return [self.grade(c, a) for c, a in zip(completions, answers, strict=True)]
@@ -109,8 +117,8 @@ def resolve_stop_tokens(configured: Sequence[int], task: Task) -> tuple[int, ...
 
 
 # ---- host-side prompt padding ------------------------------------------------------------------------
-class PromptTooLongError(ValueError):
-    pass
+class PromptTooLongError(DataError, ValueError):
+    """A prompt longer than `sampling.max_prompt_len` where truncation is off."""
 
 
 def bucket_length(n: int, max_len: int, min_bucket: int = 16) -> int:

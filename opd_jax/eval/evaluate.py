@@ -11,7 +11,7 @@ import csv
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import numpy as np
@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from opd_jax.config.schema import ExperimentConfig
 from opd_jax.data.task import EvalProblem, Task, pad_prompts
+from opd_jax.errors import DataError
 from opd_jax.sampling import SamplingParams, make_sampler
 
 
@@ -40,11 +41,12 @@ class EvalResult:
     mean_length: float
     truncation_rate: float
     rows: list[dict]
+    counts: dict[str, int] = field(default_factory=dict)  # prompts skipped / truncated, rows without an answer
 
     def summary(self) -> dict:
         return {"eval_accuracy": self.avg_at_k, "eval_stderr": self.stderr, f"eval_pass@{self.k}": self.pass_at_k,
                 "eval_mean_length": self.mean_length, "eval_truncation_rate": self.truncation_rate,
-                "eval_problems": self.num_problems, "eval_k": self.k}
+                "eval_problems": self.num_problems, "eval_k": self.k, **self.counts}
 
 
 def evaluate(
@@ -141,9 +143,21 @@ def task_eval(cfg: ExperimentConfig, task: Task, eval_fn: Callable, params, mesh
     None when the task has no eval problems."""
     c = cfg
     problems = task.eval_problems()
+    # the training rule for prompts over sampling.max_prompt_len: skip and count, or (truncate_prompts) keep and
+    # count (text tasks cut them already, template kept: `TextTask.fit_prompt`; others are left-truncated here)
+    counts = {f"eval_{k}": v for k, v in getattr(task, "eval_counts", {}).items()}
+    long = [p for p in problems if len(p.prompt) > c.sampling.max_prompt_len]
+    if long and not c.sampling.truncate_prompts:
+        problems = [p for p in problems if len(p.prompt) <= c.sampling.max_prompt_len]
+    key = "eval_prompts_truncated" if c.sampling.truncate_prompts else "eval_prompts_skipped"
+    counts[key] = counts.get(key, 0) + len(long)
     if c.eval.num_problems:
         problems = problems[: c.eval.num_problems]
     if not problems:
+        if counts.get("eval_prompts_skipped"):
+            raise DataError(f"every eval problem was skipped: {counts['eval_prompts_skipped']} prompts are longer "
+                            f"than sampling.max_prompt_len={c.sampling.max_prompt_len} (raise it, or set "
+                            "sampling.truncate_prompts=true)")
         return None
     n_dev = mesh.shape["data"] * mesh.shape["fsdp"]
     batch = max(n_dev, min(64, len(problems) * c.eval.k))
@@ -154,6 +168,7 @@ def task_eval(cfg: ExperimentConfig, task: Task, eval_fn: Callable, params, mesh
         key=jax.random.fold_in(jax.random.key(c.seed + 7), int(step)), batch_size=batch, pad_id=task.pad_id,
         truncate_prompts=c.sampling.truncate_prompts,
     )
+    result.counts = {k: v for k, v in counts.items() if v}
     if out_dir is not None and jax.process_index() == 0:
         write_eval(result, out_dir, name=tag)
     return result

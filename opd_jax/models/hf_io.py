@@ -18,7 +18,6 @@ tensorflow for gs://). Export to a remote directory writes each file locally, th
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -41,6 +40,7 @@ from jax.sharding import Mesh, Sharding, SingleDeviceSharding
 from safetensors.numpy import save_file
 
 from opd_jax.config.schema import LoRAConfig, MeshConfig, ModelConfig
+from opd_jax.errors import CheckpointError
 from opd_jax.mesh import make_mesh, named_sharding
 from opd_jax.models.qwen3 import abstract_model, model_axes
 from opd_jax.models.weight_mapping import config_from_hf, config_to_hf, hf_expected_names, ours_to_hf
@@ -83,19 +83,32 @@ class _Tensor:
 
 
 def _read_header(local: str, where: str) -> dict[str, _Tensor]:
+    """The tensors of a local safetensors file, checked against the file's size (a file cut short by a failed
+    copy or download fails here, naming the file and the first tensor it cannot hold, not at the first read)."""
+    size = os.path.getsize(local)
     with open(local, "rb") as f:
         raw = f.read(8)
         n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
-        if not 0 < n < 1 << 28:
-            raise ValueError(f"{where}: not a safetensors file (bad header length)")
-        header = json.loads(f.read(n))
+        if not 0 < n < 1 << 28 or 8 + n > size:
+            raise CheckpointError(f"{where}: truncated or corrupt safetensors file (bad header length, file of "
+                                  f"{size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{where}: truncated or corrupt safetensors file (unreadable header)") from None
     out = {}
     for name, h in header.items():
         if name == "__metadata__":
             continue
         if h["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{where}: tensor {name!r} has unsupported dtype {h['dtype']}")
-        out[name] = _Tensor(name, local, where, _ST_DTYPES[h["dtype"]], tuple(h["shape"]), 8 + n + h["data_offsets"][0])
+            raise CheckpointError(f"{where}: tensor {name!r} has unsupported dtype {h['dtype']}")
+        begin, end = h["data_offsets"]
+        dt = _ST_DTYPES[h["dtype"]]
+        if end - begin != math.prod(h["shape"]) * dt.itemsize or 8 + n + end > size:
+            raise CheckpointError(f"{where}: truncated or corrupt safetensors file: tensor {name!r} needs bytes "
+                                  f"{8 + n + begin}..{8 + n + end} but the file has {size}",
+                                  hint="copy or download the checkpoint again")
+        out[name] = _Tensor(name, local, where, dt, tuple(h["shape"]), 8 + n + begin)
     return out
 
 
@@ -108,7 +121,7 @@ def _open_checkpoint(path: str | os.PathLike) -> Iterator[dict[str, _Tensor]]:
     """Yield every tensor of an HF checkpoint dir (single file or index + shards), by name."""
     root = epath.Path(path)
     if not root.is_dir():
-        raise ValueError(f"HF checkpoint: {path} is not a directory")
+        raise CheckpointError(f"HF checkpoint: {path} is not a directory")
     weight_map: dict[str, str] | None = None
     if (root / SINGLE_FILE).exists():  # transformers also prefers the single file when both exist
         files = [SINGLE_FILE]
@@ -116,7 +129,7 @@ def _open_checkpoint(path: str | os.PathLike) -> Iterator[dict[str, _Tensor]]:
         weight_map = json.loads((root / INDEX_FILE).read_text())["weight_map"]
         files = sorted(set(weight_map.values()))
     else:
-        raise ValueError(f"HF checkpoint: neither {SINGLE_FILE} nor {INDEX_FILE} in {path}")
+        raise CheckpointError(f"HF checkpoint: neither {SINGLE_FILE} nor {INDEX_FILE} in {path}")
 
     tmp = tempfile.mkdtemp(prefix="opd_jax_hf_") if _is_remote(path) else None
     try:
@@ -124,7 +137,7 @@ def _open_checkpoint(path: str | os.PathLike) -> Iterator[dict[str, _Tensor]]:
         for fname in files:
             src = root / fname
             if not src.exists():
-                raise ValueError(f"HF checkpoint: {src} (listed in {INDEX_FILE}) does not exist")
+                raise CheckpointError(f"HF checkpoint: {src} (listed in {INDEX_FILE}) does not exist")
             local = os.fspath(src)
             if tmp is not None:
                 local = os.path.join(tmp, fname)
@@ -132,11 +145,12 @@ def _open_checkpoint(path: str | os.PathLike) -> Iterator[dict[str, _Tensor]]:
                     shutil.copyfileobj(r, w, 16 << 20)
             for name, t in _read_header(local, os.fspath(src)).items():
                 if name in tensors:
-                    raise ValueError(f"HF checkpoint: tensor {name!r} is in both {tensors[name].where} and {t.where}")
+                    raise CheckpointError(f"HF checkpoint: tensor {name!r} is in both {tensors[name].where} and "
+                                          f"{t.where}")
                 tensors[name] = t
         for name, fname in (weight_map or {}).items():
             if name not in tensors or os.path.basename(tensors[name].where) != fname:
-                raise ValueError(f"HF checkpoint: {INDEX_FILE} puts tensor {name!r} in {root / fname}, "
+                raise CheckpointError(f"HF checkpoint: {INDEX_FILE} puts tensor {name!r} in {root / fname}, "
                                  "but that file does not contain it")
         yield tensors
     finally:
@@ -218,15 +232,15 @@ def _validate(tensors: Mapping[str, _Tensor], cfg: ModelConfig, where: str) -> N
     missing = sorted(expected - set(tensors))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ValueError(f"HF checkpoint {where}: missing tensor {missing[0]!r}{more}")
+        raise CheckpointError(f"HF checkpoint {where}: missing tensor {missing[0]!r}{more}")
     tolerated = {GLOBAL_WEIGHTS["lm_head"].hf} if cfg.tie_embeddings else set()
     for name, t in sorted(tensors.items()):
         if name not in expected and name not in tolerated and not _IGNORED.match(name):
-            raise ValueError(f"HF checkpoint: unexpected tensor {name!r} in {t.where}")
+            raise CheckpointError(f"HF checkpoint: unexpected tensor {name!r} in {t.where}")
     for ours, hf_name, _ in _hf_entries(cfg):
         t, want = tensors[hf_name], _hf_shape(ours, cfg)
         if t.shape != want:
-            raise ValueError(f"HF checkpoint: tensor {hf_name!r} in {t.where} has shape {t.shape}, "
+            raise CheckpointError(f"HF checkpoint: tensor {hf_name!r} in {t.where} has shape {t.shape}, "
                              f"expected {want} for this config")
 
 
@@ -392,7 +406,8 @@ def export_hf(
     if out.exists() and not overwrite:
         stale = sorted(p.name for p in out.iterdir() if p.name.endswith(".safetensors") or p.name == INDEX_FILE)
         if stale:
-            raise ValueError(f"export_hf: {out_dir} already holds weights ({stale[0]}, ...); pass overwrite=True")
+            raise CheckpointError(f"export_hf: {out_dir} already holds weights ({stale[0]}, ...)",
+                                  hint="pass overwrite=True (opd-jax convert --overwrite) or another directory")
 
     # Plan files from shapes alone, so names ("-of-N") are known before any gathering.
     entries = _hf_entries(cfg)
@@ -460,49 +475,31 @@ def copy_aux_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
     return copied
 
 
-# ---- CLI -----------------------------------------------------------------------------------------------
-def _parse_size(s: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", s, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {s!r}; e.g. 5GB, 500MB, 2GiB or a byte count")
-    unit = (m.group(2) or "B").upper()
-    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return int(float(m.group(1)) * mult)
+# ---- convert -------------------------------------------------------------------------------------------
+def convert(src: str, dst: str, *, dtype: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+            overwrite: bool = False, copy_aux: bool = True) -> str:
+    """`opd-jax convert SRC DST`: re-export an HF Qwen3 checkpoint (a local or gs:// directory, or a Hub id)
+    through opd_jax (a dtype change, re-sharded files, or a check that opd_jax reads it). `dtype` defaults to the
+    source's torch_dtype (float32 unless it is bf16/fp32). Returns the dtype written. Trained opd_jax weights are
+    exported from Python with `export_hf` (e.g. `export_hf(trainer.state.trainable, trainer.student.cfg, dir)`)."""
+    from opd_jax import hub
 
-
-def convert_main(argv: Sequence[str] | None = None) -> int:
-    """`opd-jax convert SRC DST`: re-export an HF Qwen3 checkpoint through opd_jax (dtype change, re-sharding
-    files, or checking that opd_jax reads it). Trained opd_jax weights are exported from Python with `export_hf`
-    (e.g. `export_hf(trainer.state.trainable, trainer.student.cfg, out_dir)`), not through this command."""
-    p = argparse.ArgumentParser(prog="opd-jax convert", description=convert_main.__doc__)
-    p.add_argument("src", help="HF checkpoint dir (local or gs://)")
-    p.add_argument("dst", help="output dir (local or gs://)")
-    p.add_argument("--dtype", choices=sorted(_NP_DTYPES), default=None,
-                   help="output dtype (default: the source's torch_dtype, float32 if not bf16/fp32)")
-    p.add_argument("--max-shard-size", type=_parse_size, default=DEFAULT_MAX_SHARD_BYTES,
-                   help="largest output file, e.g. 5GB (default), 500MB")
-    p.add_argument("--overwrite", action="store_true", help="replace weights already in DST")
-    p.add_argument("--no-aux", action="store_true", help="do not copy tokenizer/generation files")
-    args = p.parse_args(argv)
-
-    src_cfg = json.loads((epath.Path(args.src) / "config.json").read_text())
-    dtype = args.dtype or str(src_cfg.get("torch_dtype") or src_cfg.get("dtype") or "float32")
+    src = hub.resolve(src)
+    src_cfg = json.loads((epath.Path(src) / "config.json").read_text())
+    dtype = dtype or str(src_cfg.get("torch_dtype") or src_cfg.get("dtype") or "float32")
     if dtype not in _NP_DTYPES:
         dtype = "float32"
-    cfg = load_hf_config(args.src, param_dtype=dtype, dtype=dtype)
+    cfg = load_hf_config(src, param_dtype=dtype, dtype=dtype)
     # Spread the weights over every local device (TPU/GPU HBM) rather than one.
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
-    params = load_hf_params(args.src, cfg, mesh=mesh, dtype=dtype)
-    export_hf(params, cfg, args.dst, dtype=dtype, max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
-    if not args.no_aux and jax.process_index() == 0:
-        copy_aux_files(args.src, args.dst)
-    if jax.process_index() == 0:
-        print(f"converted {args.src} -> {args.dst} ({dtype})")
-    return 0
+    params = load_hf_params(src, cfg, mesh=mesh, dtype=dtype)
+    export_hf(params, cfg, dst, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    if copy_aux and jax.process_index() == 0:
+        copy_aux_files(src, dst)
+    return dtype
 
 
 __all__: Sequence[str] = [
-    "load_hf_config", "load_hf_params", "export_hf", "merge_lora", "copy_aux_files", "convert_main",
+    "load_hf_config", "load_hf_params", "export_hf", "merge_lora", "copy_aux_files", "convert",
     "DEFAULT_MAX_SHARD_BYTES",
 ]

@@ -1,0 +1,1 @@
+"""The OPD claims miniature on chains (see README.md)."""

@@ -1,0 +1,346 @@
+"""Chains of small modular steps with a written scratchpad: the task of the OPD miniature (`synthetic:chains`).
+
+    prompt      "<bos>3a+4b*2c-7d+5="
+    completion  "a3+47b7*24c4-77d7+52#2<eos>"   (mod 10: a: 3+4=7, b: 7*2=14->4, c: 4-7=-3->7, d: 7+5=12->2)
+
+Each step applies one operation (`+`, `-`, `*`, operand 1..mod-1) to the running value modulo `mod`: the fact table
+has `mod * (mod-1) * 3` entries (270 for mod 10), small enough for a tiny model to hold all of them, while a wrong
+step anywhere in a chain of 4-10 steps makes the final answer wrong (errors compound). Steps are labelled `a`, `b`,
+... in the prompt. Each scratchpad step is `<label><previous value><op><operand><result>`: the previous value is
+copied from just before the label, the operation and operand from the prompt by a content lookup of the label (not
+by counting), so each result depends only on the three tokens right before it.
+
+Slips and marked corrections. With `slips=p`, each reference step is written with a wrong result with
+probability p, followed by the correction marker `!` and the right result: `b7*25!4`. The wrong digit has loss 0 in
+`sft_examples` (the model is never taught to slip), while the `!` and the right digit are taught, so a model
+trained on these rows does not slip but knows how to continue from a slip it did not make: a state that only the
+student's own samples reach.
+
+Held-out splits. Every problem belongs to one split by a hash of its text (`split_of`): 5% test, 5% validation,
+the rest train. Training streams (`next_prompts`, `sft_examples`) draw problems from their own per-row RNG and
+re-draw until the problem is a train problem, and assert it; the eval problems are distinct test (or validation)
+problems. So no eval problem can occur in any training stream, whatever seed or position a stream starts from.
+
+Source grammar: `synthetic:chains[:min_len[:max_len]][:key=value...]` with keys `mod` (10), `slips` (0.0),
+`single` (0/1: every training row is one fixed train problem, for single-prompt OPD), `test` (512) and `val` (256):
+the number of distinct test / validation problems. `eval.split` picks the eval problems: `test` (default), `val`, or
+`val+test` (keep `eval.num_problems: 0`, which grades all of them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import jax
+
+from opd_jax.config.schema import ExperimentConfig
+from opd_jax.data.task import EvalProblem, PromptRows, Task
+
+# The arithmetic task's vocabulary (opd_jax.data.synthetic) plus the correction marker: digits, '#', '=' and the
+# special tokens keep their ids, so `opd_jax.data.synthetic.exact_match_reward` grades chains inside the program.
+PAD, BOS, EOS = 0, 1, 2
+CHARS = "0123456789+-*()=;#@!abcdefghij"
+VOCAB = ["<pad>", "<bos>", "<eos>", *CHARS]
+VOCAB_SIZE = 40  # room to spare, a multiple of 8
+LABELS = "abcdefghij"  # step labels: chains have at most 10 steps
+_ID = {c: i for i, c in enumerate(VOCAB)}
+CORRECTION = "!"
+OPS = "+-*"
+SPLITS = ("train", "val", "test")
+SPLIT_BUCKETS = 1000
+TEST_BUCKETS, VAL_BUCKETS = 50, 50  # buckets [0, 50) are test, [50, 100) validation, the rest train
+
+
+class ChainTokenizer:
+    """Characters of `CHARS` <-> ids; `decode` drops the special tokens."""
+
+    pad_id, bos_id, eos_id = PAD, BOS, EOS
+    vocab_size = VOCAB_SIZE
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [_ID[c] for c in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in the chains vocabulary {CHARS!r}") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(VOCAB[i] if 2 < i < len(VOCAB) else "" for i in ids if i != EOS)
+
+
+def split_of(text: str) -> str:
+    """'train', 'val' or 'test' for a problem's text (the prompt without '<bos>' and '='), by a fixed hash."""
+    bucket = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") % SPLIT_BUCKETS
+    if bucket < TEST_BUCKETS:
+        return "test"
+    return "val" if bucket < TEST_BUCKETS + VAL_BUCKETS else "train"
+
+
+def apply_op(value: int, op: str, b: int, mod: int) -> int:
+    return {"+": value + b, "-": value - b, "*": value * b}[op] % mod
+
+
+@dataclass(frozen=True)
+class Chain:
+    start: int
+    ops: tuple[tuple[str, int], ...]
+    mod: int = 10
+
+    @property
+    def text(self) -> str:
+        return str(self.start) + "".join(f"{LABELS[i]}{op}{b}" for i, (op, b) in enumerate(self.ops))
+
+    @property
+    def values(self) -> list[int]:
+        """The running value after each step."""
+        out, v = [], self.start
+        for op, b in self.ops:
+            v = apply_op(v, op, b, self.mod)
+            out.append(v)
+        return out
+
+    @property
+    def answer(self) -> int:
+        return self.values[-1]
+
+    @property
+    def solution(self) -> str:
+        prev = [self.start, *self.values[:-1]]
+        return "".join(f"{LABELS[i]}{u}{op}{b}{v}" for i, (u, (op, b), v) in enumerate(zip(prev, self.ops, self.values,
+                                                                                          strict=True))) + \
+            f"#{self.answer}"
+
+    def solution_with_slips(self, rng: random.Random, slips: float) -> tuple[str, list[int]]:
+        """The scratchpad with slips: each result is first written wrong with probability `slips` (again after a
+        correction, with the same probability), then `!` and the right value. Returns (text, loss mask per
+        character): 0 on the wrong digits, 1 everywhere else."""
+        text, mask = [], []
+        prev = [self.start, *self.values[:-1]]
+        for i, (u, (op, b), v) in enumerate(zip(prev, self.ops, self.values, strict=True)):
+            for ch in f"{LABELS[i]}{u}{op}{b}":
+                text.append(ch)
+                mask.append(1)
+            while slips > 0 and rng.random() < slips:
+                wrong = rng.choice([d for d in range(self.mod) if d != v])
+                text += [str(wrong), CORRECTION]
+                mask += [0, 1]
+            text.append(str(v))
+            mask.append(1)
+        for ch in f"#{self.answer}":
+            text.append(ch)
+            mask.append(1)
+        return "".join(text), mask
+
+
+def parse_chain(text: str, mod: int = 10) -> Chain:
+    """The inverse of `Chain.text` (digits only, so `mod` <= 10)."""
+    ops = tuple((text[i + 1], int(text[i + 2])) for i in range(1, len(text), 3))
+    return Chain(int(text[0]), ops, mod)
+
+
+def random_chain(rng: random.Random, min_len: int, max_len: int, mod: int, ops: str = OPS) -> Chain:
+    n = rng.randint(min_len, max_len)
+    return Chain(rng.randrange(mod), tuple((rng.choice(ops), rng.randint(1, mod - 1)) for _ in range(n)), mod)
+
+
+def draw_in_split(rng: random.Random, split: str, min_len: int, max_len: int, mod: int, ops: str = OPS,
+                  max_tries: int = 100_000) -> Chain:
+    """Draw chains from `rng` until one belongs to `split`."""
+    for _ in range(max_tries):
+        c = random_chain(rng, min_len, max_len, mod, ops)
+        if split_of(c.text) == split:
+            return c
+    raise RuntimeError(f"no {split} problem in {max_tries} draws (min_len={min_len}, max_len={max_len}, mod={mod})")
+
+
+def exact_match_reward(tokens: jax.Array, mask: jax.Array, answer: jax.Array) -> jax.Array:
+    """1.0 where the completion ends in '#<answer><eos>' (in JAX, traced into the RL step): the arithmetic task's
+    reward, valid here because the two vocabularies share the ids of digits, '#' and '<eos>'."""
+    from opd_jax.data.synthetic import exact_match_reward as arithmetic_reward
+
+    return arithmetic_reward(tokens, mask, answer)
+
+
+def stream_position(name: str, seed: int = 0) -> int:
+    """Where the train stream of consumer `name` (e.g. 'teacher', 'student_pool', 'opd') with seed `seed` starts: a
+    hash, so streams of different consumers do not overlap in practice (each has 2**20 * 4096 rows before the next
+    possible start). Only independence rests on this; held-out-ness never does (`ChainsTask.problem`)."""
+    h = int.from_bytes(hashlib.blake2b(f"{name}/{seed}".encode(), digest_size=4).digest(), "big")
+    return h << 32
+
+
+def assert_held_out(task: ChainsTask, issued: list[str]) -> int:
+    """Raise when a training problem in `issued` (texts, e.g. `task.issued`) is a test or validation problem of
+    `task`, or belongs to another split by its hash. Returns how many problems were checked."""
+    eval_texts = {c.text for s in ("test", "val") for c in task.held_out(s)}
+    leaked = [t for t in issued if t in eval_texts]
+    if leaked:
+        raise AssertionError(f"{len(leaked)} eval problems in a training stream, e.g. {leaked[0]}")
+    wrong = [t for t in issued if split_of(t) != "train"]
+    if wrong:
+        raise AssertionError(f"{len(wrong)} non-train problems in a training stream, e.g. {wrong[0]}")
+    return len(issued)
+
+
+class ChainsTask(Task):
+    """`Task` of chains: a resumable train stream of prompts and reference solutions, held-out eval problems."""
+
+    reward_fn = staticmethod(exact_match_reward)
+    answer_len = 2
+
+    def __init__(self, *, seed: int, min_len: int = 4, max_len: int = 10, mod: int = 10, ops: str = OPS,
+                 slips: float = 0.0,
+                 single: bool = False, num_test: int = 512, num_val: int = 256, eval_split: str = "test",
+                 process_index: int = 0, process_count: int = 1):
+        if not 2 <= mod <= 10:
+            raise ValueError(f"chains: mod must be in [2, 10] (single-digit values), got {mod}")
+        if not 1 <= min_len <= max_len <= len(LABELS):
+            raise ValueError(f"chains: need 1 <= min_len <= max_len <= {len(LABELS)}, got {min_len}, {max_len}")
+        if eval_split not in ("test", "val", "val+test"):
+            raise ValueError(f"chains: eval.split must be 'test', 'val' or 'val+test', got {eval_split!r}")
+        self.tok = ChainTokenizer()
+        if not ops or set(ops) - set(OPS):
+            raise ValueError(f"chains: ops must be a non-empty subset of {OPS!r}, got {ops!r}")
+        self.seed, self.min_len, self.max_len, self.mod, self.ops = seed, min_len, max_len, mod, ops
+        self.slips, self.single = slips, single
+        self.process_index, self.process_count = process_index, process_count
+        self.eval_split = eval_split
+        self.num_test, self.num_val = num_test, num_val
+        self.position = 0  # global rows drawn so far (the resumable data position)
+        self.issued: list[str] | None = None  # set to [] to record the text of every training problem handed out
+        self._eval_cache: dict[str, list[Chain]] = {}
+
+    # ---- problems ---------------------------------------------------------------------------------------
+    def problem(self, global_index: int) -> Chain:
+        """Row `global_index` of the train stream: a train-split chain from a per-row RNG (exact resume and
+        per-host slicing); `single`: always row 0."""
+        idx = 0 if self.single else global_index
+        c = draw_in_split(random.Random((self.seed << 64) + idx), "train", self.min_len, self.max_len, self.mod,
+                          self.ops)
+        if split_of(c.text) != "train":  # the guarantee the held-out test relies on, checked on every row
+            raise AssertionError(f"chains: training row {c.text} is not a train problem")
+        if self.issued is not None:
+            self.issued.append(c.text)
+        return c
+
+    def held_out(self, split: str) -> list[Chain]:
+        """The distinct eval problems of `split` ('test' or 'val'), fixed for the task's (lengths, mod): they do not
+        depend on the seed, so every run is graded on the same problems."""
+        if split not in self._eval_cache:
+            n = self.num_test if split == "test" else self.num_val
+            rng = random.Random(f"chains-{split}-{self.min_len}-{self.max_len}-{self.mod}-{self.ops}")
+            out, seen = [], set()
+            for _ in range(50 * n + 1000):
+                if len(out) >= n:
+                    break
+                c = draw_in_split(rng, split, self.min_len, self.max_len, self.mod, self.ops)
+                if c.text not in seen:
+                    seen.add(c.text)
+                    out.append(c)
+            self._eval_cache[split] = out
+        return self._eval_cache[split]
+
+    # ---- Task -------------------------------------------------------------------------------------------
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return [EOS]
+
+    def prompt_tokens(self, c: Chain) -> list[int]:
+        return [BOS, *self.tok.encode(c.text + "=")]
+
+    def prompt_tokens_from_text(self, text: str) -> list[int]:
+        """[BOS] + a typed chain, '=' added when missing (`opd-jax visualize --prompt`)."""
+        text = text.strip()
+        return [BOS, *self.tok.encode(text if text.endswith("=") else text + "=")]
+
+    def _rows(self, n: int) -> list[Chain]:
+        start = self.position + self.process_index * n
+        out = [self.problem(start + i) for i in range(n)]
+        self.position += n * self.process_count
+        return out
+
+    def next_prompts(self, n: int) -> PromptRows:
+        probs = self._rows(n)
+        toks = [self.prompt_tokens(c) for c in probs]
+        return PromptRows(student=toks, teacher=toks, answers=[str(c.answer) for c in probs],
+                          answer_tokens=[self.tok.encode(str(c.answer)) for c in probs])
+
+    def sft_example(self, c: Chain, index: int = 0) -> tuple[list[int], list[int]]:
+        """(tokens, loss mask) of the reference solution of `c`, with slips when `slips` > 0 (seeded by `index`)."""
+        prompt = self.prompt_tokens(c)
+        text, mask = c.solution_with_slips(random.Random(f"slips-{self.seed}-{index}"), self.slips)
+        return prompt + self.tok.encode(text) + [EOS], [0] * len(prompt) + mask + [1]
+
+    def sft_examples(self, n: int) -> list[tuple[list[int], list[int]]]:
+        start = self.position + self.process_index * n
+        probs = self._rows(n)
+        return [self.sft_example(c, start + i) for i, c in enumerate(probs)]
+
+    def eval_problems(self) -> list[EvalProblem]:
+        splits = ("val", "test") if self.eval_split == "val+test" else (self.eval_split,)
+        return [EvalProblem(self.prompt_tokens(c), str(c.answer), c.text) for s in splits for c in self.held_out(s)]
+
+    def grade(self, completion: list[int], answer: str) -> bool:
+        if EOS not in completion:
+            return False
+        text = self.decode(completion[: completion.index(EOS)])
+        return "#" in text and text.rsplit("#", 1)[-1] == answer
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tok.decode(tokens)
+
+    def state(self) -> dict:
+        return {"position": self.position}
+
+    def restore(self, state: dict) -> None:
+        self.position = int(state.get("position", 0))
+
+
+def parse_source(source: str) -> dict:
+    """`synthetic:chains[:min_len[:max_len]][:key=value...]` -> ChainsTask keyword arguments."""
+    parts = source.split(":")
+    if len(parts) < 2 or parts[1] != "chains":
+        raise ValueError(f"not a chains source: {source!r}")
+    kw: dict = {}
+    positional = ("min_len", "max_len")
+    i = 0
+    for field in parts[2:]:
+        if "=" in field:
+            k, v = field.split("=", 1)
+            if k == "ops":
+                kw["ops"] = v.replace("p", "+").replace("m", "-").replace("t", "*")
+                continue
+            if k not in ("mod", "slips", "single", "test", "val"):
+                raise ValueError(f"data.source {source!r}: unknown chains option {k!r} (mod, slips, single, test, "
+                                 "val)")
+            try:
+                kw[k] = float(v) if k == "slips" else int(v)
+            except ValueError:
+                raise ValueError(f"data.source {source!r}: {k}={v!r} is not a number") from None
+        else:
+            if i >= len(positional):
+                raise ValueError(f"data.source {source!r}: too many positional fields")
+            try:
+                kw[positional[i]] = int(field)
+            except ValueError:
+                raise ValueError(f"data.source {source!r}: {positional[i]} ({field!r}) must be an integer") from None
+            i += 1
+    if "min_len" in kw and "max_len" not in kw:
+        kw["max_len"] = kw["min_len"]
+    if "single" in kw:
+        kw["single"] = bool(kw["single"])
+    for k, name in (("test", "num_test"), ("val", "num_val")):
+        if k in kw:
+            kw[name] = kw.pop(k)
+    return kw
+
+
+def make_chains_task(cfg: ExperimentConfig, *, process_index: int = 0, process_count: int = 1) -> ChainsTask:
+    """The `ChainsTask` of `cfg.data.source` (hooked into `opd_jax.data.synthetic.make_synthetic_task`), graded on
+    the split `cfg.eval.split` names ('test' unless it is 'val' or 'val+test')."""
+    kw = parse_source(cfg.data.source)
+    return ChainsTask(seed=cfg.data.shuffle_seed,
+                      eval_split=cfg.eval.split if cfg.eval.split in ("val", "val+test") else "test",
+                      process_index=process_index, process_count=process_count, **kw)

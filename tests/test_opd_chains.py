@@ -1,0 +1,180 @@
+"""The OPD-claims miniature (experiments/opd_chains, opd_jax.miniature): the held-out guarantee over every training
+stream the full experiment uses, a real trainer run's prompts checked the same way, and the config kept in sync."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import yaml
+
+from experiments.opd_chains import plan as plan_mod
+from opd_jax.data.chains import ChainsTask, assert_held_out, split_of, stream_position
+from opd_jax.miniature.setup import BASE, TASK, base_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _task(source: str = TASK, seed: int = 0) -> ChainsTask:
+    from opd_jax.data import build_task
+
+    task = build_task(base_config([f"data.source={source}", f"data.shuffle_seed={seed}"]))
+    assert isinstance(task, ChainsTask)
+    return task
+
+
+def _draw(task: ChainsTask, stream: str, seed: int, rows: int, kind: str = "prompts") -> list[str]:
+    """The problems a consumer of `stream` draws: `rows` rows from its start, recorded by the task itself."""
+    task.restore({"position": stream_position(stream, seed)})
+    task.issued = []
+    (task.sft_examples if kind == "sft" else task.next_prompts)(rows)
+    return list(task.issued)
+
+
+def plan_streams(p: plan_mod.Plan) -> dict[str, tuple[str, int, int, str, str]]:
+    """Every training stream of `run_all` (and the demo) under plan `p`: name -> (stream, seed, rows, kind, source).
+    Row counts are upper bounds: rejection sampling of teacher samples draws at most twice what it keeps (plus a
+    batch), and each trainer peeks at one extra batch."""
+    r = p.recipe
+    seq = p.prompts * p.group_size
+    out = {"teacher": ("teacher", r.seed, r.teacher_steps * r.teacher_batch, "sft", r.teacher_source),
+           "student_pool": ("student_pool", r.seed, 2 * r.student_examples + 64, "prompts", TASK),
+           "recovery_midtrain": ("recovery_midtrain", 0, p.recovery_midtrain_steps * 32, "sft", r.teacher_source),
+           "recovery_opd": ("recovery_opd", 0, (p.recovery_steps + 1) * p.prompts, "prompts", TASK),
+           "recovery_sft_fresh": ("recovery_sft_fresh", 0, 2 * p.recovery_steps * seq + 64, "prompts", TASK),
+           "single_prompt": ("single_prompt", 0, 1, "prompts", TASK),
+           "demo_opd": ("demo_opd", 0, 61 * 16, "prompts", TASK),
+           "demo_sft": ("demo_sft", 0, 2 * 60 * 64 + 64, "prompts", TASK)}
+    for seed in {*p.seeds, p.sweep_seed}:
+        out[f"opd_s{seed}"] = ("opd", seed, (p.steps + 1) * p.prompts, "prompts", TASK)
+        out[f"rl_s{seed}"] = ("rl", seed, (max(p.steps, p.rl_long_steps) + 1) * p.prompts, "prompts", TASK)
+        out[f"sft_fresh_s{seed}"] = ("sft_fresh", seed, 2 * p.steps * seq + 64, "prompts", TASK)
+    for seed in p.single_prompt_seeds:
+        out[f"single_prompt_s{seed}"] = ("single_prompt", seed, 1, "prompts", TASK)
+    return out
+
+
+def test_no_eval_problem_in_any_training_stream_of_the_full_experiment():
+    """The acceptance test: regenerate every training stream the full run_all uses (teacher, student pool, SFT on
+    fresh samples, OPD and RL prompts of every seed, RL run long, single prompt, recovery, demo) and check each
+    problem against the test and validation sets, by text and by its hash split."""
+    checked = 0
+    eval_texts = None
+    for name, (stream, seed, rows, kind, source) in plan_streams(plan_mod.PLAN).items():
+        task = _task(source)
+        if eval_texts is None:
+            eval_texts = {c.text for s in ("test", "val") for c in task.held_out(s)}
+            assert len(eval_texts) == task.num_test + task.num_val
+        issued = _draw(task, stream, seed, rows, kind)
+        assert len(issued) == rows, name
+        assert not set(issued) & eval_texts, name
+        checked += assert_held_out(task, issued)
+    assert checked > 50_000
+
+
+def test_the_guarantee_is_not_luck_a_tiny_problem_space():
+    """With 126 distinct problems, a stream of 3000 rows without the split would contain every eval problem. The
+    task's streams hold every train problem and no eval problem; an eval problem slipped into a stream is caught."""
+    task = ChainsTask(seed=0, min_len=1, max_len=1, mod=7, num_test=5, num_val=2)
+    evals = [c.text for s in ("test", "val") for c in task.held_out(s)]
+    assert len(evals) == 7, "the tiny space has 5 test and 2 validation problems"
+    task.issued = []
+    task.next_prompts(3000)
+    seen = set(task.issued)
+    space = {f"{a}a{op}{b}" for a in range(7) for op in "+-*" for b in range(1, 7)}
+    assert seen == {t for t in space if split_of(t) == "train"}
+    assert not seen & set(evals)
+    with pytest.raises(AssertionError, match="eval problems"):
+        assert_held_out(task, [*task.issued[:5], evals[0]])
+
+
+def test_a_trainer_run_draws_only_train_problems(tmp_path):
+    """OPD through the real `Trainer` (tiny models): every prompt it consumed is recorded and held out."""
+    from opd_jax.trainer import Trainer
+
+    tiny = ["student.hidden_size=16", "student.intermediate_size=32", "student.head_dim=4", "student.num_layers=1",
+            "teachers.0.model.hidden_size=16", "teachers.0.model.intermediate_size=32",
+            "teachers.0.model.head_dim=4", "teachers.0.model.num_layers=1", "groups_per_batch=4", "group_size=2",
+            "steps=2", f"run_dir={tmp_path / 'opd'}", "sampling.max_new_tokens=8", "eval.every=0", "eval.source="]
+    cfg = base_config(tiny)
+    from opd_jax.data import build_task
+
+    task = build_task(cfg)
+    task.restore({"position": stream_position("opd", 7)})
+    task.issued = []
+    h = Trainer(cfg, task).run()
+    assert "last" in h and len(task.issued) >= 2 * 4
+    assert assert_held_out(task, task.issued) == len(task.issued)
+
+
+def test_yaml_config_matches_the_package_config():
+    with open(os.path.join(REPO, "configs", "opd_chains", "base.yaml"), encoding="utf-8") as f:
+        assert yaml.safe_load(f) == BASE
+    from opd_jax.config import config_to_dict, load_config
+
+    assert config_to_dict(load_config(os.path.join(REPO, "configs", "opd_chains", "base.yaml"))) == \
+        config_to_dict(base_config())
+
+
+def test_plan_is_the_one_run_all_uses():
+    p = plan_mod.PLAN
+    assert set(p.lrs) == {"opd", "rl", "sft_fresh", "sft_fixed"} and all(len(v) >= 3 for v in p.lrs.values())
+    assert len(p.seeds) >= 3 and p.rl_long_steps >= 4 * p.steps
+    assert dataclasses.asdict(p.recipe)["teacher_source"].endswith("slips=0.3")
+
+
+def test_error_profile_reads_slips_corrections_and_first_errors():
+    from experiments.opd_chains.analysis import error_profile, walk
+
+    text = "3a+4b*2c-6d+5"  # a3+40 b0*20 c0-61 d1+56 #6
+    assert walk(text, "a3+40b0*20c0-61d1+56#6", 7) == {"first_error": None, "genuine": 0, "spurious": 0,
+                                                       "slips_fixed": 0}
+    fixed = walk(text, "a3+45!0b0*20c0-61!1d1+56#6", 7)
+    assert fixed["first_error"] is None and fixed["genuine"] == 1 and fixed["spurious"] == 1
+    assert walk(text, "a3+40b0*23c3-64d4+52#2", 7)["first_error"] == ("fact", 1)
+    assert walk(text, "a3+40b0*20c0-51d1+56#6", 7)["first_error"] == ("copy", 2)
+    rows = [{"text": text, "correct": 1, "k": 2, "completions": ["a3+45!0b0*20c0-61d1+56#6", "a3+41b1*22c2-63d3+51#1"]}]
+    p = error_profile(rows, 7)
+    assert p["completions"] == 2 and p["accuracy"] == 0.5 and p["first_error_kind"] == {"fact": 1}
+    assert p["share_right_after_fixing_a_slip"] == 0.5 and p["genuine_corrections_per_completion"] == 0.5
+
+
+def test_intervals():
+    from opd_jax.miniature.measure import accuracy_of_rows, mean_ci, wilson
+
+    lo, hi = wilson(50, 100)
+    assert lo < 0.5 < hi and abs((0.5 - lo) - (hi - 0.5)) < 1e-9 and 0.09 < hi - lo < 0.2
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] > 1 - 1e-9
+    m, lo, hi = mean_ci([0.8, 0.82, 0.84])
+    assert abs(m - 0.82) < 1e-9 and lo < 0.8 and hi > 0.84
+    assert mean_ci([0.7]) == (0.7, 0.7, 0.7)
+    a = accuracy_of_rows([{"correct": 1, "k": 1}] * 3 + [{"correct": 0, "k": 1}])
+    assert a["accuracy"] == 0.75 and a["problems"] == 4 and a["ci_low"] < 0.75 < a["ci_high"]
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_tiny(tmp_path, monkeypatch, capsys):
+    """`opd-jax demo`'s code path with tiny models and a small test set: it prepares the pair into a fresh cache,
+    trains OPD and SFT, and prints held-out accuracy (with intervals) and KL before and after."""
+    import json
+
+    monkeypatch.setenv("OPD_JAX_CACHE", str(tmp_path / "cache"))
+    from opd_jax.miniature import demo
+
+    tiny = ["student.hidden_size=16", "student.intermediate_size=32", "student.head_dim=4", "student.num_layers=1",
+            "teachers.0.model.hidden_size=16", "teachers.0.model.intermediate_size=32",
+            "teachers.0.model.head_dim=4", "teachers.0.model.num_layers=1", "sampling.max_new_tokens=40",
+            "eval.max_new_tokens=40", "data.source=synthetic:chains:4:6:mod=7:test=32:val=16",
+            "groups_per_batch=4", "group_size=2"]
+    recipe = {"teacher_steps": 3, "teacher_batch": 8, "student_examples": 8, "student_steps": 2, "student_batch": 4,
+              "teacher_source": "synthetic:chains:4:6:mod=7:test=32:val=16:slips=0.3"}
+    rc = demo.main(["--steps", "2", "--run-dir", str(tmp_path / "demo"), "--recipe", json.dumps(recipe), *tiny])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "before" in out and "after 2 OPD steps" in out and "after 2 SFT steps" in out and "KL" in out
+    s = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    for point in ("before", "opd", "sft"):
+        assert s[point]["t1"]["problems"] == 32 and 0 <= s[point]["t1"]["ci_low"] <= s[point]["t1"]["ci_high"] <= 1
+        assert s[point]["kl"]["tokens"] > 0 and s[point]["kl"]["kl_exact"] >= 0
+    assert any(p.name.startswith("teacher-") for p in (tmp_path / "cache").iterdir())
