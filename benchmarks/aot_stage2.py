@@ -85,7 +85,7 @@ def main() -> int:
         print(f"decode_must_read_gb_last_step: {d.segments[-1].must_read_last / aot.GB:.2f}")
         print(f"decode_traffic_vs_must_read: {d.mean_ratio:.2f}x")
         print(f"decode_traffic_vs_must_read_worst_step: {d.worst_ratio:.2f}x")
-    print(f"sampling_cast_gb: {report.sampling_cast_bytes / aot.GB:.2f}")
+    print(f"sampling_cast_gib: {report.sampling_cast_bytes / aot.GiB:.2f}")
     print(f"lower_seconds: {report.lower_seconds:.1f}")
     print(f"compile_seconds: {report.compile_seconds:.1f}")
     print(f"compile_cpu_seconds: {cpu:.1f}")

@@ -46,6 +46,7 @@ from typing import Any
 
 TPU_SITE_ENV = "OPD_TPU_SITE"
 GiB = 2**30  # one unit for every memory figure: the TPU compiler reports GiB ("15.75G"), chips have GiB of HBM
+GB = 1e9  # traffic (bytes read per step) is in decimal GB, as memory bandwidth is quoted (TB/s)
 
 # Cloud TPU accelerator suffix -> physical topology (chips per axis).
 _CORE_COUNTED = {  # v4-N / v5p-N: N TensorCores = N/2 chips
@@ -227,8 +228,8 @@ class DecodeReport:
             out.append(f"  the same step with the layer scan (as run): {self.scanned_bytes_accessed / GB:.2f} GB, "
                        "its body counted once by XLA")
         if self.cast_bytes:
-            out.append(f"  sampling.cast_weights: a {self.cast_bytes / GB:.2f} GB per-chip copy of the weights in the "
-                       "compute dtype, made once per sampling call (in the temporaries above)")
+            out.append(f"  sampling.cast_weights: a {self.cast_bytes / GiB:.2f} GiB per-chip copy of the weights in "
+                       "the compute dtype, made once per sampling call (in the temporaries above)")
         return out
 
 
@@ -303,7 +304,7 @@ class AotReport:
             + ("FITS (the compiler accepted it)" if self.fits else "DOES NOT FIT (the compiler refused it)"),
         ]
         out.append(f"  of which: the student's weights cast to its compute dtype once per sampling call "
-                   f"(sampling.cast_weights) {self.sampling_cast_bytes / GB:.2f} GB"
+                   f"(sampling.cast_weights) {self.sampling_cast_bytes / GiB:.2f} GiB"
                    + ("" if self.sampling_cast_bytes else " (no copy: not cast, or already in the compute dtype)"))
         a = self.analytic_flops
         if a:
