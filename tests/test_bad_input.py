@@ -371,7 +371,7 @@ def test_damaged_newest_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
     rc, _ = train(capsys, run, "steps=3", "checkpoint.every=1", "checkpoint.async_save=false")
     assert rc == 0 and sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2", "3"]
-    for damage in ("truncate", "manifest"):
+    for damage in ("manifest", "truncate"):  # the second damages the same (already damaged) step further
         victim = run / "checkpoints" / "3"
         files = sorted(p for p in victim.rglob("*") if p.is_file())
         if damage == "truncate":

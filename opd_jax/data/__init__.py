@@ -9,8 +9,13 @@ from opd_jax.data.task import Task
 
 
 def build_task(cfg: ExperimentConfig, *, process_index: int = 0, process_count: int = 1) -> Task:
-    """The task of `cfg.data.source`: `synthetic:*` tasks are generated on the fly (`opd_jax.data.synthetic`);
-    every other source is text rendered with chat templates (`opd_jax.data.text_task`)."""
+    """The task of `cfg.data.source`: `synthetic:chains[...]` is the miniature's task (`opd_jax.data.chains`),
+    other `synthetic:*` tasks are generated on the fly (`opd_jax.data.synthetic`), and every other source is text
+    rendered with chat templates (`opd_jax.data.text_task`). Raises ConfigError / DataError for a bad source."""
+    if cfg.data.source.split(":")[:2] == ["synthetic", "chains"]:  # the OPD miniature's task
+        from opd_jax.data.chains import make_chains_task
+
+        return make_chains_task(cfg, process_index=process_index, process_count=process_count)
     if cfg.data.source.startswith("synthetic:"):
         from opd_jax.data.synthetic import make_synthetic_task
 

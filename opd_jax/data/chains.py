@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import jax
 
 from opd_jax.config.schema import ExperimentConfig
+from opd_jax.data.synthetic import check_one_stream
+from opd_jax.data.synthetic import exact_match_reward as arithmetic_reward
 from opd_jax.data.task import EvalProblem, PromptRows, Task
 
 # The arithmetic task's vocabulary (opd_jax.data.synthetic) plus the correction marker: digits, '#', '=' and the
@@ -158,8 +160,6 @@ def draw_in_split(rng: random.Random, split: str, min_len: int, max_len: int, mo
 def exact_match_reward(tokens: jax.Array, mask: jax.Array, answer: jax.Array) -> jax.Array:
     """1.0 where the completion ends in '#<answer><eos>' (in JAX, traced into the RL step): the arithmetic task's
     reward, valid here because the two vocabularies share the ids of digits, '#' and '<eos>'."""
-    from opd_jax.data.synthetic import exact_match_reward as arithmetic_reward
-
     return arithmetic_reward(tokens, mask, answer)
 
 
@@ -338,8 +338,9 @@ def parse_source(source: str) -> dict:
 
 
 def make_chains_task(cfg: ExperimentConfig, *, process_index: int = 0, process_count: int = 1) -> ChainsTask:
-    """The `ChainsTask` of `cfg.data.source` (hooked into `opd_jax.data.synthetic.make_synthetic_task`), graded on
-    the split `cfg.eval.split` names ('test' unless it is 'val' or 'val+test')."""
+    """The `ChainsTask` of `cfg.data.source` (picked by `opd_jax.data.build_task`), graded on the split
+    `cfg.eval.split` names ('test' unless it is 'val' or 'val+test'). Raises ConfigError for teacher routing."""
+    check_one_stream(cfg)
     kw = parse_source(cfg.data.source)
     return ChainsTask(seed=cfg.data.shuffle_seed,
                       eval_split=cfg.eval.split if cfg.eval.split in ("val", "val+test") else "test",

@@ -178,20 +178,21 @@ class FactsTask(ArithmeticTask):
         return self._fact(keys[random.Random(self.seed * 1_000_003 + global_index).randrange(len(keys))])
 
 
-def make_synthetic_task(cfg: ExperimentConfig, *, process_index: int = 0, process_count: int = 1) -> Task:
-    """`data.source: synthetic:arithmetic[:num_ops[:max_operand]]`, `synthetic:arithmetic_single[...]` for one
-    repeated prompt, `synthetic:facts[:num_facts]` for the lookup table, or `synthetic:chains[...]` (the OPD
-    miniature's task, `opd_jax.data.chains`)."""
-    parts = cfg.data.source.split(":")
-    name = parts[1] if len(parts) > 1 else ""
+def check_one_stream(cfg: ExperimentConfig) -> None:
+    """Raise ConfigError when a teacher routes by dataset name: a synthetic task has one data stream."""
     for i, t in enumerate(cfg.teachers):
         if t.datasets:
             raise ConfigError(f"teachers.{i}.datasets: {t.datasets}: a synthetic task has one data stream, nothing to "
                               "route; drop `datasets` (the first teacher scores it)")
-    if name == "chains":  # the OPD miniature's task (opd_jax.data.chains)
-        from opd_jax.data.chains import make_chains_task
 
-        return make_chains_task(cfg, process_index=process_index, process_count=process_count)
+
+def make_synthetic_task(cfg: ExperimentConfig, *, process_index: int = 0, process_count: int = 1) -> Task:
+    """`data.source: synthetic:arithmetic[:num_ops[:max_operand]]`, `synthetic:arithmetic_single[...]` for one
+    repeated prompt or `synthetic:facts[:num_facts]` for the lookup table (`synthetic:chains[...]`, the OPD
+    miniature's task, lives in `opd_jax.data.chains`; `opd_jax.data.build_task` picks it)."""
+    parts = cfg.data.source.split(":")
+    name = parts[1] if len(parts) > 1 else ""
+    check_one_stream(cfg)
     if name not in ("arithmetic", "arithmetic_single", "facts"):
         raise ConfigError(f"data.source: unknown synthetic task {name!r}; valid: 'arithmetic', 'arithmetic_single', "
                           "'facts', 'chains'")
