@@ -231,7 +231,8 @@ def test_aot_decode_step_traffic_on_tpu():
     site = aot.find_tpu_site() if not aot.libtpu_importable() else None
     if site is None and not aot.libtpu_importable():
         pytest.skip("libtpu is not installed (OPD_TPU_SITE)")
-    ov = ["topology=v5p-8", "student.vocab_size=4096", "student.hidden_size=512", "student.intermediate_size=1024",
+    ov = ["topology=v5p-8", "student.vocab_size=4096", "teachers.0.model.vocab_size=4096",
+          "student.hidden_size=512", "student.intermediate_size=1024",
           "student.num_layers=2", "student.num_heads=8", "student.num_kv_heads=4", "student.head_dim=128",
           "student.param_dtype=bfloat16", "student.dtype=bfloat16", "groups_per_batch=8", "group_size=4",
           "sampling.max_prompt_len=64", "sampling.max_new_tokens=448", "sampling.decode_segments=2",
@@ -257,9 +258,9 @@ def test_sampling_cast_bytes_in_the_report():
     from opd_jax.mesh import make_mesh
     from opd_jax.models.qwen3 import abstract_model, param_count
 
-    ov = ["student.vocab_size=64", "student.hidden_size=32", "student.intermediate_size=64", "student.num_layers=2",
-          "student.num_heads=4", "student.num_kv_heads=2", "student.head_dim=16", "student.param_dtype=float32",
-          "student.dtype=bfloat16", "sampling.layout=replicated"]
+    ov = ["student.vocab_size=64", "teachers.0.model.vocab_size=64", "student.hidden_size=32",
+          "student.intermediate_size=64", "student.num_layers=2", "student.num_heads=4", "student.num_kv_heads=2",
+          "student.head_dim=16", "student.param_dtype=float32", "student.dtype=bfloat16", "sampling.layout=replicated"]
     mesh = make_mesh(MeshConfig(fsdp=8), jax.devices()[:8])
     n = param_count(nnx_state(abstract_model(load_config(None, ov).student)))
     assert aot.sampling_cast_bytes(load_config(None, [*ov, "sampling.cast_weights=always"]), mesh) == 2 * n
