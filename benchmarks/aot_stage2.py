@@ -2,12 +2,15 @@
 
 Compiles the real fused step of `configs/aime24/stage2_opd.yaml` (Qwen3-8B-Base student, full fine-tuning;
 Qwen3-32B teacher; 512 prompts x 4 samples; 1024-token prompts + 4096 new tokens) for the config's topology
-(v5p-64 = 32 chips) with abstract weights, and reports per-chip memory, FLOPs per step and compile time.
+(v5p-64 = 32 chips) with abstract weights, and reports per-chip memory, FLOPs per step and compile time; then
+compiles the student's decode step alone and reports its per-chip HBM traffic (XLA's `cost_analysis()` bytes
+accessed) against the bytes it must read: the weights plus the filled K/V cache (`opd_jax.aot.decode_report`).
 Needs libtpu outside the default site (see `opd_jax.aot`): `OPD_TPU_SITE=/path/to/tpu_site`.
 
     python benchmarks/aot_stage2.py                                   # stage2_opd.yaml on its topology
     python benchmarks/aot_stage2.py --config configs/aime24/stage2_opd_lora.yaml --topology v5p-128
     python benchmarks/aot_stage2.py sampling.micro_batches=32         # any config override
+    python benchmarks/aot_stage2.py --no-decode                       # skip the decode-step traffic report
 
 Headline `name: value` lines are printed last. Compile time on a 2-core CPU machine is several minutes.
 """
@@ -32,6 +35,8 @@ def main() -> int:
     p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the time-per-step estimate")
     p.add_argument("--json", default=None, help="write the report here as JSON")
     p.add_argument("--fast", action="store_true", help="least XLA optimization effort: quicker, for exploring")
+    p.add_argument("--no-decode", action="store_true",
+                   help="skip the decode-step traffic report (two more compiles of the student's decode step)")
     args = p.parse_args()
 
     from opd_jax import aot, flops
@@ -40,7 +45,7 @@ def main() -> int:
     cfg = load_config(args.config, args.overrides)
     t0 = time.perf_counter()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    report = aot.compile_step(cfg, args.topology, fast=args.fast)
+    report = aot.compile_step(cfg, args.topology, fast=args.fast, decode=not args.no_decode)
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     wall = time.perf_counter() - t0
     cpu = cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime
@@ -71,6 +76,16 @@ def main() -> int:
     print(f"analytic_flops_dense_per_step: {report.analytic_flops.get('dense_total', float('nan')):.3e}")
     print(f"xla_counted_flops_per_step: {report.compiled_flops:.3e}")
     print(f"compute_bound_step_seconds_at_{args.mfu:.0%}_mfu: {step_s:.0f}")  # decode is memory-bound: a floor
+    if report.decode is not None:
+        d = report.decode
+        print(f"decode_kind: {d.kind}")
+        print(f"decode_step_gb_first_segment: {d.segments[0].bytes_accessed / aot.GB:.2f}")
+        print(f"decode_step_gb_last_segment: {d.segments[-1].bytes_accessed / aot.GB:.2f}")
+        print(f"decode_must_read_gb_first_step: {d.segments[0].must_read_first / aot.GB:.2f}")
+        print(f"decode_must_read_gb_last_step: {d.segments[-1].must_read_last / aot.GB:.2f}")
+        print(f"decode_traffic_vs_must_read: {d.mean_ratio:.2f}x")
+        print(f"decode_traffic_vs_must_read_worst_step: {d.worst_ratio:.2f}x")
+    print(f"sampling_cast_gib: {report.sampling_cast_bytes / aot.GiB:.2f}")
     print(f"lower_seconds: {report.lower_seconds:.1f}")
     print(f"compile_seconds: {report.compile_seconds:.1f}")
     print(f"compile_cpu_seconds: {cpu:.1f}")

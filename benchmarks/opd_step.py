@@ -6,8 +6,16 @@
             with a separate inference engine does. The update reuses `StepBuilder.update_phase` with the
             teacher scoring replaced by the precomputed, host-transferred teacher outputs, so no work is
             duplicated; the first step is checked to give the fused step's metrics.
-3. trl:     TRL `GKDTrainer` (torch CPU), lmbda=1 (student generates: fully on-policy), beta=1 (reverse KL),
-            the same student/teacher architectures as HF `Qwen3ForCausalLM`, same batch and lengths.
+3. trl:     TRL `GKDTrainer` (torch: on CUDA with bf16 autocast when torch sees a GPU, else the CPU), lmbda=1
+            (student generates: fully on-policy), beta=1 (reverse KL), the same student/teacher architectures as
+            HF `Qwen3ForCausalLM`, same batch and lengths.
+
+`--model` picks the shapes (`benchmarks/shapes.py`): "tiny" (default, the CPU figures) or "qwen3-0.6b" (issue
+#16's GPU shapes: a Qwen3-0.6B-shaped student, fp32 params / bf16 compute, a Qwen3-1.7B-shaped bf16 teacher,
+128-token prompts, 256 new tokens). JAX runs on its default backend. Besides tokens/s it reports the decode
+step time (the sample phase at --new-tokens minus a sample phase of one token, over the steps between), the
+time to read the student's weights once at the device's HBM bandwidth (the floor under a decode step), and
+the fused step's MFU (analytic FLOPs, `opd_jax.flops`, over the device's bf16 peak).
 
 Every completion runs to `--new-tokens` (no stop tokens), so each iteration trains exactly
 batch * new_tokens completion tokens in every variant. Variants are interleaved per round (rotating order)
@@ -15,11 +23,14 @@ so they share machine noise; medians are reported.
 
     python benchmarks/opd_step.py --rounds 7
     python benchmarks/opd_step.py --skip-trl --new-tokens 32
+    python benchmarks/opd_step.py --model qwen3-0.6b --rounds 5     # a GPU
+    python benchmarks/opd_step.py --smoke                            # tiny and short: checks the script runs
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -30,20 +41,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from shapes import MODELS, hf_config, torch_device
 
+from opd_jax import flops
 from opd_jax.config.schema import ExperimentConfig, ModelConfig
 from opd_jax.models.qwen3 import build_model, param_count
-from opd_jax.sampling import SampleOutput, SamplingParams
+from opd_jax.sampling import SampleOutput, SamplingParams, casts_weights
 from opd_jax.step import PromptBatch, StepBuilder, build_opd_step
 from opd_jax.train_state import TrainState, init_train_state, make_optimizer, split_model
 
 F32 = jnp.float32
 
-# Tiny Qwen3 configs: student ~3.4M params, teacher a bit larger (~11M).
-STUDENT = dict(vocab_size=512, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4, num_kv_heads=2,
-               head_dim=64)
-TEACHER = dict(vocab_size=512, hidden_size=384, intermediate_size=1152, num_layers=6, num_heads=6, num_kv_heads=2,
-               head_dim=64)
 
 
 class _PrecomputedTeacher(StepBuilder):
@@ -75,8 +83,10 @@ class OpdBench:
         cfg.loss.normalization = "token_mean"
         cfg.optim.learning_rate = args.lr
         self.cfg = cfg
-        student = build_model(ModelConfig(**STUDENT), 0)
-        teacher = build_model(ModelConfig(**TEACHER), 1)
+        shapes = MODELS[args.model]
+        self.student_cfg, self.teacher_cfg = ModelConfig(**shapes.student), ModelConfig(**shapes.teacher)
+        student = build_model(self.student_cfg, 0)
+        teacher = build_model(self.teacher_cfg, 1)
         sdef, trainable, frozen, _, _ = split_model(student)
         tdef, tparams, _, _, _ = split_model(teacher)
         self.n_student, self.n_teacher = param_count(trainable), param_count(tparams)
@@ -84,7 +94,7 @@ class OpdBench:
         base = init_train_state(opt, trainable, frozen)
         self.teachers = [tparams]
         rng = np.random.default_rng(0)
-        toks = jnp.asarray(rng.integers(2, STUDENT["vocab_size"], (args.groups, args.prompt_len)), jnp.int32)
+        toks = jnp.asarray(rng.integers(2, self.student_cfg.vocab_size, (args.groups, args.prompt_len)), jnp.int32)
         ones = jnp.ones(toks.shape, bool)
         self.batch = PromptBatch(tokens=toks, mask=ones, teacher_tokens=toks, teacher_mask=ones,
                                  teacher_index=jnp.zeros((), jnp.int32), answer=jnp.zeros((args.groups, 0), jnp.int32))
@@ -124,6 +134,20 @@ class OpdBench:
             self.unfused_state, t_abs, self.batch, s_abs).compile()
         self.compile_unfused = time.perf_counter() - t0
         self.phases: dict[str, list[float]] = {"sample": [], "teacher": [], "update": [], "host_transfer": []}
+        # the sample phase for one token (prefill + the first choice, no decode step): decode ms/step by difference
+        one = ExperimentConfig(groups_per_batch=args.groups, group_size=args.group_size)
+        one.sampling = dataclasses.replace(cfg.sampling, max_new_tokens=1)
+        b1 = StepBuilder(one, sdef, [tdef], None, opt)
+        self.sample_one = jax.jit(lambda st, b, k, sp: b1.sample_phase(st, b, jax.random.fold_in(k, st.step), sp)
+                                  ).lower(base, self.batch, self.key, self.sp).compile()
+        self.prefill_times: list[float] = []
+        student_model = sdef.merge(trainable, frozen)
+        self.cast = casts_weights(student_model, None, cfg.sampling.cast_weights)
+
+    def sample_one_iter(self) -> None:
+        t = time.perf_counter()
+        _block(self.sample_one(self.unfused_state, self.batch, self.key, self.sp))
+        self.prefill_times.append(time.perf_counter() - t)
 
     def fused_iter(self) -> tuple[float, dict]:
         t0 = time.perf_counter()
@@ -182,15 +206,12 @@ def _tiny_tokenizer(vocab_size: int):
 
 def _hf_qwen3(dims: dict, seed: int):
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen3Config(vocab_size=dims["vocab_size"], hidden_size=dims["hidden_size"],
-                      intermediate_size=dims["intermediate_size"], num_hidden_layers=dims["num_layers"],
-                      num_attention_heads=dims["num_heads"], num_key_value_heads=dims["num_kv_heads"],
-                      head_dim=dims["head_dim"], max_position_embeddings=512, tie_word_embeddings=False,
-                      rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=None, eos_token_id=None)
-    model = Qwen3ForCausalLM(cfg)
+    model = Qwen3ForCausalLM(hf_config(dims))
+    if dims.get("param_dtype") == "bfloat16":  # the teacher's weights in bf16, as its config says
+        model = model.to(torch.bfloat16)
     model.generation_config.eos_token_id = None  # no stop token: every completion is full length
     return model
 
@@ -210,8 +231,10 @@ def run_with_trl(args: argparse.Namespace, prompts: np.ndarray, rounds: list[Cal
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
-    student, teacher = _hf_qwen3(STUDENT, 0), _hf_qwen3(TEACHER, 1)
-    tokenizer = _tiny_tokenizer(STUDENT["vocab_size"])
+    shapes = MODELS[args.model]
+    student, teacher = _hf_qwen3(shapes.student, 0), _hf_qwen3(shapes.teacher, 1)
+    tokenizer = _tiny_tokenizer(shapes.student["vocab_size"])
+    device, bf16 = torch_device()
     # Each of the G prompts appears group_size times: the same 32 sequences per step as opd_jax.
     rows = np.repeat(prompts, args.group_size, axis=0)
     data = Dataset.from_list([{"messages": [{"role": "user", "content": " ".join(f"t{t}" for t in r)},
@@ -249,15 +272,16 @@ def run_with_trl(args: argparse.Namespace, prompts: np.ndarray, rounds: list[Cal
         gcfg = GKDConfig(
             output_dir=out, per_device_train_batch_size=rows.shape[0], max_steps=args.trl_warmup + args.rounds,
             learning_rate=args.lr, lr_scheduler_type="constant", lmbda=1.0, beta=1.0, temperature=1.0,
-            max_new_tokens=args.new_tokens, gradient_checkpointing=False, bf16=False, use_cpu=True,
+            max_new_tokens=args.new_tokens, gradient_checkpointing=False, bf16=bf16, use_cpu=device == "cpu",
             report_to="none", save_strategy="no", logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0,
             seed=args.seed,
         )
         trainer = Trainer(model=student, teacher_model=teacher, args=gcfg, train_dataset=data,
                           processing_class=tokenizer, callbacks=[Interleave()])
         trainer.train()
-    return dict(trl=trl.__version__, torch=torch.__version__, threads=torch.get_num_threads(),
-                gkd_loss="generalized JSD, beta=1 (full-vocab reverse KL)")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return dict(trl=trl.__version__, torch=torch.__version__, threads=torch.get_num_threads(), device=device,
+                bf16=bf16, peak_gib=peak, gkd_loss="generalized JSD, beta=1 (full-vocab reverse KL)")
 
 
 def _set_threads(n: int) -> None:
@@ -272,9 +296,10 @@ def _set_threads(n: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", choices=list(MODELS), help="shapes: see benchmarks/shapes.py")
     p.add_argument("--rounds", type=int, default=5, help="timed iterations per variant (after warm-up)")
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=None, help="default: the model's (shapes.py)")
+    p.add_argument("--prompt-len", type=int, default=None, help="default: the model's (shapes.py)")
     p.add_argument("--groups", type=int, default=8, help="prompts per step (groups_per_batch)")
     p.add_argument("--group-size", type=int, default=4, help="samples per prompt")
     p.add_argument("--loss", default="importance_sampling", choices=["importance_sampling", "reverse_kl"],
@@ -286,7 +311,13 @@ def main() -> None:
                         "default. 1 by default: on a shared, oversubscribed host torch's OpenMP pool slows 5-9x")
     p.add_argument("--trl-warmup", type=int, default=1, help="untimed TRL steps before the rounds")
     p.add_argument("--skip-trl", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, 8 new tokens, 2 rounds: checks the script runs")
     args = p.parse_args()
+    if args.smoke:
+        args.model, args.new_tokens, args.rounds = "tiny", 8, 2
+    shapes = MODELS[args.model]
+    args.new_tokens = args.new_tokens or shapes.opd_new_tokens
+    args.prompt_len = args.prompt_len or shapes.prompt_len
     if args.threads > 0:
         _set_threads(args.threads)
     else:
@@ -294,13 +325,16 @@ def main() -> None:
 
         args.threads = torch.get_num_threads()
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()} "
+    dev0 = jax.devices()[0]
+    print(f"jax {jax.__version__} on {dev0.platform} ({dev0.device_kind}) x{jax.device_count()} "
           f"(XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}); batch {args.groups}x{args.group_size}, "
           f"prompt {args.prompt_len}, new tokens {args.new_tokens}, loss {args.loss}")
     c0 = time.process_time()
     bench = OpdBench(args)
     setup_cpu = time.process_time() - c0
-    print(f"student {bench.n_student / 1e6:.2f}M params, teacher {bench.n_teacher / 1e6:.2f}M params")
+    print(f"model {args.model}: student {bench.n_student / 1e6:.2f}M params ({bench.student_cfg.param_dtype} params, "
+          f"{bench.student_cfg.dtype} compute), teacher {bench.n_teacher / 1e6:.2f}M params "
+          f"({bench.teacher_cfg.param_dtype})")
     print(f"compile (wall): fused {bench.compile_fused:.1f}s, unfused (3 programs) {bench.compile_unfused:.1f}s; "
           f"setup+compile CPU {setup_cpu:.1f}s")
     bench.check_same_work()
@@ -311,6 +345,8 @@ def main() -> None:
     tokens: dict[str, list[int]] = {n: [] for n in names}
 
     def run_variant(name: str) -> None:
+        if name == "unfused":
+            bench.sample_one_iter()  # beside the unfused sample phase, for the decode step time
         c = time.process_time()
         dt, m = bench.fused_iter() if name == "fused" else bench.unfused_iter()
         cpus[name].append(time.process_time() - c)
@@ -329,8 +365,15 @@ def main() -> None:
         for r in range(args.rounds):
             rounds[r]("before")
     else:
-        info = run_with_trl(args, bench.prompt_tokens, rounds, times["trl"], cpus["trl"], tokens["trl"])
-        tokens["trl"] = tokens["trl"][args.trl_warmup:]
+        try:
+            info = run_with_trl(args, bench.prompt_tokens, rounds, times["trl"], cpus["trl"], tokens["trl"])
+            tokens["trl"] = tokens["trl"][args.trl_warmup:]
+        except Exception as e:  # noqa: BLE001 - e.g. out of GPU memory beside JAX: keep the opd_jax figures
+            print(f"TRL failed, continuing without it: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            names.remove("trl")
+            for n in names:  # the rounds TRL did not get to
+                while len(times[n]) < args.rounds:
+                    run_variant(n)
 
     per_iter = args.groups * args.group_size * args.new_tokens
     rate, cpu_rate = {}, {}
@@ -348,10 +391,31 @@ def main() -> None:
     print("unfused phase medians (wall): " + ", ".join(f"{k} {v * 1e3:.1f} ms ({100 * v / total:.1f}%)"
                                                         for k, v in ph.items()))
     if info:
-        print(f"trl {info['trl']} GKDTrainer, torch {info['torch']} ({info['threads']} threads), "
-              f"loss {info['gkd_loss']}")
+        print(f"trl {info['trl']} GKDTrainer, torch {info['torch']} on {info['device']} (bf16 autocast "
+              f"{info['bf16']}, {info['threads']} threads), loss {info['gkd_loss']}, peak memory "
+              f"{info['peak_gib']:.1f} GiB")
+    # decode step time, the weight-read floor under it, and MFU
+    B = args.groups * args.group_size
+    decode_ms = 1e3 * (ph["sample"] - statistics.median(bench.prefill_times)) / max(args.new_tokens - 1, 1)
+    dev = jax.devices()[0]
+    chip = flops.chip_of(dev)
+    s_cfg = bench.student_cfg
+    w_bytes = (bench.n_student - s_cfg.vocab_size * s_cfg.hidden_size * (not s_cfg.tie_embeddings)) * (
+        2 if bench.cast or s_cfg.param_dtype == "bfloat16" else 4)  # the embedding is gathered, not read
+    bw = chip.hbm_bandwidth if chip is not None else float("nan")
+    step_flops = flops.opd_step_flops(s_cfg, bench.teacher_cfg, B, args.prompt_len, args.new_tokens,
+                                      remat="none")["total"]
+    peak = flops.peak_flops_per_device(dev) * jax.device_count()
+    mfu = step_flops / (statistics.median(times["fused"]) * peak)
     print()
+    print(f"device: {dev.device_kind}")
     print(f"fused_compile_s: {bench.compile_fused:.1f}")
+    print(f"decode_ms_per_step: {decode_ms:.2f}")
+    print(f"decode_weight_gb: {w_bytes / 1e9:.2f}")  # the student's weights as a decode step reads them
+    print("decode_weight_read_ms: " + (f"{1e3 * w_bytes / bw:.2f}" if bw == bw else "n/a"))
+    print("decode_vs_weight_read: " + (f"{decode_ms / (1e3 * w_bytes / bw):.2f}x" if bw == bw else "n/a"))
+    print(f"fused_step_flops: {step_flops:.3e}")
+    print(f"fused_mfu_percent: {100 * mfu:.2f}")  # of the devices' bf16 peak (flops.peak_flops_per_device)
     print(f"fused_tokens_per_s: {rate['fused']:.0f}")
     print(f"unfused_tokens_per_s: {rate['unfused']:.0f}")
     if "trl" in rate:

@@ -46,6 +46,7 @@ from typing import Any
 
 TPU_SITE_ENV = "OPD_TPU_SITE"
 GiB = 2**30  # one unit for every memory figure: the TPU compiler reports GiB ("15.75G"), chips have GiB of HBM
+GB = 1e9  # traffic (bytes read per step) is in decimal GB, as memory bandwidth is quoted (TB/s)
 
 # Cloud TPU accelerator suffix -> physical topology (chips per axis).
 _CORE_COUNTED = {  # v4-N / v5p-N: N TensorCores = N/2 chips
@@ -160,6 +161,78 @@ def topology_devices(topo: Topology) -> list:
     return devices
 
 
+# ---- one decode step: bytes accessed against the bytes it must read ----------------------------------------------
+@dataclass
+class DecodeSegment:
+    """One decode segment's step, compiled on its own: XLA's bytes accessed against what the step must read."""
+
+    limit: int  # cache slots the step's attention reads (the segment's static prefix, or the whole cache)
+    first_fill: int  # filled slots at the segment's first and last step
+    last_fill: int
+    steps: int  # decode steps in the segment
+    bytes_accessed: float  # cost_analysis()["bytes accessed"] per chip, every layer counted (layers unrolled)
+    must_read_first: float  # weights + the filled K/V per chip, at the first and last step
+    must_read_last: float
+
+
+@dataclass
+class DecodeReport:
+    """Per-chip HBM traffic of one decode step of the student (prefill excluded), as XLA's `cost_analysis()`
+    counts it for the compiled TPU program, against the bytes the step cannot avoid reading: every weight once
+    (in the decode layout and compute dtype) plus the K and V of the filled cache slots. The step is the
+    sampler's: one token through every layer with the KV cache (`decode_attention` and the segment's prefix as
+    the program picks them), logits at the full vocabulary and the token choice (T=1: Gumbel-max over the
+    vocabulary; top-k/top-p run only when asked, under a `lax.cond`)."""
+
+    kind: str  # decode attention ("dense" on a TPU)
+    layout: str  # sampling.layout
+    batch: int  # sequences per sampling micro-batch (global)
+    batch_per_chip: int
+    cache_slots: int
+    prompt_len: int
+    new_tokens: int
+    weight_bytes: float  # per chip, as decode reads them
+    kv_bytes_per_slot: float  # per chip: K and V of one slot, all layers and local rows
+    cast_bytes: float  # per chip: the compute-dtype copy of the weights made once per sampling call (0: none)
+    segments: list[DecodeSegment] = field(default_factory=list)
+    scanned_bytes_accessed: float = float("nan")  # the layer-scan program (its body counted once), last segment
+    compile_seconds: float = 0.0
+
+    @property
+    def mean_ratio(self) -> float:
+        """Bytes accessed over bytes that must be read, summed over every decode step of the call."""
+        acc = sum(g.bytes_accessed * g.steps for g in self.segments)
+        must = sum((g.must_read_first + g.must_read_last) / 2 * g.steps for g in self.segments)
+        return acc / must if must else float("nan")
+
+    @property
+    def worst_ratio(self) -> float:
+        return max((g.bytes_accessed / g.must_read_first for g in self.segments), default=float("nan"))
+
+    def lines(self) -> list[str]:
+        out = [f"decode step (student, per chip; cost_analysis() of each segment's step compiled with its layers "
+               f"unrolled, so every layer counts): {self.kind} attention, layout {self.layout}, "
+               f"{self.batch_per_chip} of {self.batch} sequences per chip, cache {self.cache_slots} slots",
+               f"  must read: weights {self.weight_bytes / GB:.2f} GB (the untied embedding is gathered, not read) "
+               f"+ K/V {self.kv_bytes_per_slot / 1e6:.3f} MB per filled slot (filled: {self.prompt_len + 1} .. "
+               f"{self.prompt_len + self.new_tokens - 1})"]
+        for g in self.segments:
+            out.append(f"  steps filling {g.first_fill:>6}..{g.last_fill:<6} (prefix {g.limit:>6} slots): "
+                       f"{g.bytes_accessed / GB:7.2f} GB accessed vs "
+                       f"{g.must_read_first / GB:6.2f}..{g.must_read_last / GB:.2f} GB must-read "
+                       f"({g.bytes_accessed / g.must_read_last:.2f}x..{g.bytes_accessed / g.must_read_first:.2f}x)")
+        out.append(f"  over all {sum(g.steps for g in self.segments)} decode steps: {self.mean_ratio:.2f}x the bytes "
+                   f"that must be read (worst step {self.worst_ratio:.2f}x); {len(self.segments)} compiles, "
+                   f"{self.compile_seconds:.0f} s")
+        if not math.isnan(self.scanned_bytes_accessed):
+            out.append(f"  the same step with the layer scan (as run): {self.scanned_bytes_accessed / GB:.2f} GB, "
+                       "its body counted once by XLA")
+        if self.cast_bytes:
+            out.append(f"  sampling.cast_weights: a {self.cast_bytes / GiB:.2f} GiB per-chip copy of the weights in "
+                       "the compute dtype, made once per sampling call (in the temporaries above)")
+        return out
+
+
 # ---- report --------------------------------------------------------------------------------------------------
 @dataclass
 class AotReport:
@@ -184,6 +257,10 @@ class AotReport:
     lower_seconds: float = 0.0
     compile_seconds: float = 0.0
     error: str = ""  # the compiler's message when it refused the program (e.g. out of HBM)
+    # sampling.cast_weights: the per-chip copy of the student's weights in its compute dtype that the sampler makes
+    # once per sampling call (part of the temporaries; 0 when the weights are not cast)
+    sampling_cast_bytes: float = 0.0
+    decode: DecodeReport | None = None  # one decode step's HBM traffic (`decode_report`), when asked for
 
     @property
     def total_bytes(self) -> int:
@@ -226,6 +303,9 @@ class AotReport:
             f"({100 * self.total_bytes / self.hbm_bytes:.0f}%): "
             + ("FITS (the compiler accepted it)" if self.fits else "DOES NOT FIT (the compiler refused it)"),
         ]
+        out.append(f"  of which: the student's weights cast to its compute dtype once per sampling call "
+                   f"(sampling.cast_weights) {self.sampling_cast_bytes / GiB:.2f} GiB"
+                   + ("" if self.sampling_cast_bytes else " (no copy: not cast, or already in the compute dtype)"))
         a = self.analytic_flops
         if a:
             out += [
@@ -240,6 +320,8 @@ class AotReport:
         out.append(f"  XLA cost_analysis(): {self.compiled_flops_per_chip:.3e} per chip x {self.num_chips} = "
                    f"{self.compiled_flops:.3e}; XLA counts each scan/while body once (layers, decode steps, "
                    "micro-batches, logprob chunks), so this is far below the real work; use the analytic number")
+        if self.decode is not None:
+            out += self.decode.lines()
         return out
 
 
@@ -439,6 +521,143 @@ def _analytic(cfg, info) -> dict[str, float]:
     return {**causal, "dense_total": dense["total"]}
 
 
+def _decode_step_cost(cfg, mesh, limit: int | None, unroll: bool) -> tuple[float, float]:
+    """(bytes accessed per chip, compile seconds) of one compiled decode step of the student on `mesh`."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.layout import Format, Layout
+
+    from opd_jax.mesh import SAMPLING_RULES, named_sharding
+    from opd_jax.models.attention import CACHE_AXES, K_CACHE_AXES
+    from opd_jax.sampling import SamplingParams, casts_weights, choose_tokens
+    from opd_jax.train_state import model_spec, tree_shardings
+
+    rules = SAMPLING_RULES[cfg.sampling.layout]
+    lora = cfg.lora if cfg.lora.rank > 0 else None
+    scfg = dataclasses.replace(model_for_aot(cfg.student), decode_unroll=unroll)
+    spec = model_spec(scfg, mesh, lora)
+    model0 = spec.mdef.merge(spec.trainable, spec.frozen)
+    dtype = model0.dtype if casts_weights(model0, mesh, cfg.sampling.cast_weights) else None
+
+    def sampling_layout(tree, axes):  # the decode layout and dtype the sampler holds the weights in
+        sh = tree_shardings(mesh, axes, tree, rules)
+        # Layout.AUTO: inside the sampler the weights are loop-invariant operands of the decode loop, laid out once
+        # per call where they are resharded (and cast); a standalone step with row-major inputs would instead
+        # re-lay out the q/k/v weights at every call, which the sampler never does
+        sds = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            x.shape, dtype if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype), tree)
+        return sds, jax.tree.map(lambda s: Format(Layout.AUTO, s), sh)
+
+    (trainable, t_sh), (frozen, f_sh) = (sampling_layout(spec.trainable, spec.t_axes),
+                                         sampling_layout(spec.frozen, spec.f_axes))
+    B = cfg.batch_size // cfg.sampling.micro_batches
+    P, N = cfg.sampling.max_prompt_len, cfg.sampling.max_new_tokens
+    cache = jax.eval_shape(lambda: model0.init_cache(B, P + N, mesh, rules))
+    axes = dict(k=K_CACHE_AXES if cache.k.ndim == 6 else CACHE_AXES, v=CACHE_AXES, valid=("batch", "cache_seq"))
+    cache = cache.replace(**{n: jax.ShapeDtypeStruct(getattr(cache, n).shape, getattr(cache, n).dtype,
+                                                     sharding=named_sharding(mesh, a, getattr(cache, n).shape, rules))
+                             for n, a in axes.items()})
+    rep = named_sharding(mesh, (), ())
+    cache = cache.replace(index=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
+    rows = jax.ShapeDtypeStruct((B,), jnp.int32, sharding=named_sharding(mesh, ("batch",), (B,), rules))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
+    f32 = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+    sp = SamplingParams(f32, jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), f32)
+
+    def step(trainable, frozen, cache, last, positions, key, sp):
+        model = spec.mdef.merge(trainable, frozen)
+        hidden, cache = model(last[:, None], positions[:, None], jnp.ones((B, 1), bool), cache=cache, mesh=mesh,
+                              rules=rules, decode_limit=limit)
+        tok, lp, _ = choose_tokens(model.logits(hidden[:, 0]), key, sp, truncation=truncation)
+        return tok, lp, cache
+
+    truncation = cfg.sampling.top_k > 0 or cfg.sampling.top_p < 1.0  # else the un-taken branch would count
+    t0 = time.perf_counter()
+    shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+    in_sh = (t_sh, f_sh, shardings(cache), rows.sharding, rows.sharding, rep, shardings(sp))
+    compiled = jax.jit(step, in_shardings=in_sh, donate_argnums=(2,)).lower(
+        trainable, frozen, cache, rows, rows, key, sp).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["bytes accessed"]), time.perf_counter() - t0
+
+
+def decode_report(cfg, devices: Sequence, *, scanned: bool = False) -> DecodeReport:
+    """Compile the student's decode step for `devices` once per decode segment (its cache prefix; layers
+    unrolled, so XLA's `cost_analysis()` counts every layer; plus, if `scanned`, the step as run, with the layer
+    scan) and compare each with the bytes it must read: the weights in the decode layout and compute dtype, and
+    the K/V of the filled slots, per chip. As inside the sampler, the weights' layouts are the compiler's
+    choice (they are laid out once per sampling call), and sampling is as the config asks: without top-k/top-p
+    the step is compiled without the truncation branch, which would otherwise be counted although it never
+    runs."""
+    import jax.numpy as jnp
+
+    from opd_jax.mesh import SAMPLING_RULES, logical_to_spec, make_mesh
+    from opd_jax.models.attention import CACHE_AXES
+    from opd_jax.sampling import casts_weights, decode_segments
+    from opd_jax.train_state import model_spec, tree_shardings
+
+    mesh = make_mesh(cfg.mesh, devices)
+    rules = SAMPLING_RULES[cfg.sampling.layout]
+    lora = cfg.lora if cfg.lora.rank > 0 else None
+    scfg = model_for_aot(cfg.student)
+    spec = model_spec(scfg, mesh, lora)
+    model = spec.mdef.merge(spec.trainable, spec.frozen)
+    B = cfg.batch_size // cfg.sampling.micro_batches
+    P, N = cfg.sampling.max_prompt_len, cfg.sampling.max_new_tokens
+    kind = model.decode_kind(P + N, mesh)
+    cast = casts_weights(model, mesh, cfg.sampling.cast_weights)
+    compute = jnp.dtype(model.dtype).itemsize
+
+    weight_bytes = 0.0
+    for tree, axes in ((spec.trainable, spec.t_axes), (spec.frozen, spec.f_axes)):
+        shardings = tree_shardings(mesh, axes, tree, rules)
+        for (path, x), sh in zip(_leaves_with_path(tree), _leaves(shardings), strict=True):
+            if path == "embed" and not scfg.tie_embeddings:
+                continue  # an untied embedding is gathered (one row per sequence), not read
+            n = math.prod(sh.shard_shape(x.shape))
+            floating = jnp.issubdtype(x.dtype, jnp.floating)
+            weight_bytes += n * (compute if cast and floating else x.dtype.itemsize)
+    slots = -(-(P + N) // 64) * 64
+    shape = (scfg.num_layers, B, scfg.num_kv_heads, slots, scfg.head_dim)
+    spec_kv = logical_to_spec(CACHE_AXES, shape, mesh, rules)
+    local = [d // math.prod(mesh.shape[a] for a in ((ax,) if isinstance(ax, str) else ax or ()))
+             for d, ax in zip(shape, spec_kv, strict=False)] + list(shape[len(spec_kv):])
+    kv_per_slot = 2 * local[0] * local[1] * local[2] * local[4] * compute
+    cast_bytes = weight_bytes if cast else 0.0
+
+    rep = DecodeReport(kind=kind, layout=cfg.sampling.layout, batch=B, batch_per_chip=local[1], cache_slots=slots,
+                       prompt_len=P, new_tokens=N, weight_bytes=weight_bytes, kv_bytes_per_slot=kv_per_slot,
+                       cast_bytes=cast_bytes)
+    start = 1
+    for end, limit in decode_segments(P, N, kind, cfg.sampling.decode_segments):
+        acc, secs = _decode_step_cost(cfg, mesh, limit, unroll=True)  # one compile per segment: XLA's fusion
+        rep.compile_seconds += secs  # choices change with the prefix length, so bytes are not affine in it
+        first, last = P + start, P + end - 1
+        rep.segments.append(DecodeSegment(limit=limit or slots, first_fill=first, last_fill=last, steps=end - start,
+                                          bytes_accessed=acc, must_read_first=weight_bytes + first * kv_per_slot,
+                                          must_read_last=weight_bytes + last * kv_per_slot))
+        start = end
+    if scanned:
+        acc, secs = _decode_step_cost(cfg, mesh, None, unroll=False)
+        rep.scanned_bytes_accessed, rep.compile_seconds = acc, rep.compile_seconds + secs
+    return rep
+
+
+def _leaves(tree) -> list:
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def _leaves_with_path(tree) -> list[tuple[str, Any]]:
+    """(the leaf's last key, leaf) for every leaf."""
+    import jax
+
+    return [(str(getattr(p[-1], "key", p[-1])), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
 # libtpu 0.0.42: "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries
 # (54.87G) exceeds available HBM (15.75G)."; older: "Used 54.87G of 15.75G hbm".
 _OOM_RES = (re.compile(r"temporaries \(([0-9.]+)([KMGT]?)\)"),
@@ -446,12 +665,35 @@ _OOM_RES = (re.compile(r"temporaries \(([0-9.]+)([KMGT]?)\)"),
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
-def compile_step(cfg, topology: str | None = None, *, fast: bool = False) -> AotReport:
+def sampling_cast_bytes(cfg, mesh) -> float:
+    """Per-chip bytes of the compute-dtype copy of the student's weights that `sample` makes once per call when
+    it casts them (`sampling.casts_weights`), in the decode layout; 0 when it does not."""
+    import jax.numpy as jnp
+
+    from opd_jax.mesh import SAMPLING_RULES
+    from opd_jax.sampling import casts_weights
+    from opd_jax.train_state import model_spec, tree_shardings
+
+    lora = cfg.lora if cfg.lora.rank > 0 else None
+    spec = model_spec(model_for_aot(cfg.student), mesh, lora)
+    model = spec.mdef.merge(spec.trainable, spec.frozen)
+    if not casts_weights(model, mesh, cfg.sampling.cast_weights):
+        return 0.0
+    rules, total = SAMPLING_RULES[cfg.sampling.layout], 0.0
+    for tree, axes in ((spec.trainable, spec.t_axes), (spec.frozen, spec.f_axes)):
+        for x, sh in zip(_leaves(tree), _leaves(tree_shardings(mesh, axes, tree, rules)), strict=True):
+            if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > jnp.dtype(model.dtype).itemsize:
+                total += math.prod(sh.shard_shape(x.shape)) * jnp.dtype(model.dtype).itemsize
+    return total
+
+
+def compile_step(cfg, topology: str | None = None, *, fast: bool = False, decode: bool = False) -> AotReport:
     """AOT-compile the config's fused step for `topology` (default `cfg.topology`) and measure it.
 
     fast: ask XLA for the least execution-time optimization effort (`exec_time_optimization_effort=-1`): several
     times quicker to compile, for tests; the memory figures stay meaningful but the schedule is not the one a
-    real run gets."""
+    real run gets. decode: also compile the student's decode step alone and report its HBM traffic against the
+    bytes it must read (`decode_report`; two more compiles, opd/rl only)."""
     from opd_jax import flops
 
     topology = topology or cfg.topology
@@ -467,6 +709,10 @@ def compile_step(cfg, topology: str | None = None, *, fast: bool = False) -> Aot
                        mesh=info["mesh"], hbm_bytes=chip.hbm_gb * GiB, state_bytes=info["state_bytes"],
                        teacher_bytes=info["teacher_bytes"], lower_seconds=t1 - t0)
     report.analytic_flops = _analytic(cfg, info)
+    if cfg.algorithm in ("opd", "rl"):
+        from opd_jax.mesh import make_mesh
+
+        report.sampling_cast_bytes = sampling_cast_bytes(cfg, make_mesh(cfg.mesh, devices))
     try:
         compiled = lowered.compile({"exec_time_optimization_effort": -1.0} if fast else None)
     except Exception as e:  # the TPU compiler refuses programs that exceed HBM
@@ -493,6 +739,8 @@ def compile_step(cfg, topology: str | None = None, *, fast: bool = False) -> Aot
         cost = cost[0] if cost else {}
     if cost:
         report.compiled_flops_per_chip = float(cost.get("flops", float("nan")))
+    if decode and cfg.algorithm in ("opd", "rl"):
+        report.decode = decode_report(cfg, devices)  # its own compiles, timed in report.decode.compile_seconds
     return report
 
 

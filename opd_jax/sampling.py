@@ -4,6 +4,11 @@
 (the fused OPD step does). Prompts are left-padded to a static bucket; RoPE positions come from the pad mask,
 so padding never shifts a row's positions.
 
+On GPU and TPU programs (issue #16) the sampler casts the student's weights to the compute dtype once per call
+(`cast_weights`) and, with the TPU's dense decode attention, runs the decode loop in segments, each attending
+over a static prefix of the cache (`decode_segments`); the decode attention itself is picked per program by
+`opd_jax.models.attention.decode_kind`.
+
 Two logprobs are recorded for every sampled token:
 - `logprobs`: log softmax(logits) at temperature 1 with no truncation — the student's own distribution,
   which the OPD loss and the reverse-KL estimate use.
@@ -23,6 +28,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from opd_jax.mesh import SAMPLING_RULES, with_logical_constraint
+from opd_jax.models.attention import DECODE_BLOCK, target_platform
 from opd_jax.models.qwen3 import Qwen3, model_axes, positions_from_mask
 
 
@@ -103,12 +109,17 @@ def truncate_logits(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, cap: 
     return jnp.where(scaled >= cut, scaled, -jnp.inf)
 
 
-def choose_tokens(logits: jax.Array, key: jax.Array, sp: SamplingParams) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """logits [B, V] fp32 -> (tokens, untempered logprob, sampler logprob)."""
+def choose_tokens(logits: jax.Array, key: jax.Array, sp: SamplingParams, truncation: bool = True
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """logits [B, V] fp32 -> (tokens, untempered logprob, sampler logprob). `truncation=False` (static) leaves
+    out the top-k/top-p branch, which otherwise runs only when `sp` asks for it (a `lax.cond`): for cost
+    accounting of untruncated sampling, where XLA's `cost_analysis()` would count both branches."""
     greedy = sp.temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, sp.temperature)
-    needs_truncation = (sp.top_k > 0) | (sp.top_p < 1.0)
-    scaled = jax.lax.cond(needs_truncation, lambda s: truncate_logits(s, sp.top_k, sp.top_p), lambda s: s, scaled)
+    if truncation:
+        needs_truncation = (sp.top_k > 0) | (sp.top_p < 1.0)
+        scaled = jax.lax.cond(needs_truncation, lambda s: truncate_logits(s, sp.top_k, sp.top_p), lambda s: s,
+                              scaled)
     sampled = jax.random.categorical(key, scaled, axis=-1)
     tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
     full = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
@@ -130,6 +141,59 @@ def reshard_for_sampling(model: Qwen3, mesh: Mesh | None, layout: str) -> Qwen3:
     return nnx.merge(graphdef, params)
 
 
+def cast_for_sampling(model: Qwen3) -> Qwen3:
+    """The model with every floating weight wider than its compute dtype cast to it (fp32 params with bf16
+    compute: a bf16 copy, half the params' bytes), so decode reads the narrow copy at every step instead of
+    reading and converting the wide weights in every layer at every step. The values each layer computes with are
+    the same as without (the layers cast the same weights to the same dtype); only where the cast happens moves."""
+    dtype = jnp.dtype(model.dtype)
+    graphdef, state = nnx.split(model)
+
+    def cast(x):
+        wider = jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize > dtype.itemsize
+        return x.astype(dtype) if wider else x
+
+    return nnx.merge(graphdef, jax.tree.map(cast, state))
+
+
+def casts_weights(model: Qwen3, mesh: Mesh | None, cast_weights: str) -> bool:
+    """Whether `sample` casts the weights once (`cast_for_sampling`): `sampling.cast_weights` "always", "never",
+    or "auto" = on GPU/TPU programs (`target_platform(mesh)`) whose params are wider than the compute dtype.
+    On a CPU "auto" keeps the per-layer cast: XLA:CPU fuses it into the weight-slice copies it makes anyway."""
+    if cast_weights not in ("auto", "always", "never"):
+        raise ValueError(f"sampling.cast_weights must be 'auto', 'always' or 'never', got {cast_weights!r}")
+    wider = jnp.dtype(model.param_dtype).itemsize > jnp.dtype(model.dtype).itemsize
+    if cast_weights == "auto":
+        return wider and target_platform(mesh) != "cpu"
+    return cast_weights == "always"
+
+
+SEGMENT_TOKENS = 1024  # decode_segments=0 with dense decode attention: one segment per this many new tokens
+MAX_SEGMENTS = 8  # ... and at most this many (each is a copy of the decode loop in the program)
+
+
+def decode_segments(prompt_len: int, new_tokens: int, kind: str, segments: int = 0) -> list[tuple[int, int | None]]:
+    """The decode loop's segments as [(t_end, limit)]: segment s runs the decode steps t < t_end left after the
+    segment before (step t writes slot prompt_len + t - 1), and attends over the first `limit` cache slots, which
+    hold every slot it fills. `segments` 0 = auto (see `SamplingConfig.decode_segments`); only "dense" decode
+    attention reads a prefix, so every other kind gets one segment with no limit. Ends are placed so that limits
+    fall on DECODE_BLOCK multiples. ValueError for a negative count."""
+    if segments < 0:
+        raise ValueError(f"sampling.decode_segments must be >= 0, got {segments}")
+    P, N = prompt_len, new_tokens
+    if kind != "dense":
+        return [(N, None)]
+    k = segments or min(MAX_SEGMENTS, max(1, -(-N // SEGMENT_TOKENS)))
+    if k == 1 or N <= 1:
+        return [(N, None)]
+    ends = []
+    for i in range(1, k):
+        end = min(N, -(-(P - 1 + -(-i * N // k)) // DECODE_BLOCK) * DECODE_BLOCK - P + 1)
+        if end > (ends[-1] if ends else 1) and end < N:
+            ends.append(end)
+    return [(e, P + e - 1) for e in ends] + [(N, None)]
+
+
 def sample(
     model: Qwen3,
     prompt_tokens: jax.Array,
@@ -142,11 +206,20 @@ def sample(
     pad_id: int = 0,
     mesh: Mesh | None = None,
     layout: str = "train",
+    cast_weights: str = "auto",
+    segments: int = 0,
 ) -> SampleOutput:
-    """Sample `max_new_tokens` (static) continuations of left-padded prompts [B, P]. Traceable."""
+    """Sample `max_new_tokens` (static) continuations of left-padded prompts [B, P]. Traceable.
+
+    cast_weights: `sampling.cast_weights` ("auto" | "always" | "never"; see `casts_weights`). segments:
+    `sampling.decode_segments` (0 = auto; see `decode_segments`): the decode `while_loop` runs as that many loops
+    over consecutive step ranges, each attending over a static cache prefix."""
     B, P = prompt_tokens.shape
     N = int(max_new_tokens)
     model = reshard_for_sampling(model, mesh, layout)
+    if casts_weights(model, mesh, cast_weights):
+        model = cast_for_sampling(model)
+    plan = decode_segments(P, N, model.decode_kind(P + N, mesh), segments)
     rules = SAMPLING_RULES[layout]
     prompt_mask = prompt_mask.astype(bool)
     prompt_len = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
@@ -175,11 +248,11 @@ def sample(
     def cond(s):
         return (s["t"] < N) & ~jnp.all(s["done"])
 
-    def body(s):
+    def body(s, limit=None):
         t = s["t"]
         positions = (prompt_len + t - 1)[:, None]
         hidden, cache = model(s["last"][:, None], positions, jnp.ones((B, 1), bool), cache=s["cache"], mesh=mesh,
-                              rules=rules)
+                              rules=rules, decode_limit=limit)
         tok, lp, slp = choose_tokens(model.logits(hidden[:, 0]), jax.random.fold_in(key, t), sp)
         live = ~s["done"]
         tok = jnp.where(live, tok, pad_id)
@@ -194,7 +267,10 @@ def sample(
             cache=cache,
         )
 
-    s = jax.lax.while_loop(cond, body, state)
+    s = state
+    for end, limit in plan:  # one while loop per segment; the last (or only one) ends at N
+        seg_cond = cond if end == N else (lambda s, end=end: cond(s) & (s["t"] < end))
+        s = jax.lax.while_loop(seg_cond, partial(body, limit=limit), s)
     return SampleOutput(
         tokens=s["tokens"],
         mask=s["mask"],
@@ -217,16 +293,19 @@ def make_sampler(
     mesh: Mesh | None = None,
     layout: str = "train",
     replicate_outputs: bool = False,
+    cast_weights: str = "auto",
+    segments: int = 0,
 ):
     """The one jitted sampler on its own: `fn(params, prompt_tokens, prompt_mask, key, SamplingParams) ->
     SampleOutput`, for eval, teacher sampling, visualization and benchmarks (the fused step inlines `sample`).
 
     model_def: an `nnx.GraphDef` (params: the pure state dict) or anything with `.merge(*params)`, such as
     `train_state.ModelDef` (params: a tuple, e.g. `(trainable, frozen)`). `replicate_outputs=True` (with a mesh)
-    returns replicated samples, so every process can read them all back. Samplers are cached on
-    (model_def, settings): building one twice does not recompile."""
+    returns replicated samples, so every process can read them all back. cast_weights, segments: as in `sample`.
+    Samplers are cached on (model_def, settings): building one twice does not recompile."""
     stops = tuple(int(t) for t in stop_token_ids)
-    key = (id(model_def), int(max_new_tokens), stops, pad_id, id(mesh), layout, replicate_outputs)
+    key = (id(model_def), int(max_new_tokens), stops, pad_id, id(mesh), layout, replicate_outputs, cast_weights,
+           segments)
     if key in _SAMPLERS:
         return _SAMPLERS[key][-1]
     if hasattr(model_def, "merge"):
@@ -238,7 +317,8 @@ def make_sampler(
     @partial(jax.jit, out_shardings=out_sh)
     def run(params, prompt_tokens, prompt_mask, key, sp):
         return sample(merge(params), prompt_tokens, prompt_mask, key, sp, max_new_tokens=max_new_tokens,
-                      stop_token_ids=stops, pad_id=pad_id, mesh=mesh, layout=layout)
+                      stop_token_ids=stops, pad_id=pad_id, mesh=mesh, layout=layout, cast_weights=cast_weights,
+                      segments=segments)
 
     if len(_SAMPLERS) >= 16:
         _SAMPLERS.pop(next(iter(_SAMPLERS)))

@@ -127,7 +127,8 @@ class StepBuilder:
             i, toks, m = xs
             return sample(student, toks, m, jax.random.fold_in(key, i), sp,
                           max_new_tokens=c.sampling.max_new_tokens, stop_token_ids=self.stop_token_ids,
-                          mesh=self.mesh, layout=c.sampling.layout)
+                          mesh=self.mesh, layout=c.sampling.layout, cast_weights=c.sampling.cast_weights,
+                          segments=c.sampling.decode_segments)
 
         if M == 1:
             return one((0, prompts, pmask))

@@ -208,3 +208,68 @@ def test_analytic_flops_match_xla(vocab):
                 + flops.forward_flops(s, B, 1, context_len=P + N, lm_head_tokens=1))
     analytic = sampling + step["teacher_scoring"] + step["student_training"]
     assert abs(xla / analytic - 1.0) < 0.05, (xla, analytic, step)  # measured: 1.010 and 1.006
+
+
+# ---- one decode step's HBM traffic (item 5 of issue #16) -----------------------------------------------------
+DECODE_SCRIPT = """
+import json, sys
+from opd_jax import aot
+aot._host_platform_cpu()
+from opd_jax.config import load_config
+cfg = load_config(None, sys.argv[1:])
+rep = aot.decode_report(cfg, aot.topology_devices(aot.parse_topology(cfg.topology)))
+print(json.dumps(dict(kind=rep.kind, weight=rep.weight_bytes, kv=rep.kv_bytes_per_slot, mean=rep.mean_ratio,
+                      segs=[(g.limit, g.bytes_accessed, g.must_read_first, g.must_read_last) for g in rep.segments])))
+"""
+
+
+@pytest.mark.slow
+def test_aot_decode_step_traffic_on_tpu():
+    """The TPU decode step: dense attention over each segment's static prefix, so the bytes XLA says one step
+    accesses grow with the prefix by about the K/V of the extra slots (a toy model with real head shapes; the
+    stage-2 figure is in benchmarks/README.md)."""
+    site = aot.find_tpu_site() if not aot.libtpu_importable() else None
+    if site is None and not aot.libtpu_importable():
+        pytest.skip("libtpu is not installed (OPD_TPU_SITE)")
+    ov = ["topology=v5p-8", "student.vocab_size=4096", "teachers.0.model.vocab_size=4096",
+          "student.hidden_size=512", "student.intermediate_size=1024",
+          "student.num_layers=2", "student.num_heads=8", "student.num_kv_heads=4", "student.head_dim=128",
+          "student.param_dtype=bfloat16", "student.dtype=bfloat16", "groups_per_batch=8", "group_size=4",
+          "sampling.max_prompt_len=64", "sampling.max_new_tokens=448", "sampling.decode_segments=2",
+          "sampling.layout=replicated", "mesh.fsdp=-1"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (site, REPO, env.get("PYTHONPATH", "")) if p)
+    r = subprocess.run([sys.executable, "-c", DECODE_SCRIPT, *ov], env=env, capture_output=True, text=True,
+                       timeout=1200)
+    assert r.returncode == 0, r.stderr[-4000:]
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rep["kind"] == "dense"
+    (l1, b1, m1, _), (l2, b2, _, m2) = rep["segs"]
+    assert l1 < l2 == 512  # a prefix, then the whole cache
+    assert b1 >= rep["weight"] + 0.9 * l1 * rep["kv"]  # it reads the weights and the prefix's K/V at least
+    assert 0.9 < (b2 - b1) / ((l2 - l1) * rep["kv"]) < 2.0  # the extra prefix costs about its K/V
+    # (XLA also counts the copies of small weights into on-chip VMEM: at this toy size they dominate the rest)
+
+
+def test_sampling_cast_bytes_in_the_report():
+    """The compute-dtype copy of the student's weights that the sampler makes once per call: its per-chip size
+    in the decode layout (replicated: every chip holds the whole copy), and none when nothing is cast."""
+    from opd_jax.config.schema import MeshConfig
+    from opd_jax.mesh import make_mesh
+    from opd_jax.models.qwen3 import abstract_model, param_count
+
+    ov = ["student.vocab_size=64", "teachers.0.model.vocab_size=64", "student.hidden_size=32",
+          "student.intermediate_size=64", "student.num_layers=2", "student.num_heads=4", "student.num_kv_heads=2",
+          "student.head_dim=16", "student.param_dtype=float32", "student.dtype=bfloat16", "sampling.layout=replicated"]
+    mesh = make_mesh(MeshConfig(fsdp=8), jax.devices()[:8])
+    n = param_count(nnx_state(abstract_model(load_config(None, ov).student)))
+    assert aot.sampling_cast_bytes(load_config(None, [*ov, "sampling.cast_weights=always"]), mesh) == 2 * n
+    assert aot.sampling_cast_bytes(load_config(None, ov), mesh) == 0  # auto: a CPU program keeps the per-layer cast
+    assert aot.sampling_cast_bytes(load_config(None, [*ov, "student.param_dtype=bfloat16",
+                                                      "sampling.cast_weights=always"]), mesh) == 0
+
+
+def nnx_state(model):
+    from flax import nnx
+
+    return nnx.to_pure_dict(nnx.split(model)[1])

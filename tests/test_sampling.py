@@ -9,6 +9,7 @@ model shape (module fixtures share it across tests, sampling params are traced),
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from dataclasses import dataclass
@@ -31,7 +32,9 @@ from opd_jax.models.weight_mapping import config_from_hf, params_from_hf
 from opd_jax.sampling import (
     SampleOutput,
     SamplingParams,
+    casts_weights,
     choose_tokens,
+    decode_segments,
     make_sampler,
     sample,
     truncate_logits,
@@ -383,11 +386,8 @@ def stop_sampler(stops: tuple[int, ...]):
         def __init__(self, model: Qwen3):
             self.model = model
 
-        def init_cache(self, *a, **kw):
-            return self.model.init_cache(*a, **kw)
-
-        def logits(self, h):
-            return self.model.logits(h)
+        def __getattr__(self, name):  # init_cache, logits, decode_kind, cfg, dtypes: the model's
+            return getattr(self.model, name)
 
         def __call__(self, tokens, *a, **kw):
             jax.debug.callback(lambda t: calls.append(int(t.shape[1])), tokens)
@@ -459,6 +459,85 @@ def test_sharded_sampler_matches_unsharded(layout):
     sp = SamplingParams.create(temperature=1.0)
     out = jax.device_get(fn(params, tokens, mask, key, sp))
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(run(s, sp).tokens))
+
+
+# ---- the accelerator decode paths, run on the CPU -----------------------------------------------------
+@functools.cache
+def graphdef_with(name: str, **changes):
+    """The setup's model definition with config changes (same params): another decode attention, dtype."""
+    cfg = dataclasses.replace(config_from_hf(setup(name).hf.config.to_dict()), **changes)
+    return nnx.split(abstract_model(cfg))[0]
+
+
+@pytest.mark.parametrize("kind", ["dense", "pallas"])
+def test_accelerator_decode_logprobs_equal_full_forward(kind):
+    """The GPU/TPU decode attentions on a CPU (the GPU kernel through the Pallas interpreter), each on the flat
+    cache layout: sampled tokens as on the CPU path with the same key, logprobs equal to a full forward."""
+    s = setup("gqa2-untied")
+    fn = make_sampler(graphdef_with("gqa2-untied", decode_attention=kind), max_new_tokens=N, pad_id=PAD)
+    tokens, mask = padded()
+    sp = SamplingParams.create(temperature=1.0)
+    out = jax.device_get(fn(s.params, tokens, mask, jax.random.key(3), sp))
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(run(s, sp, key=3).tokens))
+    full, _ = forward("gqa2-untied", out)
+    np.testing.assert_allclose(np.asarray(out.logprobs), at(log_softmax(full), out.tokens), atol=1e-4, rtol=0)
+
+
+def test_unrolled_decode_layers_equal_the_scan():
+    """`model.decode_unroll` (the decode step's layers traced one by one, static slices) samples exactly what the
+    layer scan samples."""
+    s = setup("gqa2-untied")
+    tokens, mask = padded()
+    sp = SamplingParams.create(temperature=1.0)
+    out = jax.device_get(make_sampler(graphdef_with("gqa2-untied", decode_unroll=True), max_new_tokens=N, pad_id=PAD)(
+        s.params, tokens, mask, jax.random.key(3), sp))
+    ref = run(s, sp, key=3)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-5, rtol=0)
+
+
+def test_decode_segments_equal_one_loop():
+    """Dense decode attention in three segments (a 64- then a 128-slot prefix, then the whole 192-slot cache)
+    against the CPU block loop over the same 140-token greedy decode: same tokens, logprobs within 1e-5."""
+    s = setup("gqa2-untied")
+    n = 140
+    tokens, mask = padded()
+    assert [e for e, _ in decode_segments(P, n, "dense", 3)] == [57, 121, n]
+    ref = make_sampler(s.graphdef, max_new_tokens=n, pad_id=PAD)(s.params, tokens, mask, jax.random.key(0), GREEDY)
+    seg = make_sampler(graphdef_with("gqa2-untied", decode_attention="dense"), max_new_tokens=n, pad_id=PAD,
+                       segments=3)(s.params, tokens, mask, jax.random.key(0), GREEDY)
+    np.testing.assert_array_equal(np.asarray(seg.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(seg.logprobs), np.asarray(ref.logprobs), atol=1e-5, rtol=0)
+
+
+def test_weights_cast_once_change_nothing():
+    """fp32 params with bf16 compute: casting the weights once per sampling call gives bit-identical samples and
+    logprobs to the per-layer cast (the same weights are cast to the same dtype, only earlier)."""
+    s = setup("gqa2-untied")
+    gd = graphdef_with("gqa2-untied", dtype="bfloat16", decode_attention="dense")
+    tokens, mask = padded()
+    sp = SamplingParams.create(temperature=1.0)
+    outs = [jax.device_get(make_sampler(gd, max_new_tokens=N, pad_id=PAD, cast_weights=c)(
+        s.params, tokens, mask, jax.random.key(5), sp)) for c in ("always", "never")]
+    for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert casts_weights(nnx.merge(gd, s.params), None, "always")
+    assert not casts_weights(nnx.merge(gd, s.params), None, "auto")  # a CPU program keeps the per-layer cast
+
+
+@pytest.mark.parametrize("kind", ["dense", "pallas"])
+def test_sharded_accelerator_decode_matches_unsharded(kind):
+    """Batch over fsdp, KV heads over tensor: dense attention is partitioned by GSPMD, the GPU kernel runs per
+    shard; both give the unsharded CPU path's greedy tokens and logprobs."""
+    s = setup("gqa2-untied")
+    mesh = make_mesh(MeshConfig(fsdp=4, tensor=2))
+    params = jax.device_put(s.params, tree_shardings(mesh, s.axes, s.params))
+    fn = make_sampler(graphdef_with("gqa2-untied", decode_attention=kind), max_new_tokens=N, pad_id=PAD,
+                      mesh=mesh, layout="tensor")
+    tokens, mask = padded()
+    out = jax.device_get(fn(params, tokens, mask, jax.random.key(0), GREEDY))
+    np.testing.assert_array_equal(np.asarray(out.tokens), greedy_tokens("gqa2-untied"))
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(run(s, GREEDY).logprobs), atol=1e-4)
 
 
 # ---- host-side prompt packing -----------------------------------------------------------------------

@@ -42,6 +42,13 @@ class ModelConfig:
     # one-token decode attention by the XLA:CPU kernel in opd_jax/kernels where it applies (a CPU program, fp32
     # cache, one device); false keeps the pure-JAX path there too. GPU/TPU programs never use it.
     cpu_decode_kernel: bool = True
+    # one-token decode attention (opd_jax.models.attention.decode_kind): "auto" = the CPU block loop (and kernel)
+    # on a CPU, dense attention over a static prefix of the cache on a TPU, the Triton flash-decoding kernel of
+    # opd_jax/kernels/gpu.py on a GPU (dense for caches of <= 256 slots); or force "blocks" | "dense" | "pallas".
+    decode_attention: Literal["auto", "blocks", "dense", "pallas"] = "auto"
+    # trace the layer loop of one-token decode steps unrolled (static weight and cache slices) instead of as a
+    # scan; more compile time. For profiling the scan's per-layer slicing and for exact per-step cost_analysis().
+    decode_unroll: bool = False
 
 
 @dataclass
@@ -76,6 +83,15 @@ class SamplingConfig:
     truncate_prompts: bool = False  # False: an over-long prompt is an error; True: left-truncate and count
     micro_batches: int = 1  # sample the batch in this many sequential chunks inside the step
     layout: Literal["train", "replicated", "tensor"] = "train"  # weight layout used during decode
+    # cast the student's weights to its compute dtype once per sampling call, before the prefill, instead of in
+    # every layer at every decode step (a temporary copy in the compute dtype). "auto" = on for GPU/TPU programs
+    # whose params are wider than the compute dtype (fp32 params, bf16 compute); never changes a result.
+    cast_weights: Literal["auto", "always", "never"] = "auto"
+    # run the decode loop as this many while loops over consecutive token ranges, each attending over a static
+    # prefix of the cache that covers it: with "dense" decode attention a step reads O(filled) slots up to the
+    # segment size, with no data-dependent loop inside the step. 0 = auto: one segment per 1024 new tokens (at
+    # most 8) with dense decode attention, else 1.
+    decode_segments: int = 0
 
 
 @dataclass

@@ -15,9 +15,20 @@ a query row with no valid key averages every value, exactly as a softmax over `f
 With `causal=True` (self-attention over the same slots, as in training, teacher scoring and prefill) the queries
 go a tile at a time and each tile skips the key chunks after it: about half the blocks, forward and backward.
 
-Decode reads the stacked cache where it lies, a DECODE_BLOCK of slots at a time and only up to the filled length
-(`decode_attention`); on a single-device CPU program the XLA:CPU FFI kernel of `opd_jax.kernels` does the same
-work (`one_token_attention` picks it).
+One-token decode attention is chosen per program when it is traced (`decode_kind`, from `model.decode_attention`
+and the platform of the mesh's devices, so an AOT lowering for a TPU pod on a CPU host gets the TPU path), and the
+KV cache is laid out for it (`KVCache`):
+- CPU: the stacked cache is read where it lies, a DECODE_BLOCK of slots at a time and only up to the filled length
+  (`decode_attention`, a loop whose trip count is the filled length); on a single-device fp32 program the XLA:CPU
+  FFI kernel of `opd_jax.kernels.cpu` does the same work. K is tiled per block.
+- TPU: one fixed-shape masked attention over a static prefix of the cache (`dense_decode_attention`): no loop
+  inside the decode step, and the sampler runs its decode loop in segments (`sampling.decode_segments`), each
+  attending over the prefix that covers it, so a step reads O(filled) slots up to the segment size. XLA fuses
+  the layer's slice of the stacked cache into the products that read it.
+- GPU: the same dense attention for caches of up to GPU_DENSE_MAX_SLOTS slots; above, the Triton flash-decoding
+  kernel of `opd_jax.kernels.gpu`, which reads only the filled slots of the layer, in place in the stacked cache.
+A data-dependent loop inside the decode step is what GPU and TPU programs must not have: on a GPU its predicate
+goes to the host at every iteration, once per layer per token (issue #16).
 """
 
 from __future__ import annotations
@@ -32,7 +43,8 @@ from flax import struct
 from jax.sharding import Mesh
 
 from opd_jax.kernels import cpu as cpu_kernels
-from opd_jax.mesh import with_logical_constraint
+from opd_jax.kernels import gpu as gpu_kernels
+from opd_jax.mesh import logical_to_spec, with_logical_constraint
 
 _NEG = jnp.finfo(jnp.float32).min  # a masked score: exp underflows to 0 unless the whole row is masked
 
@@ -266,11 +278,18 @@ _causal_chunked_attention = _flash(_causal_forward, _causal_bwd)
 @struct.dataclass
 class KVCache:
     """Preallocated attention cache. Rows are left-padded, so every row writes the same slot each step.
-    K is stored transposed within each DECODE_BLOCK of slots (head_dim before slots) and V slots-major, so
-    both one-token attention products over a block are plain row-major matrix products, and a block of either
-    is one contiguous run per (row, kv head), which is what a backend copies when it materializes the slice."""
 
-    k: jax.Array  # [layers, batch, kv_heads, blocks, head_dim, DECODE_BLOCK]
+    Two layouts of K, fixed when the cache is made (`init_cache`) by the decode attention that will read it
+    (`decode_kind`):
+    - "tiled" (CPU: the block loop and the XLA:CPU kernel): K stored transposed within each DECODE_BLOCK of slots
+      (head_dim before slots), so both one-token products over a block are plain row-major matrix products and a
+      block is one contiguous run per (row, kv head), which is what XLA:CPU copies when it materializes a slice.
+    - "flat" (GPU and TPU: dense attention over a static prefix, the GPU kernel): K slots-major like V, which is
+      what a fixed-shape einsum over a prefix of slots and the kernel's [block, head_dim] loads want (a 64-slot
+      minor dimension would also be padded to 128 lanes on a TPU).
+    V is slots-major in both."""
+
+    k: jax.Array  # tiled: [layers, batch, kv_heads, blocks, head_dim, DECODE_BLOCK]; flat: as v
     v: jax.Array  # [layers, batch, kv_heads, slots, head_dim]
     valid: jax.Array  # [batch, slots] bool: slot holds a real (non-pad) token
     index: jax.Array  # int32 scalar: next slot to write
@@ -279,20 +298,68 @@ class KVCache:
     def max_len(self) -> int:
         return self.v.shape[3]
 
+    @property
+    def layout(self) -> str:
+        return "tiled" if self.k.ndim == 6 else "flat"
 
-CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")  # the V cache; K uses K_CACHE_AXES
-K_CACHE_AXES = ("layers", "batch", "kv_heads", "cache_blocks", "head_dim", "cache_seq")
+
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")  # V, and K in the flat layout
+K_CACHE_AXES = ("layers", "batch", "kv_heads", "cache_blocks", "head_dim", "cache_seq")  # K, tiled layout
 DECODE_BLOCK = 64  # cache slots per block of one-token decode attention; the cache length is a multiple of it
+
+# One-token decode attention, per program (`decode_kind`): "blocks" (the pure-JAX block loop over the filled
+# blocks, tiled K; on a one-device fp32 CPU program the XLA:CPU kernel), "dense" (one fixed-shape masked attention
+# over a static prefix of the cache: the whole cache, or a decode segment's prefix), "pallas" (the Triton
+# flash-decoding kernel of `opd_jax.kernels.gpu` on a GPU; the Pallas interpreter elsewhere, for tests).
+DECODE_KINDS = ("auto", "blocks", "dense", "pallas")
+# "auto" on a GPU: dense attention up to this many cache slots, the kernel above. Dense reads every slot and at
+# 384 slots measured 5x the time to read them on an H200 (issue #16: 54 us vs ~11 us); the kernel reads the
+# filled slots once. Until the GPU benchmark (`benchmarks/gpu.sh`) says otherwise, only tiny caches stay dense.
+GPU_DENSE_MAX_SLOTS = 256
+
+
+def target_platform(mesh: Mesh | None = None) -> str:
+    """The platform a program is being built for: that of the mesh's devices (abstract TPU devices when
+    `opd-jax compile` lowers for a pod from a CPU host), else the default backend. "cpu", "gpu" or "tpu"."""
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+
+
+def decode_kind(requested: str, platform: str, head_dim: int, cache_len: int) -> str:
+    """The decode attention a program uses: `requested` (model.decode_attention) unless "auto", which is
+    "blocks" on a CPU, "dense" on a TPU, and on a GPU "dense" for caches of up to GPU_DENSE_MAX_SLOTS slots and
+    "pallas" above (when the kernel takes the shapes: `kernels.gpu.supported`). "pallas" where the kernel does
+    not take the shapes falls back to "dense". ValueError for an unknown kind."""
+    if requested not in DECODE_KINDS:
+        raise ValueError(f"model.decode_attention must be one of {DECODE_KINDS}, got {requested!r}")
+    kind = requested
+    if kind == "auto":
+        kind = {"cpu": "blocks", "tpu": "dense"}.get(platform, "pallas")
+        if kind == "pallas" and cache_len <= GPU_DENSE_MAX_SLOTS:
+            kind = "dense"
+    if kind == "pallas" and not gpu_kernels.supported(head_dim, _round_up(cache_len, DECODE_BLOCK)):
+        kind = "dense"
+    return kind
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
 
 
 def init_cache(num_layers: int, batch: int, num_kv_heads: int, head_dim: int, max_len: int, dtype,
-               mesh: Mesh | None = None, rules=None) -> KVCache:
+               mesh: Mesh | None = None, rules=None, layout: str = "tiled") -> KVCache:
     """An empty cache of at least `max_len` slots (rounded up to a multiple of DECODE_BLOCK; extra slots are never
-    valid), sharded by the logical axes CACHE_AXES / K_CACHE_AXES when a mesh is given."""
-    max_len = -(-max_len // DECODE_BLOCK) * DECODE_BLOCK
+    valid) in `layout` ("tiled" or "flat", see `KVCache`), sharded by the logical axes CACHE_AXES / K_CACHE_AXES
+    when a mesh is given."""
+    if layout not in ("tiled", "flat"):
+        raise ValueError(f"cache layout must be 'tiled' or 'flat', got {layout!r}")
+    max_len = _round_up(max_len, DECODE_BLOCK)
     shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
-    k_shape = (*shape[:3], max_len // DECODE_BLOCK, head_dim, DECODE_BLOCK)
-    k = with_logical_constraint(jnp.zeros(k_shape, dtype), K_CACHE_AXES, mesh, rules)
+    if layout == "tiled":
+        k_shape = (*shape[:3], max_len // DECODE_BLOCK, head_dim, DECODE_BLOCK)
+        k = with_logical_constraint(jnp.zeros(k_shape, dtype), K_CACHE_AXES, mesh, rules)
+    else:
+        k = with_logical_constraint(jnp.zeros(shape, dtype), CACHE_AXES, mesh, rules)
     v = with_logical_constraint(jnp.zeros(shape, dtype), CACHE_AXES, mesh, rules)
     valid = with_logical_constraint(jnp.zeros((batch, max_len), bool), ("batch", "cache_seq"), mesh, rules)
     return KVCache(k=k, v=v, valid=valid, index=jnp.zeros((), jnp.int32))
@@ -310,11 +377,19 @@ def tile_keys(k: jax.Array, block: int = DECODE_BLOCK) -> jax.Array:
     return jnp.transpose(k.reshape(B, S // block, block, KV, D), (0, 3, 1, 4, 2))
 
 
+def layer_keys(kc: jax.Array, layer: jax.Array) -> jax.Array:
+    """Layer `layer` of a stacked K cache (either layout) as [B, slots, KV, D]."""
+    return untile_keys(kc[layer]) if kc.ndim == 6 else jnp.swapaxes(kc[layer], 1, 2)
+
+
 def write_keys(kc: jax.Array, layer: jax.Array, k: jax.Array, index: jax.Array) -> jax.Array:
-    """Write new keys k [B, T, KV, D] at slots [index, index + T) of layer `layer` of the K cache."""
+    """Write new keys k [B, T, KV, D] at slots [index, index + T) of layer `layer` of the K cache (either
+    layout)."""
     B, T, KV, D = k.shape
-    BLK = kc.shape[-1]
     k = k.astype(kc.dtype)
+    if kc.ndim == 5:  # flat: slots-major, like V
+        return jax.lax.dynamic_update_slice(kc, jnp.swapaxes(k, 1, 2)[None], (layer, 0, 0, index, 0))
+    BLK = kc.shape[-1]
     if T == 1:  # decode: one slot of one block, in place
         at = (layer, 0, 0, index // BLK, 0, index % BLK)
         return jax.lax.dynamic_update_slice(kc, k[:, 0][None, :, :, None, :, None], at)
@@ -328,7 +403,12 @@ def decode_attention(
 ) -> jax.Array:
     """One-token attention over the filled cache slots [0, n_filled) only, a block at a time (online softmax),
     so a decode step costs O(current length), not O(cache length), and never copies a whole layer's K/V.
-    q: [B, 1, H, D]; kc: [layers, B, KV, S // block, D, block]; vc: [layers, B, KV, S, D]; valid: [B, S]."""
+    q: [B, 1, H, D]; kc: [layers, B, KV, S // block, D, block] (tiled); vc: [layers, B, KV, S, D]; valid: [B, S].
+
+    The loop's trip count depends on n_filled, a traced value: XLA:CPU runs it as a plain loop, but on a GPU
+    such a while loop sends its predicate to the host every iteration (issue #16: 6.86 ms per decode step
+    against 3.61 ms for dense attention on an H200), so GPU and TPU programs use `dense_decode_attention` or
+    the GPU kernel instead (`decode_kind`)."""
     B, _, H, D = q.shape
     KV, block = kc.shape[2], kc.shape[-1]
     G = H // KV
@@ -350,15 +430,79 @@ def decode_attention(
     return (acc / denom[..., None]).reshape(B, 1, H, D).astype(vc.dtype)
 
 
+def dense_decode_attention(
+    q: jax.Array, kc: jax.Array, vc: jax.Array, layer: jax.Array, valid: jax.Array, n_filled: jax.Array,
+    limit: int | None = None,
+) -> jax.Array:
+    """One-token attention as one fixed-shape masked product over the first `limit` slots of layer `layer`
+    (default: the whole cache): no loop, so nothing in it waits on a traced trip count. The caller promises that
+    no slot at or past `limit` is filled (the sampler's decode segments: `sampling.decode_segments`), so the
+    work is O(limit) and tracks the filled length up to the segment size. q: [B, 1, H, D]; kc, vc: [layers, B,
+    KV, S, D] (flat layout); valid: [B, S]; slots at or past n_filled are masked. Returns [B, 1, H, D], zeros
+    for a row with no valid key (as `decode_attention`). fp32 scores and softmax."""
+    B, _, H, D = q.shape
+    L, _, KV, S, _ = kc.shape
+    G = H // KV
+    n = S if limit is None else min(_round_up(limit, DECODE_BLOCK), S)
+    k = jax.lax.dynamic_slice(kc, (layer, 0, 0, 0, 0), (1, B, KV, n, D))[0]
+    v = jax.lax.dynamic_slice(vc, (layer, 0, 0, 0, 0), (1, B, KV, n, D))[0]
+    qg = (q.reshape(B, KV, G, D).astype(jnp.float32) / math.sqrt(D)).astype(kc.dtype)
+    ok = valid[:, :n] & (jnp.arange(n) < n_filled)
+    s = jnp.einsum("bkgd,bksd->bkgs", qg, k, preferred_element_type=jnp.float32)
+    s = jnp.where(ok[:, None, None], s, -jnp.inf)
+    m = jnp.maximum(s.max(-1, keepdims=True), -1e30)  # finite even for a row with no valid key
+    p = jnp.exp(s - m)
+    denom = p.sum(-1)
+    out = jnp.einsum("bkgs,bksd->bkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = out / jnp.where(denom > 0, denom, 1.0)[..., None]
+    return out.reshape(B, 1, H, D).astype(vc.dtype)
+
+
+def gpu_kernel_attention(
+    q: jax.Array, kc: jax.Array, vc: jax.Array, layer: jax.Array, valid: jax.Array, n_filled: jax.Array,
+    mesh: Mesh | None = None, rules=None,
+) -> jax.Array:
+    """`dense_decode_attention`'s result by the Triton flash-decoding kernel (`opd_jax.kernels.gpu`), which
+    reads only the filled slots of layer `layer`, in place in the stacked cache: the kernel on a CUDA or ROCm
+    lowering, the same kernel body through the Pallas interpreter on any other (tests). Under a mesh it runs per
+    shard (`shard_map`) over the cache's batch and KV-head shardings, since GSPMD cannot split a custom call."""
+
+    def run(q, kc, vc, layer, valid, n_filled):
+        gpu = partial(gpu_kernels.decode_attention, interpret=False)
+        interp = partial(gpu_kernels.decode_attention, interpret=True)
+        return jax.lax.platform_dependent(q, kc, vc, layer, valid, n_filled, cuda=gpu, rocm=gpu, default=interp)
+
+    if mesh is None or mesh.size == 1:
+        return run(q, kc, vc, layer, valid, n_filled)
+    from jax.sharding import PartitionSpec
+
+    cache = logical_to_spec(CACHE_AXES, kc.shape, mesh, rules)
+    rows, heads = cache[1], cache[2]
+    return jax.shard_map(
+        run, mesh=mesh,
+        in_specs=(PartitionSpec(rows, None, heads, None), cache, cache, PartitionSpec(), PartitionSpec(rows, None),
+                  PartitionSpec()),
+        out_specs=PartitionSpec(rows, None, heads, None), check_vma=False,
+    )(q, kc, vc, layer, valid, n_filled)
+
+
 def one_token_attention(
     q: jax.Array, kc: jax.Array, vc: jax.Array, layer: jax.Array, valid: jax.Array, n_filled: jax.Array, *,
-    cpu_kernel: bool,
+    cpu_kernel: bool, kind: str = "blocks", limit: int | None = None, mesh: Mesh | None = None, rules=None,
 ) -> jax.Array:
-    """`decode_attention`, run by the CPU kernel (`opd_jax.kernels.cpu`) if `cpu_kernel` (the caller promises one
-    device: the kernel reads whole buffers), the host's default backend is the CPU (a GPU or TPU host never
-    builds it), the kernel is built, the cache is fp32 and the program is lowered for a CPU; the pure-JAX path
-    everywhere else. A TPU or GPU lowering keeps only the pure-JAX branch."""
+    """Decode attention of kind `kind` (see `decode_kind`; the cache layout must match: "blocks" reads a tiled
+    K, the others a flat one). "blocks": `decode_attention`, run by the CPU kernel (`opd_jax.kernels.cpu`) if
+    `cpu_kernel` (the caller promises one device: the kernel reads whole buffers), the host's default backend is
+    the CPU (a GPU or TPU host never builds it), the kernel is built, the cache is fp32 and the program is lowered
+    for a CPU; the pure-JAX block loop everywhere else (a TPU or GPU lowering keeps only that branch). "dense":
+    `dense_decode_attention` over the first `limit` slots. "pallas": `gpu_kernel_attention`."""
     args = (q, kc, vc, layer, valid, n_filled)
+    if kind == "dense":
+        return dense_decode_attention(*args, limit=limit)
+    if kind == "pallas":
+        return gpu_kernel_attention(*args, mesh=mesh, rules=rules)
+    if kind != "blocks":
+        raise ValueError(f"unknown decode attention {kind!r}")
     if (cpu_kernel and jax.default_backend() == "cpu" and kc.dtype == jnp.float32 and vc.dtype == jnp.float32
             and cpu_kernels.available()):
         return jax.lax.platform_dependent(*args, cpu=cpu_kernels.decode_attention, default=decode_attention)
@@ -380,23 +524,33 @@ class AttentionPlan:
     index: jax.Array | None  # int32: the first cache slot this call writes
     chunk: int = 0  # model.attention_chunk: chunked attention over more keys than this
     cpu_kernel: bool = False  # decode may use the XLA:CPU kernel (the caller promises one device)
+    decode: str = "blocks"  # the decode attention ("blocks" | "dense" | "pallas"; see `decode_kind`)
+    limit: int | None = None  # "dense" decode: no slot at or past this is filled (a decode segment's prefix)
+    mesh: Mesh | None = None  # the program's mesh ("pallas" runs per shard)
+    rules: dict | None = None  # its logical-axis rules
 
 
 def plan_attention(token_mask: jax.Array, cache: KVCache | None, *, cache_empty: bool = False, chunk: int = 0,
-                   cpu_kernel: bool = False) -> AttentionPlan:
-    """The `AttentionPlan` of a call with tokens of `token_mask` [B, T] (False: a pad, never attended to)."""
+                   cpu_kernel: bool = False, decode: str = "blocks", limit: int | None = None,
+                   mesh: Mesh | None = None, rules=None) -> AttentionPlan:
+    """The `AttentionPlan` of a call with tokens of `token_mask` [B, T] (False: a pad, never attended to).
+    `decode`: the decode attention for a one-token call (`decode_kind`); a tiled cache is always read by
+    "blocks" and a flat one never is ("dense" instead)."""
     T = token_mask.shape[1]
+    if cache is not None:
+        decode = "blocks" if cache.layout == "tiled" else ("dense" if decode == "blocks" else decode)
+    extra = dict(chunk=chunk, cpu_kernel=cpu_kernel, decode=decode, limit=limit, mesh=mesh, rules=rules)
     if cache is None or (cache_empty and T > 1):  # attend among this call's tokens only
         slots = jnp.arange(T)
         mask = (slots[None, None, :] <= slots[None, :, None]) & token_mask[:, None, :]
         valid = None if cache is None else jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, cache.index))
-        return AttentionPlan("self", mask, valid, None if cache is None else cache.index, chunk, cpu_kernel)
+        return AttentionPlan("self", mask, valid, None if cache is None else cache.index, **extra)
     valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, cache.index))
     if T == 1:
-        return AttentionPlan("decode", None, valid, cache.index, chunk, cpu_kernel)
+        return AttentionPlan("decode", None, valid, cache.index, **extra)
     q_slot, k_slot = cache.index + jnp.arange(T), jnp.arange(cache.max_len)
     mask = (k_slot[None, None, :] <= q_slot[None, :, None]) & valid[:, None, :]
-    return AttentionPlan("append", mask, valid, cache.index, chunk, cpu_kernel)
+    return AttentionPlan("append", mask, valid, cache.index, **extra)
 
 
 def attend(plan: AttentionPlan, q: jax.Array, k: jax.Array, v: jax.Array, kc: jax.Array | None,
@@ -410,7 +564,9 @@ def attend(plan: AttentionPlan, q: jax.Array, k: jax.Array, v: jax.Array, kc: ja
                                           (layer, 0, 0, plan.index, 0))
     if plan.kind == "self":
         return multi_token_attention(q, k, v, plan.mask, plan.chunk, causal=True), kc, vc
-    if plan.kind == "decode":  # only the filled blocks, straight from the stacked cache
-        return one_token_attention(q, kc, vc, layer, plan.valid, plan.index + 1, cpu_kernel=plan.cpu_kernel), kc, vc
-    return multi_token_attention(q, untile_keys(kc[layer]), jnp.swapaxes(vc[layer], 1, 2), plan.mask,
+    if plan.kind == "decode":  # only the filled slots (or a static prefix covering them), from the stacked cache
+        out = one_token_attention(q, kc, vc, layer, plan.valid, plan.index + 1, cpu_kernel=plan.cpu_kernel,
+                                  kind=plan.decode, limit=plan.limit, mesh=plan.mesh, rules=plan.rules)
+        return out, kc, vc
+    return multi_token_attention(q, layer_keys(kc, layer), jnp.swapaxes(vc[layer], 1, 2), plan.mask,
                                  plan.chunk), kc, vc

@@ -19,7 +19,15 @@ from jax.sharding import Mesh
 
 from opd_jax.config.schema import LoRAConfig, ModelConfig
 from opd_jax.mesh import with_logical_constraint
-from opd_jax.models.attention import AttentionPlan, KVCache, attend, init_cache, plan_attention
+from opd_jax.models.attention import (
+    AttentionPlan,
+    KVCache,
+    attend,
+    decode_kind,
+    init_cache,
+    plan_attention,
+    target_platform,
+)
 from opd_jax.models.weights import LAYER_WEIGHTS, MATRICES
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -79,11 +87,25 @@ class Qwen3(nnx.Module):
     def dtype(self):
         return _DTYPES[self.cfg.dtype]
 
+    @property
+    def param_dtype(self):
+        return _DTYPES[self.cfg.param_dtype]
+
     # ---- cache ---------------------------------------------------------------------------------------
-    def init_cache(self, batch: int, max_len: int, mesh: Mesh | None = None, rules=None) -> KVCache:
-        """An empty KV cache for `batch` rows of up to `max_len` slots in the compute dtype (see `KVCache`)."""
+    def decode_kind(self, max_len: int, mesh: Mesh | None = None) -> str:
+        """The one-token decode attention of this model's programs on `mesh` (default: the default backend)
+        with a cache of `max_len` slots: `model.decode_attention` resolved for the target platform
+        (`attention.decode_kind`)."""
         c = self.cfg
-        return init_cache(c.num_layers, batch, c.num_kv_heads, c.head_dim, max_len, self.dtype, mesh, rules)
+        return decode_kind(c.decode_attention, target_platform(mesh), c.head_dim, max_len)
+
+    def init_cache(self, batch: int, max_len: int, mesh: Mesh | None = None, rules=None) -> KVCache:
+        """An empty KV cache for `batch` rows of up to `max_len` slots in the compute dtype, in the layout its
+        decode attention reads (`decode_kind`: "tiled" for the CPU block loop, "flat" otherwise; see `KVCache`)."""
+        c = self.cfg
+        layout = "tiled" if self.decode_kind(max_len, mesh) == "blocks" else "flat"
+        return init_cache(c.num_layers, batch, c.num_kv_heads, c.head_dim, max_len, self.dtype, mesh, rules,
+                          layout=layout)
 
     # ---- forward -------------------------------------------------------------------------------------
     def __call__(
@@ -96,13 +118,16 @@ class Qwen3(nnx.Module):
         mesh: Mesh | None = None,
         rules=None,
         cache_empty: bool = False,
+        decode_limit: int | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """tokens, positions, token_mask: [batch, T]. Returns final-normed hidden states [batch, T, hidden]
         and the updated cache. A masked-out token (padding) is never attended to by any other token.
 
         `cache_empty=True` (static) promises the cache holds nothing yet (a prefill): the tokens then attend
         to each other only, a [T, T] problem, instead of to every slot of the cache ([T, prompt + new tokens]
-        scores, which at long generation budgets dwarfs the prompt's own activations)."""
+        scores, which at long generation budgets dwarfs the prompt's own activations). `decode_limit` (static)
+        promises that no cache slot at or past it is filled after this call: a one-token call with "dense" decode
+        attention then reads only that prefix of the cache (the sampler's decode segments)."""
         c = self.cfg
         B, T = tokens.shape
         if token_mask is None:
@@ -111,7 +136,9 @@ class Qwen3(nnx.Module):
         x = with_logical_constraint(x, ("batch", "seq", "embed"), mesh, rules)
         rope = rope_tables(positions, c.head_dim, c.rope_theta)
         plan = plan_attention(token_mask.astype(bool), cache, cache_empty=cache_empty, chunk=c.attention_chunk,
-                              cpu_kernel=c.cpu_decode_kernel and (mesh is None or mesh.size == 1))
+                              cpu_kernel=c.cpu_decode_kernel and (mesh is None or mesh.size == 1),
+                              decode=self.decode_kind(cache.max_len, mesh) if cache is not None else "blocks",
+                              limit=decode_limit, mesh=mesh, rules=rules)
         lora_scale = (self.lora_cfg.alpha / self.lora_cfg.rank) if self.lora_cfg is not None else 0.0
 
         def layer(carry, xs):
@@ -127,7 +154,12 @@ class Qwen3(nnx.Module):
 
         kc = None if cache is None else cache.k
         vc = None if cache is None else cache.v
-        (x, kc, vc), _ = jax.lax.scan(layer, (x, kc, vc), (self.layer_params(), jnp.arange(c.num_layers)))
+        if c.decode_unroll and plan.kind == "decode":  # one traced layer per layer: static weight/cache slices
+            params = self.layer_params()
+            for i in range(c.num_layers):
+                (x, kc, vc), _ = layer((x, kc, vc), ({k: w[i] for k, w in params.items()}, i))
+        else:
+            (x, kc, vc), _ = jax.lax.scan(layer, (x, kc, vc), (self.layer_params(), jnp.arange(c.num_layers)))
         x = rms_norm(x, self.final_norm[...].astype(self.dtype), c.rms_norm_eps)
         if cache is not None:
             cache = KVCache(k=kc, v=vc, valid=plan.valid, index=cache.index + T)
