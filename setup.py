@@ -16,7 +16,8 @@ setup(
     packages=find_packages(include=["opd_jax", "opd_jax.*"]),  # experiments/ and benchmarks/ run from a checkout
     package_data={"opd_jax.kernels": ["*.cc"],  # C++ sources, built on first use (opd_jax/kernels/cpu.py)
                   # the demo's teacher and student (opd_jax/miniature/prepare.py: PRETRAINED)
-                  "opd_jax.miniature": ["pretrained/*/*.json", "pretrained/*/*/*.json", "pretrained/*/*/*.safetensors"]},
+                  "opd_jax.miniature": ["pretrained/*/*.json", "pretrained/*/*/*.json",
+                                        "pretrained/*/*/*.safetensors"]},
     install_requires=[
         f"jax{JAX_RANGE}",
         "flax>=0.12.8,<0.13",
