@@ -263,3 +263,18 @@ def test_demo_replaces_only_its_own_run_dir(tmp_path):
     with pytest.raises(RunDirError, match="not a demo's directory"):
         claim_run_dir(str(other))
     assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_every_model_field_is_keyed_or_declared_execution_only():
+    """The miniature's cache keys hash every ModelConfig field except the declared execution-only ones; a new field
+    must be put in one class or the other here (else the shipped pair silently goes stale, or a model change reuses
+    an old cache)."""
+    from opd_jax.config.schema import ModelConfig
+    from opd_jax.miniature.prepare import EXECUTION_FIELDS
+
+    keyed = {"preset", "hf_path", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+             "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps", "tie_embeddings", "param_dtype", "dtype",
+             "remat", "attention_chunk"}  # (remat and attention_chunk run the same model too; kept, conservatively)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert set(EXECUTION_FIELDS) <= fields
+    assert fields - set(EXECUTION_FIELDS) == keyed, sorted(fields ^ (keyed | set(EXECUTION_FIELDS)))

@@ -78,6 +78,11 @@ class Prepared:
         return [f"student.hf_path={self.student}", f"teachers.0.model.hf_path={self.teacher}"]
 
 
+# ModelConfig fields that choose how a program runs, not which model it trains (same weights up to float rounding):
+# left out of the cache keys. Every other field is part of the key; tests/test_opd_chains.py makes a new field choose.
+EXECUTION_FIELDS = ("cpu_decode_kernel", "decode_attention", "decode_unroll")
+
+
 def _key(blob: dict) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -87,8 +92,9 @@ def cache_keys(cfg: ExperimentConfig, recipe: Recipe) -> tuple[str, str]:
     d = config_to_dict(cfg)
     t, s = copy.deepcopy(d["teachers"][0]["model"]), copy.deepcopy(d["student"])
     for m in (t, s):
-        m["hf_path"] = None
-        m.pop("cpu_decode_kernel", None)
+        m["hf_path"] = None  # where the weights come from is not what they are
+        for k in EXECUTION_FIELDS:
+            m.pop(k, None)
     task = {"data": d["data"]["source"], "sampling": [d["sampling"]["max_prompt_len"], d["sampling"]["max_new_tokens"]]}
     t_key = _key({"v": CACHE_VERSION, "teacher": t, "task": task, "recipe": recipe.teacher_part()})
     s_key = _key({"v": CACHE_VERSION, "teacher_key": t_key, "student": s, "task": task,
