@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("convert", help="re-export an HF Qwen3 checkpoint through opd_jax (dtype, shards)",
                         description="Re-export an HF Qwen3 checkpoint through opd_jax: change its dtype, re-shard its "
                                     "files, or check that opd_jax reads it.")
-    sp.add_argument("src", help="HF checkpoint dir (local or gs://)")
+    sp.add_argument("src", help="HF checkpoint: a local dir, gs://..., or a Hub id (Qwen/Qwen3-8B-Base[@revision])")
     sp.add_argument("dst", help="output dir (local or gs://)")
     sp.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                     help="output dtype (default: the source's torch_dtype, float32 if not bf16/fp32)")
@@ -169,8 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt", default=None, help="prompt text (default: the first eval problem)")
     sp.add_argument("--out", default=None, help="output HTML path (default: RUN_DIR/kl.html)")
     sp = sub.add_parser("demo", help="CPU demo: teacher + student (cached), then OPD and SFT with before/after "
-                                     "held-out accuracy and KL")
-    sp.add_argument("--fresh", action="store_true", help="train the teacher and student anew (8-10 min on 2 cores) "
+                                     "held-out accuracy and KL",
+                        description="On-policy distillation end to end on a CPU, about a minute on 2 cores: from the "
+                                    "teacher and student that ship with the package, 40 OPD steps and 40 SFT steps, "
+                                    "with held-out accuracy (95% intervals) and per-token KL before and after.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sp.add_argument("--fresh", action="store_true", help="train the teacher and student anew (6-9 min on 2 cores) "
                                                          "instead of using the pair shipped with the package")
     sp.add_argument("--steps", type=int, default=40, help="OPD steps (and SFT steps, for the comparison)")
     sp.add_argument("--run-dir", default="runs/opd_chains/demo", help="where the demo's runs and summary go (a rerun "

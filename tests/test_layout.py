@@ -255,3 +255,15 @@ def test_ci_installs_the_lowest_supported_versions():
         assert lowest[name] == floor, (name, lowest[name], floor)
         assert parsed[name].specifier.contains(version(name)), (name, version(name), parsed[name].specifier)
     assert "jax[cuda12]" in text and "jax[cuda13]" in text
+
+
+def test_reading_order_sizes_are_current():
+    """The README's reading-order table gives each file's size in lines: within 10% of the file today."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    rows = re.findall(r"^\| \d+ \| `(opd_jax/[^`]+)` \| (\d+) \|", (root / "README.md").read_text(), re.M)
+    assert len(rows) >= 8, rows
+    for path, stated in rows:
+        actual = len((root / path).read_text().splitlines())
+        assert abs(actual - int(stated)) <= 0.1 * actual, f"README says {path} has {stated} lines; it has {actual}"

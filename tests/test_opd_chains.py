@@ -263,6 +263,8 @@ def test_demo_replaces_only_its_own_run_dir(tmp_path):
     with pytest.raises(RunDirError, match="not a demo's directory"):
         claim_run_dir(str(other))
     assert (other / "notes.txt").read_text() == "keep me"
+    with pytest.raises(RunDirError, match="is a file"):
+        claim_run_dir(str(other / "notes.txt"))
 
 
 def test_every_model_field_is_keyed_or_declared_execution_only():
@@ -278,3 +280,15 @@ def test_every_model_field_is_keyed_or_declared_execution_only():
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     assert set(EXECUTION_FIELDS) <= fields
     assert fields - set(EXECUTION_FIELDS) == keyed, sorted(fields ^ (keyed | set(EXECUTION_FIELDS)))
+
+
+def test_prepare_command_reports_the_pair(tmp_path, capsys, monkeypatch):
+    """`python -m opd_jax.miniature.prepare --root DIR`: the pair into DIR (here: the shipped one, copied) and each
+    model's recorded test accuracy."""
+    from opd_jax.miniature import prepare as prep_mod
+
+    monkeypatch.setattr(prep_mod.setup, "quiet_jax", lambda: None)
+    assert prep_mod.main(["--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "teacher: " in out and "student: " in out and "test accuracy T=1 0.8" in out
+    assert "trained now: nothing" in out

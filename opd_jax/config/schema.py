@@ -22,7 +22,8 @@ class ModelConfig:
     """A Qwen3 dense model. `preset` fills the dimensions; explicit fields override the preset."""
 
     preset: str | None = None  # e.g. "qwen3-0.6b", "qwen3-8b", "tiny"
-    hf_path: str | None = None  # HF checkpoint dir (local or gs://); weights are loaded from here
+    # HF checkpoint the weights load from: a local dir, gs://..., or a Hub id (org/name[@revision])
+    hf_path: str | None = None
     vocab_size: int = 512
     hidden_size: int = 64
     intermediate_size: int = 128

@@ -1,7 +1,7 @@
 """`opd-jax demo`: on-policy distillation end to end on a laptop CPU, next to SFT with the same steps.
 
 1. The teacher and the student: the pair shipped with the package (copied into the cache), or trained now with
-   `--fresh` (`prepare`, 8-10 minutes on a 2-core CPU): a teacher that solves chains of modular steps and corrects
+   `--fresh` (`prepare`, 6-9 minutes on a 2-core CPU): a teacher that solves chains of modular steps and corrects
    slips, and a smaller student mid-trained on a limited set of the teacher's samples.
 2. From that student, `--steps` steps of OPD (the student samples, the teacher scores the same tokens, the per-token
    reverse KL is the advantage) and, separately, the same number of SFT steps on fresh teacher samples (the same
@@ -38,6 +38,8 @@ def claim_run_dir(run_dir: str) -> None:
     from opd_jax.errors import RunDirError
 
     path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"--run-dir {run_dir} is a file, not a directory", hint="pick another --run-dir")
     if path.exists() and any(path.iterdir()):
         if not (path / MARKER).exists():
             raise RunDirError(f"--run-dir {run_dir} exists and is not a demo's directory (no {MARKER} in it); the demo "
@@ -119,7 +121,7 @@ def run_method(method: str, cfg: ExperimentConfig, prep: Prepared, steps: int, l
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fresh", action="store_true", help="train the teacher and student anew (8-10 min on 2 cores) "
+    p.add_argument("--fresh", action="store_true", help="train the teacher and student anew (6-9 min on 2 cores) "
                                                         "instead of using the shipped pair")
     p.add_argument("--steps", type=int, default=40, help="OPD steps (and SFT steps)")
     p.add_argument("--run-dir", default="runs/opd_chains/demo", help="the demo's directory, replaced by a rerun")
@@ -139,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = setup.base_config([*a.overrides, *prep.overrides(), f"run_dir={run_dir}"])
     t_info = prep.info["teacher"].get("test") or grade_teacher(cfg, os.path.join(run_dir, "teacher"))
     print("measuring the student before training ...", flush=True)
+    t_measure = time.time()
     before = measure_point(cfg, "before", run_dir=os.path.join(run_dir, "before"), hf_path=prep.student)
+    before_s = time.time() - t_measure
     print(f"OPD: {a.steps} steps x {cfg.groups_per_batch} prompts x {cfg.group_size} samples, lr {OPD_LR:g} ...",
           flush=True)
     opd = run_method("opd", cfg, prep, a.steps, OPD_LR, os.path.join(run_dir, "opd"))
@@ -147,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     sft = run_method("sft", cfg, prep, a.steps, SFT_LR, os.path.join(run_dir, "sft"))
     total = time.time() - t_start
     summary = {"teacher": t_info, "before": before, "opd": opd, "sft": sft, "steps": a.steps,
-               "opd_lr": OPD_LR, "sft_lr": SFT_LR, "prepare_s": prep_s, "total_s": total,
+               "opd_lr": OPD_LR, "sft_lr": SFT_LR, "prepare_s": prep_s, "before_s": before_s, "total_s": total,
                "teacher_dir": prep.teacher, "student_dir": prep.student}
     with open(os.path.join(run_dir, "demo_summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
@@ -200,8 +204,9 @@ def report(s: dict, cfg: ExperimentConfig) -> str:
     lines += [verdict,
               f"SFT on fresh teacher samples, same steps and sequences per step, went from {b['t1']['accuracy']:.0%} "
               f"to {f['t1']['accuracy']:.0%}: OPD gained {cmp}.",
-              f"Took {s['total_s']:.0f}s ({s['prepare_s']:.0f}s of it getting the teacher and student; OPD trained "
-              f"{o['train_s']:.0f}s, SFT {f['train_s']:.0f}s). Details: {cfg.run_dir}/demo_summary.json"]
+              f"Took {s['total_s']:.0f}s: {s['prepare_s']:.0f}s getting the teacher and student, "
+              f"{s.get('before_s', 0):.0f}s measuring the student before, OPD trained {o['train_s']:.0f}s and SFT "
+              f"{f['train_s']:.0f}s, the rest measuring after. Details: {cfg.run_dir}/demo_summary.json"]
     return "\n".join(lines)
 
 
