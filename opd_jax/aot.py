@@ -483,9 +483,9 @@ def lower_step(cfg, devices: Sequence):
         raise ValueError(f"algorithm {cfg.algorithm!r}: expected opd, rl or sft")
 
     from opd_jax.sampling import SamplingParams
-    from opd_jax.step import PromptBatch, build_opd_step, uses_teachers
+    from opd_jax.step import PromptBatch, build_opd_step
 
-    teachers = [model_spec(model_for_aot(t.model), mesh) for t in cfg.teachers] if uses_teachers(cfg) else []
+    teachers = [model_spec(model_for_aot(t.model), mesh) for t in cfg.teachers] if cfg.scores_with_teachers else []
     t_params = [t.trainable for t in teachers]
     G, P = cfg.groups_per_batch, cfg.sampling.max_prompt_len
     sds = jax.ShapeDtypeStruct

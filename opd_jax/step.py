@@ -2,9 +2,9 @@
 all in ONE jitted XLA program on one mesh, with no host round trip and no host callbacks.
 
 `build_opd_step` is the one place the step is assembled: it decides which teachers the program scores with
-(`uses_teachers`), builds the `StepBuilder` and jits `StepBuilder.fused` with explicit shardings. The trainer,
-`opd-jax compile` (AOT for a TPU pod) and `benchmarks/opd_step.py` all call it, so the compiled report describes
-the program a run executes.
+(`ExperimentConfig.scores_with_teachers`), builds the `StepBuilder` and jits `StepBuilder.fused` with explicit
+shardings. The trainer, `opd-jax compile` (AOT for a TPU pod) and `benchmarks/opd_step.py` all call it, so the
+compiled report describes the program a run executes.
 
 The two halves are also exposed on their own (`sample_phase`, `update_phase`) for the baselines that must
 leave the program (RL with a host-side grader) and for the unfused benchmark; the fused step is simply both
@@ -54,12 +54,6 @@ class PromptBatch:
     answer: jax.Array  # [G, A] int32 reference tokens for an in-graph task reward (pad -1); may be [G, 0]
 
 
-def uses_teachers(cfg: ExperimentConfig) -> bool:
-    """Whether the step scores with the teachers (`ExperimentConfig.scores_with_teachers`, the one rule the trainer
-    loads them by and `opd-jax compile` lowers them by)."""
-    return cfg.scores_with_teachers
-
-
 def check_vocabularies(cfg: ExperimentConfig, tokenizer_size: int | None = None) -> None:
     """Before anything is compiled: the student and every teacher the step scores with share one vocabulary size
     (the teacher scores the student's token ids; full-vocabulary losses compare whole distributions), and the
@@ -69,7 +63,7 @@ def check_vocabularies(cfg: ExperimentConfig, tokenizer_size: int | None = None)
     if tokenizer_size is not None and tokenizer_size > student:
         raise ConfigError(f"data.tokenizer / student.vocab_size: the tokenizer has {tokenizer_size} tokens but the "
                           f"student's head only {student}: ids >= {student} would index past it")
-    if not uses_teachers(cfg):
+    if not cfg.scores_with_teachers:
         return
     for i, t in enumerate(cfg.teachers):
         v = resolve_model(t.model).vocab_size
@@ -291,14 +285,14 @@ def build_opd_step(cfg: ExperimentConfig, mesh: Mesh | None, student: ModelDef, 
                    stop_token_ids: Sequence[int] = ()) -> tuple[StepBuilder, Callable]:
     """The one assembly of the fused OPD / RL step: `(builder, jitted step)`.
 
-    teachers / teacher_shardings: the models the step scores with, which must be those `uses_teachers(cfg)`
+    teachers / teacher_shardings: the models the step scores with, which must be those `cfg.scores_with_teachers`
     asks for (all of `cfg.teachers`, or none); ValueError otherwise. example_batch: a `PromptBatch` of arrays or
     ShapeDtypeStructs (only its shapes are read). reward_fn: the in-program task reward (RL and mixed losses).
     The trainer passes real weights' definitions and shardings, `opd-jax compile` abstract ones; both get the
     same program."""
     if cfg.algorithm == "opd" and not cfg.teachers:
         raise ConfigError("teachers: algorithm: opd needs at least one teacher to distill from")
-    want = len(cfg.teachers) if uses_teachers(cfg) else 0
+    want = len(cfg.teachers) if cfg.scores_with_teachers else 0
     if len(teachers) != want or len(teacher_shardings) != want:
         raise ValueError(f"algorithm={cfg.algorithm!r}, loss.kl_penalty_coef={cfg.loss.kl_penalty_coef}: the step "
                          f"scores with {want} teacher(s), got {len(teachers)} model(s) and "

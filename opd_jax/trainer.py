@@ -39,7 +39,6 @@ from opd_jax.step import (
     batch_shardings,
     build_opd_step,
     check_vocabularies,
-    uses_teachers,
 )
 from opd_jax.train_state import (
     LoadedModel,
@@ -142,7 +141,7 @@ class OpdProgram(StepProgram):
 
 
 def opd_program(trainer: Trainer) -> OpdProgram:
-    """The fused OPD step (and in-program-reward RL): teachers loaded by `step.uses_teachers`, the program built
+    """The fused OPD step (and in-program-reward RL): teachers loaded by `cfg.scores_with_teachers`, the program built
     by `step.build_opd_step`, prompt batches from the task."""
     cfg, mesh, task = trainer.cfg, trainer.mesh, trainer.task
     if cfg.algorithm not in ("opd", "rl"):
@@ -150,7 +149,7 @@ def opd_program(trainer: Trainer) -> OpdProgram:
     reward_fn = task.reward_fn if (cfg.algorithm == "rl" or cfg.loss.task_reward_coef) else None
     feed = PromptFeed(cfg, task, mesh, with_answers=reward_fn is not None)
     teachers = [load_model(t.model, seed=cfg.seed + 1 + i, mesh=mesh)
-                for i, t in enumerate(cfg.teachers)] if uses_teachers(cfg) else []
+                for i, t in enumerate(cfg.teachers)] if cfg.scores_with_teachers else []
     random = [t.name for t in cfg.teachers[: len(teachers)] if not t.model.hf_path]
     if random and jax.process_index() == 0:
         print(f"note: teacher(s) {random} have no hf_path: a random init. This is a smoke test of the machinery (the "

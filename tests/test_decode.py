@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 from jax import export
 from jax.sharding import Mesh
+from jaxpr_utils import walk
 
 from opd_jax.config.schema import ModelConfig
 from opd_jax.kernels import cpu as cpu_kernels
@@ -168,28 +169,13 @@ def _sampler(kind: str, segments: int = 0, **cfg):
     return fn, args
 
 
-def _walk(jaxpr):
-    """Every equation of a jaxpr and its sub-jaxprs, except inside a Pallas kernel (device code: its loops run
-    on the GPU, not in XLA's control flow)."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        if eqn.primitive.name == "pallas_call":
-            continue
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, tuple | list) else (param,):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    yield from _walk(sub.jaxpr)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    yield from _walk(sub)
-
-
 def decode_loops(fn, args) -> list[int]:
     """For each decode `while` loop of the traced sampler (the outermost whiles), how many `while` loops its
     body holds. Scans (the layer loop) have a static trip count and are not `while`s in a jaxpr."""
-    eqns = list(_walk(jax.make_jaxpr(fn)(*args).jaxpr))
+    eqns = list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
     whiles = [e for e in eqns if e.primitive.name == "while"]
-    nested = {id(e) for w in whiles for e in _walk(w.params["body_jaxpr"].jaxpr) if e.primitive.name == "while"}
-    return [sum(e.primitive.name == "while" for e in _walk(w.params["body_jaxpr"].jaxpr))
+    nested = {id(e) for w in whiles for e in walk(w.params["body_jaxpr"].jaxpr) if e.primitive.name == "while"}
+    return [sum(e.primitive.name == "while" for e in walk(w.params["body_jaxpr"].jaxpr))
             for w in whiles if id(w) not in nested]
 
 

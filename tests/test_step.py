@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import glob
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec
+from jaxpr_utils import walk
 
 from opd_jax import losses
 from opd_jax.config.schema import ExperimentConfig, LoRAConfig, MeshConfig, ModelConfig
@@ -146,18 +147,6 @@ def env() -> SimpleNamespace:
     e.sgd = optax.sgd(1.0)  # update-phase tests: the update is exactly -grad
     e.teacher_logits = jax.jit(lambda params, tokens, mask: full_logits(e.tdef, params, tokens, mask))
     return e
-
-
-def walk(jaxpr: jax.extend.core.Jaxpr) -> Iterator[jax.extend.core.JaxprEqn]:
-    """Every equation of a jaxpr and of all its sub-jaxprs (loops, conds, remat, custom derivatives)."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, tuple | list) else (param,):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    yield from walk(sub.jaxpr)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    yield from walk(sub)
 
 
 def compile_events() -> tuple[list[str], Callable[[], None]]:
