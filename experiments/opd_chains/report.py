@@ -338,6 +338,13 @@ def plots(s: dict, results: str) -> dict[str, str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def save(fig, name: str) -> str:
+        fig.tight_layout()
+        path = os.path.join(results, name)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
     out = {}
     M = s["methods"]
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
@@ -365,10 +372,7 @@ def plots(s: dict, results: str) -> dict[str, str]:
                    color=COLORS["opd"], label="OPD")
     ax[1].set(xlabel="step", ylabel="test accuracy (T=1)", title="RL run long (one seed) vs OPD")
     ax[1].legend(fontsize=7)
-    fig.tight_layout()
-    out["steps"] = os.path.join(results, "accuracy_vs_steps.png")
-    fig.savefig(out["steps"], dpi=100)
-    plt.close(fig)
+    out["steps"] = save(fig, "accuracy_vs_steps.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, d in M.items():
@@ -385,10 +389,7 @@ def plots(s: dict, results: str) -> dict[str, str]:
     ax.set(xlabel="FLOPs (student + teacher; dotted: student only)", ylabel="test accuracy (T=1)",
            title="accuracy vs FLOPs (opd_jax.flops)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    out["flops"] = os.path.join(results, "accuracy_vs_flops.png")
-    fig.savefig(out["flops"], dpi=100)
-    plt.close(fig)
+    out["flops"] = save(fig, "accuracy_vs_flops.png")
 
     sweep = s["summary"]["sweep"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -400,10 +401,7 @@ def plots(s: dict, results: str) -> dict[str, str]:
     ax.set(xlabel="learning rate (warmup, then constant)", ylabel="validation accuracy (T=1), last 2 evals",
            title="learning-rate sweep (seed 0), chosen on validation")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    out["sweep"] = os.path.join(results, "lr_sweep.png")
-    fig.savefig(out["sweep"], dpi=100)
-    plt.close(fig)
+    out["sweep"] = save(fig, "lr_sweep.png")
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     if s.get("single_prompt") and "opd" in M:
@@ -427,10 +425,7 @@ def plots(s: dict, results: str) -> dict[str, str]:
                                     for p in points], fontsize=8)
         ax[1].set(ylim=(0, 1.15), title="recovery (mid-training on facts, then OPD)")
         ax[1].legend(fontsize=7, loc="upper center", ncol=2)
-    fig.tight_layout()
-    out["extras"] = os.path.join(results, "single_prompt_and_recovery.png")
-    fig.savefig(out["extras"], dpi=100)
-    plt.close(fig)
+    out["extras"] = save(fig, "single_prompt_and_recovery.png")
     return out
 
 
