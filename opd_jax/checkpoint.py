@@ -132,6 +132,8 @@ def restore_trainable(checkpoint_dir: str, trainable, t_axes: dict, mesh: Mesh,
     `t_axes`; `trainable` gives the shapes and dtypes (arrays or ShapeDtypeStructs). Returns (trainable, step).
 
     The optimizer config of the run that wrote the checkpoint does not matter (its moments are never read)."""
+    if "://" not in str(checkpoint_dir):  # orbax wants absolute local paths (`Checkpointer` does the same)
+        checkpoint_dir = os.path.abspath(checkpoint_dir)
     path = epath.Path(checkpoint_dir)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint directory {checkpoint_dir}")

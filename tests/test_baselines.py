@@ -201,6 +201,15 @@ def test_teacher_sft_examples(sft_run):
     assert step == 150  # the latest; its trainable weights only (the optimizer state is not read)
     for a, b in zip(_leaves(teacher.trainable), _leaves(trained), strict=True):
         np.testing.assert_array_equal(a, b)
+    # a run_dir relative to the working directory, as `opd-jax visualize ... run_dir=runs/x` passes it (orbax itself
+    # takes only absolute paths)
+    cwd = os.getcwd()
+    try:
+        os.chdir(os.path.dirname(run_dir))
+        _, rel_step = load_run_model(cfg.student, os.path.basename(run_dir), seed=99, mesh=mesh)
+    finally:
+        os.chdir(cwd)
+    assert rel_step == 150
     task = ArithmeticTask(seed=5, num_ops=1, max_operand=5)
     stats: dict = {}
     rows = teacher_sft_examples(teacher, task, 6, SamplingParams.create(1.0), max_new_tokens=12,

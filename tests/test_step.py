@@ -386,6 +386,60 @@ def test_teacher_template_scores_exactly_the_completion(env):
     assert float(jnp.max(jnp.abs(lp_student_template - lp) * samples.mask)) > 1e-3
 
 
+def test_loss_covers_truncated_rows_and_the_stop_token_and_nothing_after_it(env, updates):
+    """Issue #26 (what the loss sees at the end of a row): the update equals, to float precision, the gradient of a
+    reference written from the sampled token ids alone. A row's loss tokens are its tokens up to and including its
+    first stop token, or all NEW tokens when it has none (truncated); each gets the advantage -(log p_sampler - log
+    p_teacher) of its own token; nothing after a stop counts. The reference never reads the sampler's mask."""
+    samples = env.samples
+    tokens = np.asarray(samples.tokens)
+    lengths = []
+    for row in tokens:
+        stops = [t for t, x in enumerate(row) if int(x) in STOPS]
+        lengths.append(stops[0] + 1 if stops else NEW)
+    lengths = np.asarray(lengths)
+    assert (lengths < NEW).any() and (~np.isin(tokens, STOPS).any(axis=1)).any()  # both kinds of row present
+    np.testing.assert_array_equal(np.asarray(samples.lengths), lengths)
+    np.testing.assert_array_equal(np.asarray(samples.truncated), ~np.isin(tokens, STOPS).any(axis=1))
+    keep = np.arange(NEW)[None, :] < lengths[:, None]
+    assert (tokens[~keep] == 0).all()  # pad after the stop
+
+    prompts, pmask = (np.repeat(np.asarray(x), K, axis=0) for x in (env.batch.tokens, env.batch.mask))
+    t_prompts, t_pmask = (np.repeat(np.asarray(x), K, axis=0) for x in (env.batch.teacher_tokens,
+                                                                       env.batch.teacher_mask))
+
+    def completion_logprobs(model_def, params, prompt, prompt_mask, width):
+        # [prompt, completion] with every completion position visible: causal attention keeps later tokens out
+        full = jnp.concatenate([prompt, tokens], axis=1)
+        m = jnp.concatenate([prompt_mask, np.ones_like(tokens, bool)], axis=1)
+        logp = jax.nn.log_softmax(full_logits(model_def, params, full, m)[:, width - 1: width + NEW - 1])
+        return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+
+    lp_teacher = completion_logprobs(env.tdef, env.tp, t_prompts, t_pmask, PT)
+    lp_sampler = np.asarray(samples.logprobs)
+    advantage = np.where(keep, -(lp_sampler - np.asarray(lp_teacher)), 0.0)
+
+    def reference_loss(trainable):
+        lp = completion_logprobs(env.sdef, trainable, prompts, pmask, P)  # no LoRA: frozen is empty
+        ratio = jnp.exp(lp - jax.lax.stop_gradient(lp))
+        return jnp.sum(jnp.where(keep, -ratio * advantage, 0.0)) / keep.sum()  # make_cfg: token_mean
+
+    ref_grads = jax.grad(reference_loss)(env.tr)
+    state, metrics = run_update(env, updates["A"], [env.tp])
+    np.testing.assert_allclose(float(metrics["num_tokens"]), keep.sum())
+    np.testing.assert_allclose(float(metrics["teacher_kl"]), float(-advantage.sum() / keep.sum()), rtol=1e-5)
+    for k in env.tr:  # SGD with lr 1: params - new params = grads
+        np.testing.assert_allclose(np.asarray(env.tr[k]) - np.asarray(state.trainable[k]), np.asarray(ref_grads[k]),
+                                   rtol=1e-4, atol=1e-6, err_msg=k)
+    # tokens after a stop do not matter: garbage there (still masked) leaves the update unchanged
+    garbage = samples.replace(tokens=jnp.where(jnp.asarray(keep), samples.tokens, 7),
+                              logprobs=jnp.where(jnp.asarray(keep), samples.logprobs, -3.0))
+    state2, _ = updates["A"](new_state(env.sgd, env.tr, env.fr), [env.tp], env.batch, garbage)
+    for k in env.tr:
+        np.testing.assert_allclose(np.asarray(state2.trainable[k]), np.asarray(state.trainable[k]), atol=1e-7,
+                                   err_msg=k)
+
+
 def test_full_vocab_teachers_of_different_widths(env):
     """Full-vocabulary losses route teachers of different hidden sizes too (their hidden states and heads are
     zero-padded to one width); the padded teacher's logits are unchanged."""
