@@ -2,8 +2,9 @@
 
 Exit codes: 0 done; 2 a user error (bad config, data, files, run dir: one line that names the culprit, plus a hint;
 `--debug` shows the traceback); 75 (EX_TEMPFAIL) a training run stopped by SIGTERM / SIGINT after saving a
-checkpoint, to be resumed with `resume=true` (a scheduler can requeue on it); 130 interrupted before it could save;
-1 anything else (a bug: the traceback is printed).
+checkpoint, to be resumed with `resume=true` (a scheduler can requeue on it); 3 a training run stopped by the
+length-collapse guard (`guard.on_collapse: stop`, opd_jax.guards) after saving a checkpoint; 130 interrupted before
+it could save; 1 anything else (a bug: the traceback is printed).
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ def cmd_train(args) -> int:
         print(f"stopped at step {result['preempted_at']} with a checkpoint; resume with resume=true "
               f"(exit code {EXIT_PREEMPTED})")
         return EXIT_PREEMPTED
+    if "collapsed_at" in result:
+        from opd_jax.guards import EXIT_COLLAPSED
+
+        print(f"stopped by the length-collapse guard at step {result['collapsed_at']} with a checkpoint (exit code "
+              f"{EXIT_COLLAPSED}): {result['collapse']}")
+        return EXIT_COLLAPSED
     return 0
 
 

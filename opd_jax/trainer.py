@@ -29,6 +29,7 @@ from opd_jax.data.task import Task, resolve_stop_tokens
 from opd_jax.distributed import initialize_distributed
 from opd_jax.errors import ConfigError
 from opd_jax.eval.evaluate import make_eval_sampler, task_eval
+from opd_jax.guards import CollapseGuard, CollapseReport
 from opd_jax.mesh import make_mesh
 from opd_jax.metrics import MetricsLogger
 from opd_jax.run_dir import RunDirExistsError, check_run_dir, open_run_dir, trim_metrics
@@ -214,6 +215,10 @@ class Trainer:
                           every=cfg.eval.every)
         self._eval_fn = None
         self._stop_requested = None  # the signal's name once SIGTERM / SIGINT asked the run to stop
+        self.guard = CollapseGuard(cfg.guard)
+        self._collapse_stop: CollapseReport | None = None  # set when guard.on_collapse=stop fired
+        if cfg.guard.on_collapse != "off":
+            self.add_hook(Trainer._watch_collapse, every=1)
         self.nonfinite_total = 0
         self.consecutive_skips = 0
         self.start_step = 0
@@ -254,7 +259,8 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def _meta(self) -> dict:
-        return {"data": self.program.data_state(), "seed": self.cfg.seed, "nonfinite_total": self.nonfinite_total}
+        return {"data": self.program.data_state(), "seed": self.cfg.seed, "nonfinite_total": self.nonfinite_total,
+                "guard": self.guard.state()}
 
     def save(self, force: bool = False) -> None:
         step = int(self.state.step)
@@ -265,9 +271,22 @@ class Trainer:
         self.state, meta, step = self.checkpointer.restore(self.state, c.resume_step, fallback=c.fallback_to_intact)
         self.program.restore_data(meta.get("data", {}))
         self.nonfinite_total = int(meta.get("nonfinite_total", meta.get("skipped_total", 0)))  # older checkpoints
+        self.guard.restore(meta.get("guard", {}))
         self.start_step = step
         if jax.process_index() == 0:
             print(f"resumed from {self.cfg.run_dir} at step {step}")
+
+    # ---- the length-collapse guard ------------------------------------------------------------------------
+    def _watch_collapse(self, step: int, metrics: dict) -> dict:
+        """The `guard` hook (every step): feed the step's metrics to the CollapseGuard; warn once when it fires, and
+        with `guard.on_collapse: stop` ask the loop to stop after this step."""
+        out, report = self.guard.update(step, metrics)
+        if report is not None:
+            if jax.process_index() == 0:
+                print(f"warning: {report.message(self.cfg.guard)}", flush=True)
+            if self.cfg.guard.on_collapse == "stop":
+                self._collapse_stop = report
+        return out
 
     # ---- eval ------------------------------------------------------------------------------------------
     @property
@@ -341,6 +360,15 @@ class Trainer:
                     self.save()
                 if step == self.start_step:
                     self._report_compile_cache(cache_before, dt)
+                if self._collapse_stop is not None:  # every host fed the same (global) metrics: all stop here
+                    self.checkpointer.wait()
+                    if self.checkpointer.latest_step() != done:
+                        self.save(force=True)
+                    self.checkpointer.wait()
+                    print(f"guard.on_collapse=stop: stopped at step {done} with a checkpoint")
+                    history["collapsed_at"] = done
+                    history["collapse"] = self._collapse_stop.message(c.guard)
+                    return history
                 stop = self._stop_agreed()
                 if stop:
                     print(f"{stop}: saving at step {done} and exiting (resume with "

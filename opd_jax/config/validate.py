@@ -156,6 +156,12 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
 
     _non_negative(c.checkpoint.every, "checkpoint.every")
     _positive(c.checkpoint.max_to_keep, "checkpoint.max_to_keep")
+
+    g = c.guard
+    _positive(g.window, "guard.window")
+    _check(0 < g.truncation_rise <= 1, "guard.truncation_rise", f"must be in (0, 1] (a share of rollouts), got "
+           f"{g.truncation_rise}")
+    _check(0 <= g.kl_fall < 1, "guard.kl_fall", f"must be in [0, 1), got {g.kl_fall}")
     return cfg
 
 
