@@ -429,7 +429,7 @@ def model_for_aot(mcfg):
     """Model dimensions without loading weights: the preset (else the explicit fields); an `hf_path` whose
     config.json is readable here fills the rest (`train_state.resolve_model`), a placeholder path keeps the
     explicit fields."""
-    from opd_jax.models.presets import resolve_model_config
+    from opd_jax.config.presets import resolve_model_config
     from opd_jax.train_state import resolve_model
 
     cfg = resolve_model_config(mcfg)

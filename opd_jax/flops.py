@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from opd_jax.config.schema import ModelConfig
-from opd_jax.models.presets import resolve_model_config
+from opd_jax.config.presets import resolve_model_config
 from opd_jax.models.weights import LAYER_WEIGHTS, MATRICES
 
 AttentionMode = Literal["causal", "dense"]

@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from opd_jax.config.schema import LoRAConfig, ModelConfig, OptimConfig
 from opd_jax.errors import ConfigError
 from opd_jax.mesh import named_sharding, replicated
-from opd_jax.models.presets import resolve_model_config
+from opd_jax.config.presets import resolve_model_config
 from opd_jax.models.qwen3 import Qwen3, abstract_model, build_model, model_axes
 
 

@@ -21,7 +21,8 @@ import pytest
 
 from opd_jax import aot, flops
 from opd_jax.config import ModelConfig, load_config
-from opd_jax.models.presets import num_params, resolve_model_config
+from opd_jax.config.presets import resolve_model_config
+from opd_jax.models.weights import num_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AIME_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "aime24", "*.yaml")))

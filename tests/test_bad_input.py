@@ -96,6 +96,8 @@ def train(capsys, run_dir: Path, *overrides: str) -> tuple[int, str]:
     (["student.hidden_size=0"], "student.hidden_size"),
     (["student.attention_chunk=-1"], "student.attention_chunk"),
     (["teachers.1.name=teacher"], "teachers.*.name"),
+    (["teachers.1.name=second"], "teachers.0.datasets / teachers.1.datasets"),  # two catch-alls: ambiguous
+    (["student.preset=qwen3-8bb"], "student.preset"),
     (["data.source=bogus:thing"], "data.source"),
     (["eval.source=nocolon"], "eval.source"),
     (["eval.k=0"], "eval.k"),
@@ -190,21 +192,53 @@ def test_eval_follows_the_training_prompt_rule(tmp_path):
     task = TextTask(cfg)
     assert len(task.eval_problems()) == 2 and task.eval_counts["prompts_skipped"] == 1
 
-    def fake_sampler(params, tokens, mask, key, sp):  # grading and counting only: completions are the stop token
-        from opd_jax.sampling import SampleOutput
-
-        B, N = tokens.shape[0], 2
-        stop = task.stop_token_ids[0]
-        return SampleOutput(tokens=jnp.full((B, N), stop, jnp.int32), mask=jnp.ones((B, N), bool),
-                            lengths=jnp.full((B,), 1, jnp.int32), logprobs=jnp.zeros((B, N)),
-                            sampler_logprobs=jnp.zeros((B, N)), truncated=jnp.zeros((B,), bool))
-
-    result = task_eval(cfg, task, fake_sampler, None, make_mesh(cfg.mesh), step=0)
+    result = task_eval(cfg, task, _stop_sampler(task), None, make_mesh(cfg.mesh), step=0)
     assert result.num_problems == 2 and result.summary()["eval_prompts_skipped"] == 1
 
     cfg = _text_cfg(tmp_path, tok, rows, "sampling.max_prompt_len=32", "sampling.truncate_prompts=true")
     task = TextTask(cfg)
     assert len(task.eval_problems()) == 3 and task.eval_counts["prompts_truncated"] == 1
+
+
+def _stop_sampler(task):
+    """A stand-in eval sampler whose completions are the stop token (grading and counting only)."""
+    def sample(params, tokens, mask, key, sp):
+        from opd_jax.sampling import SampleOutput
+
+        B, N = tokens.shape[0], 2
+        return SampleOutput(tokens=jnp.full((B, N), task.stop_token_ids[0], jnp.int32), mask=jnp.ones((B, N), bool),
+                            lengths=jnp.full((B,), 1, jnp.int32), logprobs=jnp.zeros((B, N)),
+                            sampler_logprobs=jnp.zeros((B, N)), truncated=jnp.zeros((B,), bool))
+    return sample
+
+
+def test_eval_duplicates_are_counted_dropped_and_ids_carried(tmp_path, capsys):
+    """Issue #23: an eval JSONL where one id appears twice had both copies scored. A problem counts once (by its
+    `id`; without ids, by its text and answer), the drop is counted and printed, and every output row has the id."""
+    from opd_jax.data.text_task import TextTask
+    from opd_jax.eval.evaluate import task_eval
+    from opd_jax.mesh import make_mesh
+
+    tok = make_tokenizer_dir(tmp_path / "tok")
+    rows = [{"id": 60, "question": "What is 1 + 1?", "answer": "2"},
+            {"id": 61, "question": "What is 2 + 3?", "answer": "5"},
+            {"id": 60, "question": "What is 1 + 1? (again)", "answer": "2"}]
+    cfg = _text_cfg(tmp_path, tok, rows, "eval.max_new_tokens=2", "sampling.max_prompt_len=32")
+    task = TextTask(cfg)
+    result = task_eval(cfg, task, _stop_sampler(task), None, make_mesh(cfg.mesh), step=0, out_dir=str(tmp_path / "e"))
+    assert result.num_problems == 2 and result.summary()["eval_duplicates_dropped"] == 1
+    assert [r["id"] for r in result.rows] == ["60", "61"]
+    out = capsys.readouterr().out
+    assert "1 duplicate problem(s) dropped" in out and "id '60'" in out
+    written = [json.loads(line) for line in (tmp_path / "e" / "eval.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in written] == ["60", "61"]
+    # no id field: the same text and answer is the same problem; the same text with another answer is not
+    rows = [{"question": "What is 1 + 1?", "answer": "2"}, {"question": "What is 1 + 1?", "answer": "2"},
+            {"question": "What is 1 + 1?", "answer": "3"}]
+    cfg = _text_cfg(tmp_path, tok, rows, "eval.max_new_tokens=2", "sampling.max_prompt_len=32")
+    task = TextTask(cfg)
+    result = task_eval(cfg, task, _stop_sampler(task), None, make_mesh(cfg.mesh), step=0)
+    assert result.num_problems == 2 and result.summary()["eval_duplicates_dropped"] == 1
 
 
 def test_truncation_cuts_the_content_never_the_template(tmp_path):

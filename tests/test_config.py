@@ -11,6 +11,7 @@ import pytest
 from opd_jax.config import (
     ConfigError,
     ExperimentConfig,
+    ModelConfig,
     TeacherConfig,
     apply_overrides,
     config_from_dict,
@@ -138,6 +139,7 @@ def test_teacher_list_indexing(tmp_path):
     path = write(
         tmp_path / "t.yaml",
         """
+        algorithm: sft   # teachers of other vocabularies than the student's are fine when nothing scores with them
         teachers:
           - name: math
             model: {preset: qwen3-4b}
@@ -147,14 +149,16 @@ def test_teacher_list_indexing(tmp_path):
     )
     cfg = load_config(path, ["teachers.0.model.preset=qwen3-8b", "teachers.1.model.num_layers=3"])
     assert [t.name for t in cfg.teachers] == ["math", "code"]
-    assert cfg.teachers[0].model.preset == "qwen3-8b"
+    # the preset is expanded at load: the config lists qwen3-8b's dimensions (not qwen3-4b's) and names no preset
+    assert cfg.teachers[0].model.preset is None
+    assert (cfg.teachers[0].model.num_layers, cfg.teachers[0].model.hidden_size) == (36, 4096)
     assert cfg.teachers[1].model.num_layers == 3
     assert cfg.teachers[1].model.hidden_size == 64  # schema default filled in
     assert cfg.teachers[1].datasets == ["code"]
     # one past the end appends a default teacher
-    cfg = load_config(None, ["teachers.1.name=second", "teachers.1.model.preset=tiny"])
+    cfg = load_config(None, ["teachers.1.name=second", "teachers.1.model.preset=tiny", "algorithm=sft"])
     assert cfg.teachers == [TeacherConfig(), TeacherConfig(name="second", model=cfg.teachers[1].model)]
-    assert cfg.teachers[1].model.preset == "tiny"
+    assert cfg.teachers[1].model == ModelConfig()  # `tiny` is the ModelConfig defaults
     with pytest.raises(ConfigError, match="out of range"):
         load_config(None, ["teachers.5.name=x"])
     with pytest.raises(ConfigError, match="integer index"):
@@ -162,6 +166,33 @@ def test_teacher_list_indexing(tmp_path):
     typo = r"unknown key 'teachers\.0\.model\.presett' — did you mean 'teachers\.0\.model\.preset'"
     with pytest.raises(ConfigError, match=typo):
         load_config(None, ["teachers.0.model.presett=x"])
+
+
+def test_preset_explicit_fields_win_whatever_they_equal(tmp_path):
+    """Issue #23: `student.num_layers=2` after `student.preset=bench-3m` (4 layers) trained 4 layers and config.yaml
+    said 2, because 2 is the ModelConfig default. A preset expands where it is set; fields set there or later win."""
+    from opd_jax.config.presets import get_preset
+    from opd_jax.models.weights import num_params
+
+    bench = get_preset("bench-3m")
+    cfg = load_config(os.path.join(REPO, "configs", "base.yaml"), ["student.preset=bench-3m", "student.num_layers=2"])
+    want = ModelConfig(**{**bench, "num_layers": 2, "param_dtype": "float32", "dtype": "float32"})
+    assert bench["num_layers"] == 4 and ModelConfig().num_layers == 2
+    assert cfg.student == want  # the YAML's hidden_size 64 gave way to the preset set after it
+    assert num_params(cfg.student) == num_params(want)  # what trains
+    saved = load_config(save_config(cfg, str(tmp_path / "run")))  # config.yaml describes the model that trained
+    assert saved.student == want
+    # in one YAML layer, and across `extends:`
+    one = write(tmp_path / "one.yaml", "student: {preset: bench-3m, num_layers: 2}\nalgorithm: sft\n")
+    assert load_config(one).student.num_layers == 2
+    child = write(tmp_path / "child.yaml", "extends: one.yaml\nstudent: {hidden_size: 64}\n")
+    assert (load_config(child).student.num_layers, load_config(child).student.hidden_size) == (2, 64)
+    over = write(tmp_path / "over.yaml", "extends: one.yaml\nstudent: {preset: qwen3-0.6b}\n")
+    assert load_config(over).student.num_layers == 28  # a later preset replaces the earlier layer's fields
+    # a ModelConfig built in Python (never expanded): fields that differ from the defaults are the explicit ones
+    py = apply_overrides(ExperimentConfig(algorithm="sft", student=ModelConfig(preset="bench-3m", num_layers=3)),
+                         ["steps=2"])
+    assert (py.student.num_layers, py.student.hidden_size) == (3, bench["hidden_size"])
 
 
 # --- errors ----------------------------------------------------------------------------------------------------------
@@ -354,6 +385,9 @@ def test_sweep_errors(tmp_path, base):
         sweep("base: ../base.yaml\ngrid: {optim.learnig_rate: [1e-4]}\n")
     with pytest.raises(ConfigError, match="non-empty list"):
         sweep("base: ../base.yaml\ngrid: {seed: 3}\n")
+    for key in ("grid", "zip"):  # an empty mapping is no axis: an error, not one silent run
+        with pytest.raises(ConfigError, match=f"bad.yaml: '{key}' is empty"):
+            sweep(f"base: ../base.yaml\n{key}: {{}}\n")
     with pytest.raises(ConfigError, match="'base'.*required"):
         sweep("grid: {seed: [1]}\n")
     with pytest.raises(ConfigError, match="both 'grid' and 'zip'"):

@@ -162,8 +162,11 @@ def test_teachers_routed_by_dataset_name(tok_dir, tmp_path):
     catch_all = [TeacherConfig(name="t_rest"), *teachers]
     other = TextTask(_cfg(tok_dir, f"jsonl:{tmp_path / 'beta.jsonl'}", catch_all, name="delta"))
     beta2 = TextTask(_cfg(tok_dir, f"jsonl:{tmp_path / 'beta.jsonl'}", catch_all))
+    # the catch-all takes what no one names wherever it stands in the list (it went to teacher 0 before)
+    rest_last = TextTask(_cfg(tok_dir, f"jsonl:{tmp_path / 'beta.jsonl'}", [*teachers, TeacherConfig(name="t_rest")],
+                              name="delta"))
 
-    for task, idx in ((alpha, 0), (beta, 1), (gamma, 1), (other, 0), (beta2, 2)):
+    for task, idx in ((alpha, 0), (beta, 1), (gamma, 1), (other, 0), (beta2, 2), (rest_last, 2)):
         for _ in range(3):  # crosses an epoch
             rows = task.next_prompts(2)
             assert rows.teacher_index == idx

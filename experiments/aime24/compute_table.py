@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from opd_jax import flops as F
 from opd_jax.config.schema import ModelConfig
-from opd_jax.models.presets import num_params, resolve_model_config
+from opd_jax.config.presets import resolve_model_config
+from opd_jax.models.weights import num_params
 
 NOTES = "OPD_NOTES.md"
 BLOG = f"blog table ({NOTES})"

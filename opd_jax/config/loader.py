@@ -24,7 +24,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from opd_jax.config.schema import ExperimentConfig
+from opd_jax.config.presets import get_preset
+from opd_jax.config.schema import ExperimentConfig, ModelConfig
 from opd_jax.config.validate import validate
 from opd_jax.errors import ConfigError
 
@@ -239,12 +240,55 @@ def _resolve(d: dict) -> dict:
         raise ConfigError(f"{where}: interpolation failed: {str(e).splitlines()[0]}") from None
 
 
-def config_from_dict(d: dict) -> ExperimentConfig:
+def _paths(d: Any, prefix: str = "") -> set[str]:
+    """Every dotted path set in a nested dict/list (list items by index), e.g. 'teachers.0.model.num_layers'."""
+    out: set[str] = set()
+    items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, list) else ()
+    for k, v in items:
+        path = f"{prefix}{k}"
+        out.add(path)
+        out |= _paths(v, path + ".")
+    return out
+
+
+# Explicit(prefix, key, value): whether a model field was set by the user (so a preset must not replace it).
+Explicit = typing.Callable[[str, str, Any], bool]
+
+
+def _expand_presets(d: dict, explicit: Explicit) -> None:
+    """Fill every model section (`student`, `teachers.N.model`) that names a `preset` from the preset, except the
+    fields the user set (`explicit`), whatever they equal; then `preset` is cleared, so the config (and the
+    `config.yaml` a run writes) lists the dimensions that train and nothing resolves the preset twice. Unknown
+    preset: ConfigError naming the field."""
+    sections = [("student", d.get("student"))]
+    sections += [(f"teachers.{i}.model", t.get("model")) for i, t in enumerate(d.get("teachers") or [])
+                 if isinstance(t, dict)]
+    for prefix, m in sections:
+        if not isinstance(m, dict) or m.get("preset") is None:
+            continue
+        try:
+            preset = get_preset(str(m["preset"]))
+        except ValueError as e:
+            raise ConfigError(f"{prefix}.preset: {e}") from None
+        for key, value in preset.items():
+            if not explicit(prefix, key, m.get(key)):
+                m[key] = value
+        m["preset"] = None
+
+
+def config_from_dict(d: dict, explicit: Explicit | None = None) -> ExperimentConfig:
     """Validate a nested dict (partial is fine: missing keys take schema defaults) into an `ExperimentConfig`:
-    types and keys against the schema, then values and pairs of values (`config.validate`)."""
+    types and keys against the schema, then values and pairs of values (`config.validate`). Model presets are
+    expanded first (`_expand_presets`); a field counts as explicit when `explicit` says so, by default when `d`
+    sets it."""
     if not isinstance(d, dict):
         raise ConfigError(f"config must be a mapping, got {type(d).__name__}")
-    return validate(_convert(_resolve(d), ExperimentConfig, ""))
+    if explicit is None:
+        given = _paths(d)
+        explicit = lambda prefix, key, value: f"{prefix}.{key}" in given  # noqa: E731
+    d = _resolve(d)
+    _expand_presets(d, explicit)
+    return validate(_convert(d, ExperimentConfig, ""))
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -258,8 +302,9 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
-def _load_layers(path: str, stack: tuple[str, ...] = ()) -> dict:
-    """One YAML file merged over the files it `extends` (in order, recursively)."""
+def _layer_list(path: str, stack: tuple[str, ...] = ()) -> list[dict]:
+    """The YAML layers of `path` in the order they apply: the files it `extends` (in order, recursively), then its
+    own keys."""
     key = path if _is_remote(path) else os.path.realpath(path)
     if key in stack:
         chain = " -> ".join([*stack[stack.index(key) :], key])
@@ -271,10 +316,25 @@ def _load_layers(path: str, stack: tuple[str, ...] = ()) -> dict:
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
         raise ConfigError(f"{path}: 'extends' must be a path or a list of paths, got {bases!r}")
     _check_keys(data, ExperimentConfig, "", path)
-    merged: dict = {}
+    layers: list[dict] = []
     for base in bases:
-        merged = _merge(merged, _load_layers(_join(path, base), (*stack, key)))
-    return _merge(merged, data)
+        base_path = _join(path, base)
+        try:
+            layers += _layer_list(base_path, (*stack, key))
+        except ConfigError as e:
+            if str(e).startswith("config file not found"):
+                raise ConfigError(f"{path}: extends: {base!r}: config file not found: {base_path} (paths in "
+                                  "'extends' are relative to the file that names them)") from None
+            raise
+    return [*layers, data]
+
+
+def _load_layers(path: str) -> dict:
+    """One YAML file merged over the files it `extends`."""
+    merged: dict = {}
+    for layer in _layer_list(path):
+        merged = _merge(merged, layer)
+    return merged
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -349,17 +409,46 @@ def _apply_to_dict(d: dict, overrides: Iterable[str]) -> dict:
     return d
 
 
+def _override_keys(overrides: Iterable[str]) -> list[str]:
+    return [item.partition("=")[0].strip() for item in overrides]
+
+
 def apply_overrides(cfg: ExperimentConfig, overrides: Iterable[str]) -> ExperimentConfig:
-    """A new config with dotted `key=value` overrides applied, e.g. `optim.learning_rate=1e-4`."""
-    return config_from_dict(_apply_to_dict(config_to_dict(cfg), overrides))
+    """A new config with dotted `key=value` overrides applied, e.g. `optim.learning_rate=1e-4`. A `preset` set here
+    fills every field of its model not overridden here; a preset already in `cfg` (built in Python, never
+    expanded) keeps the fields that differ from the `ModelConfig()` defaults."""
+    overrides = list(overrides) if not isinstance(overrides, str) else overrides
+    keys = set(_override_keys(overrides)) if not isinstance(overrides, str) else set()
+    defaults = ModelConfig()
+
+    def explicit(prefix: str, key: str, value: Any) -> bool:
+        if f"{prefix}.{key}" in keys:
+            return True
+        if f"{prefix}.preset" in keys:
+            return False
+        return value != getattr(defaults, key)
+
+    return config_from_dict(_apply_to_dict(config_to_dict(cfg), overrides), explicit)
 
 
 def load_config(path: str | None, overrides: Iterable[str] = ()) -> ExperimentConfig:
-    """The config in YAML file `path` (None: schema defaults), with its `extends` chain and `overrides` applied."""
+    """The config in YAML file `path` (None: schema defaults), with its `extends` chain and `overrides` applied.
+
+    Later layers win: a base file, then each file that extends it, then the overrides in order. A model's `preset`
+    expands where it is set: the fields set in that layer or a later one win over it, whatever they equal, and the
+    fields set only in earlier layers give way to it (`student.preset=bench-3m` on the command line replaces the
+    YAML's dimensions, `student.num_layers=2` after it keeps 2)."""
+    overrides = list(overrides) if not isinstance(overrides, str) else overrides
     d = config_to_dict(ExperimentConfig())
-    if path is not None:
-        d = _merge(d, _load_layers(str(path)))
-    return config_from_dict(_apply_to_dict(d, overrides))
+    rank: dict[str, int] = {}  # dotted path -> the last layer that set it
+    layers = _layer_list(str(path)) if path is not None else []
+    for i, layer in enumerate(layers):
+        d = _merge(d, layer)
+        rank.update({p: i for p in _paths(layer)})
+    d = _apply_to_dict(d, overrides)
+    rank.update({k: len(layers) + i for i, k in enumerate(_override_keys(overrides))})
+    return config_from_dict(
+        d, lambda prefix, key, value: rank.get(f"{prefix}.{key}", -1) >= rank.get(f"{prefix}.preset", 0))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -91,6 +91,9 @@ def _mapping(spec: dict, key: str, path: str) -> dict:
 
 def _value_lists(spec: dict, key: str, path: str) -> dict[str, list]:
     value = _mapping(spec, key, path)
+    if key in spec and not value:  # `grid: {}` would silently be one run, like an empty list of values
+        raise ConfigError(f"{path}: '{key}' is empty: give it at least one dotted key with a list of values, or drop "
+                          "it")
     for k, vals in value.items():
         if not isinstance(vals, list) or not vals:
             raise ConfigError(f"{path}: {key}.{k} must be a non-empty list of values, got {vals!r}")

@@ -58,6 +58,13 @@ def _models(cfg: ExperimentConfig) -> None:
     names = [t.name for t in cfg.teachers]
     dup = sorted({n for n in names if names.count(n) > 1})
     _check(not dup, "teachers.*.name", f"teacher names must be unique, {dup} repeats")
+    # routing: a teacher with no `datasets` takes the data no other teacher names; two of them would be ambiguous
+    catch_all = [i for i, t in enumerate(cfg.teachers) if not t.datasets]
+    if cfg.scores_with_teachers and len(cfg.teachers) > 1 and len(catch_all) > 1:
+        fields = " / ".join(f"teachers.{i}.datasets" for i in catch_all)
+        _check(False, fields, f"{len(catch_all)} teachers ({', '.join(repr(cfg.teachers[i].name) for i in catch_all)}) "
+               "have no datasets; a teacher with no datasets takes the data no other teacher names, so at most one "
+               "may leave it empty: name the datasets the others score")
     routed: dict[str, str] = {}
     for i, t in enumerate(cfg.teachers):
         f = f"teachers.{i}"

@@ -62,6 +62,7 @@ class Example:
     answer: str | None  # gold answer (None when the source has no answer field)
     source: str  # dataset name, for teacher routing and per-dataset metrics
     index: int  # record index in the source: a stable id of the row
+    id: str | None = None  # the record's own `id` field, when it has one (eval sets: duplicates are dropped by it)
 
 
 @dataclass
@@ -199,7 +200,9 @@ class PromptDataset:
         except BadRecord as e:
             stats.skip(e.reason, index, e.detail, record)
             return None
-        ex = Example(messages=messages, answer=answer, source=self.source.name, index=int(index))
+        rid = record.get("id") if isinstance(record, dict) else None
+        ex = Example(messages=messages, answer=answer, source=self.source.name, index=int(index),
+                     id=None if rid is None else str(rid))
         if self.max_prompt_tokens is not None and self.tokenize is not None:
             try:
                 n_tok = len(self.tokenize(ex))

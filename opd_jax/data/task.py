@@ -42,7 +42,7 @@ class EvalProblem:
     prompt: list[int]
     answer: str
     text: str = ""
-
+    id: str = ""  # the source's id of the problem (a JSONL / dataset `id` field); "" when it has none
 
 class Task(ABC):
     pad_id: int = 0

@@ -79,6 +79,8 @@ class TextTask(Task):
             # "same": the student's format over the same ids, so the teacher reuses the student's prompts
             self.teacher_renderers.append(self.renderer if t.renderer == "same" else r)
         self.routes = {name: i for i, t in enumerate(cfg.teachers) for name in t.datasets}
+        # what no teacher names goes to the one teacher without `datasets` (config.validate allows at most one)
+        self.default_teacher = next((i for i, t in enumerate(cfg.teachers) if not t.datasets), 0)
         self.max_prompt_len = cfg.sampling.max_prompt_len
         self.truncate_prompts = cfg.sampling.truncate_prompts
         self.sft = cfg.algorithm == "sft"
@@ -107,7 +109,7 @@ class TextTask(Task):
         return self.renderer.stop_token_ids
 
     def _teacher_for(self, ex: Example) -> int:
-        return self.routes.get(ex.source, 0)
+        return self.routes.get(ex.source, self.default_teacher)
 
     def _conversation_tokens(self, ex: Example) -> list[int]:
         if not any(m.get("role") == "assistant" for m in ex.messages):
@@ -199,7 +201,8 @@ class TextTask(Task):
                 counts["prompts_skipped"] += 1
                 continue
             counts["prompts_truncated"] += int(fitted[2])
-            out.append(EvalProblem(fitted[0], str(ex.answer), ex.messages[-1]["content"]))
+            out.append(EvalProblem(fitted[0], str(ex.answer), ex.messages[-1]["content"],
+                                   id=ex.id or ""))
         counts.update({f"rows_skipped/{k}": v for k, v in ds.stats.counts.items()})
         self.eval_counts = counts
         return out

@@ -90,7 +90,7 @@ def evaluate(
         c = int(sum(correct[sl]))
         per_problem.append(c / k)
         rows.append({
-            "problem": j, "text": p.text, "answer": p.answer, "correct": c, "k": k,
+            "problem": j, "id": p.id, "text": p.text, "answer": p.answer, "correct": c, "k": k,
             "pass@1": c / k, f"pass@{k}": pass_at_k(k, c, k),
             "mean_length": float(np.mean(lengths[sl])), "truncated": int(sum(truncated[sl])),
             "completions": [decode(t) for t in completions[sl]],
@@ -135,6 +135,21 @@ def eval_sampling_params(cfg: ExperimentConfig) -> SamplingParams:
     return SamplingParams.create(e.temperature, e.top_k, e.top_p, greedy=e.temperature <= 0)
 
 
+def drop_duplicates(problems: list[EvalProblem]) -> tuple[list[EvalProblem], list[EvalProblem]]:
+    """(problems with each one once, in order; the dropped repeats). A problem repeats one seen before when it has
+    the same source id (a JSONL `id` field), or, for problems without one, the same text and answer."""
+    seen: set = set()
+    keep, dropped = [], []
+    for p in problems:
+        key = ("id", p.id) if p.id else ("text", p.text, p.answer)
+        if key in seen:
+            dropped.append(p)
+        else:
+            seen.add(key)
+            keep.append(p)
+    return keep, dropped
+
+
 def task_eval(cfg: ExperimentConfig, task: Task, eval_fn: Callable, params, mesh: Mesh, *, step: int,
               out_dir: str | None = None, tag: str = "eval") -> EvalResult | None:
     """Sample `eval.k` completions for each of the task's eval problems (the first `eval.num_problems`), grade
@@ -142,10 +157,13 @@ def task_eval(cfg: ExperimentConfig, task: Task, eval_fn: Callable, params, mesh
     The key depends only on the seed and `step`, so re-evaluating a checkpoint reproduces its numbers.
     None when the task has no eval problems."""
     c = cfg
-    problems = task.eval_problems()
-    # the training rule for prompts over sampling.max_prompt_len: skip and count, or (truncate_prompts) keep and
+    problems, duplicates = drop_duplicates(task.eval_problems())
+    if duplicates and jax.process_index() == 0:
+        print(f"eval: {len(duplicates)} duplicate problem(s) dropped (a problem counts once; same id, or the same text "
+              f"and answer), e.g. id {duplicates[0].id!r}")    # the training rule for prompts over sampling.max_prompt_len: skip and count, or (truncate_prompts) keep and
     # count (text tasks cut them already, template kept: `TextTask.fit_prompt`; others are left-truncated here)
     counts = {f"eval_{k}": v for k, v in getattr(task, "eval_counts", {}).items()}
+    counts["eval_duplicates_dropped"] = len(duplicates)
     long = [p for p in problems if len(p.prompt) > c.sampling.max_prompt_len]
     if long and not c.sampling.truncate_prompts:
         problems = [p for p in problems if len(p.prompt) <= c.sampling.max_prompt_len]

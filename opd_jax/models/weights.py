@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from opd_jax.config.presets import resolve_model_config
 from opd_jax.config.schema import ModelConfig
 
 
@@ -80,3 +81,13 @@ def weight(name: str) -> Weight:
 
 
 __all__ = ["Weight", "LAYER_WEIGHTS", "GLOBAL_WEIGHTS", "MATRICES", "weight"]
+
+
+def num_params(cfg: ModelConfig) -> int:
+    """Total parameters from this table: embeddings (lm_head once more when untied), every layer weight, norms
+    included. A preset in `cfg` is resolved first."""
+    cfg = resolve_model_config(cfg)
+    layer = sum(math.prod(w.shape(cfg)) for w in LAYER_WEIGHTS.values())
+    glob = sum(math.prod(w.shape(cfg)) for name, w in GLOBAL_WEIGHTS.items()
+               if not (name == "lm_head" and cfg.tie_embeddings))
+    return glob + cfg.num_layers * layer

@@ -1,5 +1,9 @@
 """Named model dimensions and the rule that merges them into a `ModelConfig`.
 
+The loader expands a preset when a config is loaded (`config.loader`: fields the config sets explicitly win, whatever
+they equal); `resolve_model_config` is the same merge for a `ModelConfig` built in Python, where an explicit field can
+only be told apart from an unset one by differing from the `ModelConfig()` default.
+
 The Qwen3 entries copy the official Hugging Face `config.json` files (hidden_size, intermediate_size,
 num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, rope_theta, rms_norm_eps,
 tie_word_embeddings, vocab_size). `tiny` and `bench-3m` are toy models for tests and CPU benchmarks.
@@ -9,10 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 
 from opd_jax.config.schema import ModelConfig
-from opd_jax.models.weights import GLOBAL_WEIGHTS, LAYER_WEIGHTS
 
 _QWEN3_COMMON: dict = {"vocab_size": 151_936, "head_dim": 128, "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6}
 
@@ -91,13 +93,3 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         for key, value in preset.items()
     }
     return dataclasses.replace(cfg, **merged)
-
-
-def num_params(cfg: ModelConfig) -> int:
-    """Total parameters from the weight table: embeddings (lm_head once more when untied), every layer weight,
-    norms included."""
-    cfg = resolve_model_config(cfg)
-    layer = sum(math.prod(w.shape(cfg)) for w in LAYER_WEIGHTS.values())
-    glob = sum(math.prod(w.shape(cfg)) for name, w in GLOBAL_WEIGHTS.items()
-               if not (name == "lm_head" and cfg.tie_embeddings))
-    return glob + cfg.num_layers * layer
