@@ -141,10 +141,12 @@ def accelerator_type(topo: Topology) -> str:
 def topology_devices(topo: Topology) -> list:
     """Compile-only (abstract) TPU devices for `topo`; needs libtpu, never a TPU."""
     if not ensure_libtpu():
-        raise RuntimeError(
-            "libtpu is not installed: AOT TPU compilation needs it. Install it OUTSIDE the default site, e.g. "
-            f"`pip install --no-deps --target {os.path.join(sys.prefix, 'tpu_site')} libtpu==0.0.42.1`, or point "
-            f"${TPU_SITE_ENV} at such a directory.")
+        from opd_jax.errors import UserError
+
+        raise UserError(
+            f"compiling for a TPU topology ({topo.name}) needs libtpu (no TPU: its compiler), and it is not installed",
+            hint=f"pip install --no-deps --target {os.path.join(sys.prefix, 'tpu_site')} libtpu==0.0.42.1 (outside "
+                 f"the default site, so plain JAX stays on the CPU), or point ${TPU_SITE_ENV} at such a directory")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type(topo))
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")

@@ -2,9 +2,9 @@
 
 Exit codes: 0 done; 2 a user error (bad config, data, files, run dir: one line that names the culprit, plus a hint;
 `--debug` shows the traceback); 75 (EX_TEMPFAIL) a training run stopped by SIGTERM / SIGINT after saving a
-checkpoint, to be resumed with `resume=true` (a scheduler can requeue on it); 3 a training run stopped by the
-length-collapse guard (`guard.on_collapse: stop`, opd_jax.guards) after saving a checkpoint; 130 interrupted before
-it could save; 1 anything else (a bug: the traceback is printed).
+checkpoint, to be resumed with `resume=true` (a scheduler can requeue on it); 3 from `train`: stopped by the
+length-collapse guard (`guard.on_collapse: stop`, opd_jax.guards) after saving a checkpoint, from `compile`: the
+program does not fit the chips; 130 interrupted before it could save; 1 anything else (a bug: the traceback is printed).
 """
 
 from __future__ import annotations
@@ -147,8 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config("train", cmd_train, "run one experiment config (algorithm: opd | rl | sft)",
                 epilog=schema_reference())
-    sp = sub.add_parser("sweep", help="run every run of a sweep file sequentially, or --print their commands")
-    sp.add_argument("sweep")
+    sp = sub.add_parser(
+        "sweep", help="run every run of a sweep file sequentially, or --print their commands",
+        description="Expand a sweep file (a base config crossed with `grid:` values and zipped `zip:` lists, "
+                    "plus fixed `overrides:`) into runs, each with its own run_dir under the sweep's, and run them "
+                    "one after another (a run's failure is reported and the others go on), or print one "
+                    "`opd-jax train` command per run for a scheduler (tpu/sweep.sh launches them on TPU slices). "
+                    "Example: configs/sweeps/example.yaml.")
+    sp.add_argument("sweep", help="the sweep YAML file")
     sp.add_argument("overrides", nargs="*", help="key=value overrides added to every run, e.g. resume=auto or "
                                                  "overwrite=true to re-run a sweep")
     sp.add_argument("--print", action="store_true", help="print one `opd-jax train` command per run")

@@ -31,8 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from opd_jax.config.schema import ModelConfig
 from opd_jax.config.presets import resolve_model_config
+from opd_jax.config.schema import ModelConfig
 from opd_jax.models.weights import LAYER_WEIGHTS, MATRICES
 
 AttentionMode = Literal["causal", "dense"]

@@ -11,6 +11,18 @@ import jax
 from etils import epath
 
 
+def check_optional_packages(cfg) -> None:
+    """Before a run writes anything: the optional packages its `logging` settings need are installed. Raises
+    ConfigError naming the field and the extra to install."""
+    import importlib.util
+
+    from opd_jax.errors import ConfigError
+
+    if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("logging.wandb=true, but the wandb package is not installed",
+                          hint="pip install 'opd_jax[wandb]' (and `wandb login`), or set logging.wandb=false")
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str, *, total_steps: int, tensorboard: bool = True, wandb: bool = False,
                  wandb_project: str = "opd_jax", progress: bool = True, config: dict | None = None):

@@ -20,10 +20,10 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 
+from opd_jax.config.presets import resolve_model_config
 from opd_jax.config.schema import LoRAConfig, ModelConfig, OptimConfig
 from opd_jax.errors import ConfigError
 from opd_jax.mesh import named_sharding, replicated
-from opd_jax.config.presets import resolve_model_config
 from opd_jax.models.qwen3 import Qwen3, abstract_model, build_model, model_axes
 
 
@@ -149,6 +149,28 @@ class LoadedModel:
     def shardings(self, mesh: Mesh) -> tuple[dict, dict]:
         """(trainable, frozen) NamedShardings from the weights' logical axes."""
         return tree_shardings(mesh, self.t_axes, self.trainable), tree_shardings(mesh, self.f_axes, self.frozen)
+
+
+def check_model_sources(models: list[tuple[str, ModelConfig]]) -> None:
+    """Before anything is loaded or compiled: every `hf_path` of `models` ((field, config) pairs, e.g.
+    `("student", cfg.student)`) is a local directory with a config.json, a remote URL, or a Hub id within reach.
+    Raises ConfigError naming the field."""
+    import os
+
+    from opd_jax import hub
+
+    for field, m in models:
+        if not m.hf_path or "://" in m.hf_path:
+            continue
+        try:
+            local = hub.resolve(m.hf_path)
+        except ConfigError as e:
+            raise ConfigError(f"{field}.hf_path: {e}", hint=e.hint) from None
+        if not os.path.isdir(local):
+            raise ConfigError(f"{field}.hf_path: {m.hf_path} does not exist (a local directory, gs:// path or Hub id "
+                              "org/name)")
+        if not os.path.isfile(os.path.join(local, "config.json")):
+            raise ConfigError(f"{field}.hf_path: {m.hf_path} has no config.json: not a Hugging Face model directory")
 
 
 def resolve_model(cfg: ModelConfig) -> ModelConfig:

@@ -31,8 +31,16 @@ from opd_jax.errors import ConfigError
 from opd_jax.eval.evaluate import make_eval_sampler, task_eval
 from opd_jax.guards import CollapseGuard, CollapseReport
 from opd_jax.mesh import make_mesh
-from opd_jax.metrics import MetricsLogger
-from opd_jax.run_dir import RunDirExistsError, check_run_dir, open_run_dir, trim_metrics
+from opd_jax.metrics import MetricsLogger, check_optional_packages
+from opd_jax.run_dir import (
+    RunDirExistsError,
+    check_run_dir,
+    claim_run_dir,
+    eval_steps_logged,
+    open_run_dir,
+    resume_changes,
+    trim_metrics,
+)
 from opd_jax.sampling import SamplingParams
 from opd_jax.step import (
     PromptBatch,
@@ -44,6 +52,7 @@ from opd_jax.step import (
 from opd_jax.train_state import (
     LoadedModel,
     TrainState,
+    check_model_sources,
     init_train_state,
     load_model,
     make_optimizer,
@@ -196,8 +205,26 @@ class Trainer:
                               "not the OPD trainer")
         initialize_distributed(cfg.distributed)
         self.cfg = cfg
+        check_optional_packages(cfg)
+        self.owner = claim_run_dir(cfg)  # one job per run dir, before looking at it; released by run() or a failure
+        try:
+            self._set_up(task, program)
+        except BaseException:
+            self.release_run_dir()
+            raise
+
+    def release_run_dir(self) -> None:
+        """Give up this job's claim on the run directory (`run()` does at its end)."""
+        if self.owner is not None:
+            self.owner.release()
+
+    def _set_up(self, task: Task | None, program: Callable[[Trainer], StepProgram] | None) -> None:
+        cfg = self.cfg
         # Set-up reads only; nothing is written to the run dir until it has all succeeded (`open_run_dir`).
+        check_model_sources([("student", cfg.student)] + [(f"teachers.{i}.model", t.model) for i, t in
+                                                           enumerate(cfg.teachers) if cfg.scores_with_teachers])
         plan = check_run_dir(cfg)
+        changes = resume_changes(cfg) if plan == "resume" else []
         cache = compile_cache.enable(cfg.compilation_cache)
         self.mesh = make_mesh(cfg.mesh)
         self.task = task or build_task(cfg, process_index=jax.process_index(), process_count=jax.process_count())
@@ -226,12 +253,13 @@ class Trainer:
         if plan == "resume":  # restore first: a damaged checkpoint must leave the run dir as it was
             self.checkpointer = self._make_checkpointer()
             self._restore()
-        open_run_dir(cfg, plan)
+        open_run_dir(cfg, plan, changes)
         if plan == "resume":
             dropped = trim_metrics(cfg.run_dir, self.start_step)
             if dropped and jax.process_index() == 0:
                 print(f"metrics.jsonl: dropped {dropped} row(s) logged after step {self.start_step}, which this "
                       "run redoes")
+        self._evaluated = eval_steps_logged(cfg.run_dir) if plan == "resume" else set()
         self.checkpointer = self.checkpointer or self._make_checkpointer()
         self.logger = MetricsLogger(cfg.run_dir, total_steps=cfg.steps, tensorboard=cfg.logging.tensorboard,
                                     wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
@@ -327,15 +355,24 @@ class Trainer:
 
     def run(self) -> dict:
         c = self.cfg
+        history: dict = {}
+        if self.start_step >= c.steps:  # a resume of a finished run (a requeue, a repeated launch): nothing to redo
+            if jax.process_index() == 0:
+                print(f"run_dir {c.run_dir} is already at step {self.start_step} of {c.steps}: nothing to do (raise "
+                      "steps to train on)")
+            self.logger.close()
+            self.release_run_dir()
+            return {"already_done": self.start_step}
         handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} \
             if _main_thread() else {}
         peak = flops.peak_flops_per_device(jax.devices()[0]) * jax.device_count()
-        history: dict = {}
         try:
-            if c.eval.source or c.data.source.startswith("synthetic:"):
-                if c.eval.every or c.eval.source:
-                    history["eval_start"] = self.run_eval("eval_step0")
-                    self.logger.log(self.start_step, history["eval_start"])
+            # the eval before the first step of a launch, unless that step's eval is logged already (a resume at
+            # an eval step, or a second resume at the same step): each step's eval row appears once
+            has_eval = (c.eval.source or c.data.source.startswith("synthetic:")) and (c.eval.every or c.eval.source)
+            if has_eval and self.start_step not in self._evaluated:
+                history["eval_start"] = self.run_eval("eval_step0")
+                self.logger.log(self.start_step, history["eval_start"])
             for step in range(self.start_step, c.steps):
                 batch = self.program.next_batch()
                 if step == self.start_step:  # the window in which the step program is compiled or loaded
@@ -379,7 +416,7 @@ class Trainer:
                     self.checkpointer.wait()
                     history["preempted_at"] = done
                     return history
-            if c.eval.every or c.eval.source:
+            if has_eval:
                 history["eval_end"] = self.run_eval(f"eval_step{c.steps}")
                 self.logger.log(c.steps, history["eval_end"])
             if self.checkpointer.latest_step() != int(self.state.step):
@@ -392,9 +429,12 @@ class Trainer:
             return history
         finally:
             self.logger.close()
-            self.checkpointer.wait()
-            for sig, prev in handlers.items():
-                signal.signal(sig, prev)
+            try:
+                self.checkpointer.wait()
+            finally:
+                for sig, prev in handlers.items():
+                    signal.signal(sig, prev)
+                self.release_run_dir()
 
     def _track_nonfinite(self, step: int, metrics: dict) -> None:
         if metrics.get("skipped", 0.0) > 0:

@@ -71,12 +71,18 @@ def token_kl(cfg: ExperimentConfig, prompt_text: str | None = None, *, greedy: b
                              comp, cmask))
     ids = [int(t) for t in np.asarray(comp[0])]
     return {
-        "prompt": text, "answer": answer, "tokens": ids, "pieces": [task.decode([t]) for t in ids],
+        "prompt": text, "answer": answer, "tokens": ids, "pieces": [token_piece(task, t) for t in ids],
         "completion": task.decode(ids), "correct": task.grade(ids, answer) if answer is not None else None,
         "sampled_kl": (r["lps"][0] - r["lpt"][0]).tolist(), "reverse_kl": r["rkl"][0].tolist(),
         "logp_student": r["lps"][0].tolist(), "logp_teacher": r["lpt"][0].tolist(),
-        "teacher_top": [task.decode([int(t)]) for t in r["t_top"][0]],
+        "teacher_top": [token_piece(task, t) for t in r["t_top"][0]],
     }
+
+
+def token_piece(task, token_id: int) -> str:
+    """How one token shows: its text, else `<id N>` (a special token, or an id the tokenizer has no text for, as a
+    random-init student samples past a small task vocabulary): never an empty string."""
+    return task.decode([int(token_id)]) or f"<id {int(token_id)}>"
 
 
 def encode_prompt(task, text: str) -> tuple[list[int], list[int]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -443,6 +444,87 @@ def test_damaged_checkpoint_fallback_flag(tmp_path, capsys):
     assert rc == 0 and "resuming from step 1, the newest intact checkpoint" in out.out + out.err
 
 
+def metric_rows(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+@pytest.mark.parametrize("change, field", [
+    ("student.hidden_size=32", "student.hidden_size: 16 -> 32"),
+    ("data.source=synthetic:arithmetic:2:9", "data.source: 'synthetic:arithmetic:1:9' -> 'synthetic:arithmetic:2:9'"),
+    ("optim.grad_clip=1.0", "optim.grad_clip: 0.0 -> 1.0"),
+])
+def test_resume_refuses_a_config_that_makes_another_run(tmp_path, capsys, change, field):
+    """Issue #23: a model shape other than the checkpoint's was reported as a damaged checkpoint (hint: overwrite,
+    which throws the run away); other data was accepted silently or crashed. Now: one line naming the field and both
+    values, exit 2, the run dir byte for byte as it was."""
+    run = tmp_path / "run"
+    assert train(capsys, run, "steps=2", "checkpoint.async_save=false")[0] == 0
+    before = tree_hash(run)
+    rc, err = train(capsys, run, "steps=4", "resume=true", change)
+    line = one_clear_line(err)
+    assert rc == 2 and field in line and "cannot continue" in line, err
+    assert tree_hash(run) == before
+
+
+def test_resume_on_other_rows_of_the_same_file(tmp_path, capsys):
+    """The same data.source path holding other rows: fewer rows used to be a `data state mismatch` traceback, the
+    same number of other rows was accepted silently. Both are one line naming the source, the run dir unchanged."""
+    tok = make_tokenizer_dir(tmp_path / "tok")
+    data = tmp_path / "math.jsonl"
+    rows = [{"question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(8)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = [f"data.source=jsonl:{data}", f"data.tokenizer={tok}", "student.vocab_size=512",
+            "teachers.0.model.vocab_size=512", "sampling.max_prompt_len=32", "checkpoint.async_save=false",
+            "eval.source="]
+    run = tmp_path / "run"
+    assert train(capsys, run, "steps=1", *text)[0] == 0
+    before = tree_hash(run)
+    for other in (rows[:6], [{**r, "question": r["question"].replace("+", "plus")} for r in rows]):
+        data.write_text("".join(json.dumps(r) + "\n" for r in other))
+        rc, err = train(capsys, run, "steps=2", "resume=true", *text)
+        line = one_clear_line(err)
+        assert rc == 2 and f"jsonl:{data}" in line and "is not the data the run trained on" in line, err
+        assert tree_hash(run) == before
+
+
+def test_resume_lists_allowed_changes_and_keeps_every_config(tmp_path, capsys):
+    """A learning rate or step change continues the run, is listed, and the run keeps each config it ran under:
+    config.yaml stays the first, the new one lands beside it; a resume that changes nothing writes no copy."""
+    run = tmp_path / "run"
+    assert train(capsys, run, "steps=2", "optim.learning_rate=1e-3", "checkpoint.async_save=false")[0] == 0
+    first = (run / "config.yaml").read_text()
+    rc = cli.main(["train", str(REPO / "configs" / "base.yaml"), f"run_dir={run}", *TINY, "steps=3", "resume=true",
+                   "optim.learning_rate=3e-4", "checkpoint.async_save=false"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "optim.learning_rate: 0.001 -> 0.0003" in out and "steps: 2 -> 3" in out
+    assert (run / "config.yaml").read_text() == first
+    (copy,) = run.glob("config.resume-*.yaml")
+    assert "learning_rate: 0.0003" in copy.read_text() and "steps: 3" in copy.read_text()
+    # the next resume compares with the newest config; unchanged: nothing new written
+    assert train(capsys, run, "steps=3", "resume=true", "optim.learning_rate=3e-4")[0] == 0
+    assert len(list(run.glob("config.resume-*.yaml"))) == 1
+
+
+def test_resume_of_a_finished_run_and_each_eval_once(tmp_path, capsys):
+    """Resuming a run at its last step says so in one line and does nothing (no eval rerun); an eval row appeared
+    again at the resume step after every resume: each step's eval appears once, like the training rows."""
+    run = tmp_path / "run"
+    common = ["eval.every=2", "checkpoint.every=2", "checkpoint.async_save=false", "eval.num_problems=4",
+              "eval.max_new_tokens=4"]
+    assert train(capsys, run, "steps=4", *common)[0] == 0
+    for steps in (6, 8):
+        assert train(capsys, run, f"steps={steps}", "resume=true", *common)[0] == 0
+    evals = [r["step"] for r in metric_rows(run) if "eval_accuracy" in r]
+    trains = [r["step"] for r in metric_rows(run) if "loss" in r]
+    assert evals == [0, 2, 4, 6, 8] and trains == list(range(1, 9)), (evals, trains)
+    before = tree_hash(run)
+    rc = cli.main(["train", str(REPO / "configs" / "base.yaml"), f"run_dir={run}", *TINY, "steps=8", "resume=true",
+                   *common])
+    out = capsys.readouterr().out
+    assert rc == 0 and "already at step 8 of 8" in out
+    assert tree_hash(run) == before
+
+
 def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
     rc, err = train(capsys, tmp_path / "run", "optim.learning_rate=-1")
     assert rc == 2 and "optim.learning_rate" in one_clear_line(err) and "--debug" in err
@@ -458,7 +540,109 @@ def test_missing_files_name_themselves(tmp_path, capsys):
                     "student.vocab_size=512", "teachers.0.model.vocab_size=512")
     assert rc == 2 and "nope.jsonl" in one_clear_line(err)
     rc, err = train(capsys, tmp_path / "run", f"student.hf_path={tmp_path / 'no_such_ckpt'}")
-    assert rc == 2 and "no_such_ckpt" in one_clear_line(err)
+    assert rc == 2 and "student.hf_path:" in one_clear_line(err) and "no_such_ckpt" in err
+    (tmp_path / "not_a_model").mkdir()
+    rc, err = train(capsys, tmp_path / "run", f"teachers.0.model.hf_path={tmp_path / 'not_a_model'}")
+    assert rc == 2 and "teachers.0.model.hf_path:" in one_clear_line(err) and "no config.json" in err
+    assert not (tmp_path / "run").exists()
+    # a wrong relative path in `extends:` says where it came from
+    (tmp_path / "child.yaml").write_text("extends: ../nowhere/base.yaml\nsteps: 1\n")
+    rc, err = run_cli(capsys, "train", str(tmp_path / "child.yaml"))
+    line = one_clear_line(err)
+    assert rc == 2 and "child.yaml: extends: '../nowhere/base.yaml'" in line and "relative to the file" in line
+
+
+# ---- 5. the environment: optional packages, libtpu, unwritable places, a full disk, a model of another shape ---
+def test_missing_optional_package_before_anything_is_written(tmp_path, capsys):
+    """logging.wandb=true without wandb used to fail after 27 s with a traceback, leaving config.yaml, tensorboard/
+    and checkpoints/ behind (so the retry was refused as "already exists")."""
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    rc, err = train(capsys, tmp_path / "run", "logging.wandb=true", "logging.tensorboard=true")
+    line = one_clear_line(err)
+    assert rc == 2 and "logging.wandb=true" in line and "opd_jax[wandb]" in err
+    assert tree_hash(tmp_path / "run") == "absent"
+
+
+def test_compile_without_libtpu_is_one_line(capsys, monkeypatch):
+    from opd_jax import aot
+
+    monkeypatch.setattr(aot, "ensure_libtpu", lambda: False)  # as on a machine without libtpu
+    rc, err = run_cli(capsys, "compile", str(REPO / "configs" / "base.yaml"), "--topology", "v5p-8", *TINY)
+    line = one_clear_line(err)
+    assert rc == 2 and "v5p-8" in line and "needs libtpu" in line and "libtpu==" in err
+
+
+def test_unwritable_run_dir_is_one_line(tmp_path, capsys):
+    """A run dir where nothing can be written (here /sys, which refuses files even to root, as a read-only mount
+    does) is one line naming it, before anything is loaded."""
+    run = Path("/sys/opd_jax_test_run")
+    try:
+        os.close(os.open("/sys/.opd_jax_probe", os.O_CREAT | os.O_WRONLY))
+        pytest.skip("/sys is writable here")
+    except OSError:
+        pass
+    rc, err = train(capsys, run)
+    assert rc == 2 and f"run_dir {run} cannot be written" in one_clear_line(err)
+
+
+def test_checkpoint_that_does_not_fit_on_the_disk(tmp_path, capsys, monkeypatch):
+    """A save the disk cannot hold is refused before writing (one line, the sizes); the checkpoints before it stay,
+    no orbax temporary directory is left, and the run resumes once there is room."""
+    import shutil
+
+    from opd_jax import checkpoint
+
+    run = tmp_path / "run"
+    assert train(capsys, run, "steps=1", "checkpoint.async_save=false")[0] == 0
+    full = shutil.disk_usage(str(tmp_path))._replace(free=1000)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: full)
+    rc, err = train(capsys, run, "steps=2", "resume=true", "checkpoint.async_save=false")
+    line = one_clear_line(err)
+    assert rc == 2 and "could not write checkpoint step 2" in line and "GiB free" in line, err
+    assert "resume=true continues from step 1" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1"]
+    monkeypatch.undo()
+    assert train(capsys, run, "steps=2", "resume=true")[0] == 0
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_save_is_one_line_and_leaves_no_partial_checkpoint(tmp_path):
+    """The write itself failing (here: a file-size limit, RLIMIT_FSIZE, which fails orbax's writes as a full disk
+    does) used to print a 579-line orbax traceback and leave `<step>.orbax-checkpoint-tmp` behind."""
+    import subprocess
+    import sys
+
+    # the limit is set inside the child, before it imports anything (no preexec_fn fork from a JAX process)
+    limited = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); sys.argv = ['opd-jax', *sys.argv[1:]]; "
+               "runpy.run_module('opd_jax.cli', run_name='__main__')")
+    run = tmp_path / "run"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    env.pop("XLA_FLAGS", None)
+    for async_save in ("false", "true"):
+        p = subprocess.run([sys.executable, "-c", limited, "train", str(REPO / "configs" / "base.yaml"),
+                            f"run_dir={run}", "overwrite=true", "steps=2", "compilation_cache=",
+                            "logging.progress=false", "logging.tensorboard=false",
+                            f"checkpoint.async_save={async_save}"],
+                           capture_output=True, text=True, env=env, timeout=600)
+        assert p.returncode == 2, p.stderr[-3000:]
+        line = one_clear_line(p.stderr)
+        assert "could not write checkpoint step 2" in line and "File too large" in line, line
+        assert not [q for q in (run / "checkpoints").iterdir() if "orbax-checkpoint-tmp" in q.name]
+
+
+def test_eval_of_a_checkpoint_with_another_model_shape(tmp_path, capsys):
+    """`opd-jax eval` with a model config whose shapes differ from the checkpoint's: one line naming the tensor and
+    both shapes (it was a 157-line orbax traceback)."""
+    run = tmp_path / "run"
+    assert train(capsys, run, "steps=1", "checkpoint.async_save=false")[0] == 0
+    rc, err = run_cli(capsys, "eval", str(REPO / "configs" / "base.yaml"), f"run_dir={run}", *TINY,
+                      "student.hidden_size=32", "eval.source=synthetic:arithmetic:1:9", "eval.num_problems=2")
+    line = one_clear_line(err)
+    assert rc == 2 and "checkpoint step 1" in line and "tensor trainable/" in line and "wants" in line, err
 
 
 # ---- 6. the AOT report -----------------------------------------------------------------------------------------

@@ -109,3 +109,19 @@ def test_compilation_cache_hit_on_a_second_start(tmp_path, capsys):
         cfg = load_config(os.path.join(REPO, "configs", "base.yaml"), [*over, f"run_dir={tmp_path / f'r{i}'}"])
         Trainer(cfg).run()
         assert f"compilation cache: {want}" in capsys.readouterr().out
+
+
+def test_visualize_shows_every_token(tmp_path, capsys):
+    """`opd-jax visualize` on the base.yaml smoke run rendered every token as an empty string: its random student
+    samples ids past the arithmetic task's small vocabulary. Every token now shows, as its text or `<id N>`."""
+    from opd_jax.config import load_config
+    from opd_jax.visualize import token_kl
+
+    base = os.path.join(REPO, "configs", "base.yaml")
+    overrides = [f"run_dir={tmp_path / 'run'}", "sampling.max_new_tokens=8"]
+    r = token_kl(load_config(base, overrides))
+    assert len(r["pieces"]) == len(r["tokens"]) > 0 and all(r["pieces"])
+    assert any(p.startswith("<id ") for p in r["pieces"]) and all(r["teacher_top"])
+    out = tmp_path / "kl.html"
+    assert cli.main(["visualize", base, *overrides, "--out", str(out)]) == 0
+    assert "&lt;id " in out.read_text()

@@ -266,6 +266,7 @@ def test_save_load_round_trip(tmp_path):
             "optim.learning_rate=3e-5",
             "optim.eps=1e-12",
             "teachers.1.name=second",
+            "teachers.1.datasets=[other]",
             "data.tokenizer=null",
             "student.hf_path=/ckpt/qwen3",
             "sampling.stop_token_ids=[151645]",

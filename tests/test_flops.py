@@ -8,8 +8,8 @@ import pytest
 
 from experiments.aime24 import compute_table as ct
 from opd_jax import flops as F
-from opd_jax.config.schema import ModelConfig
 from opd_jax.config.presets import PRESETS, get_preset, resolve_model_config
+from opd_jax.config.schema import ModelConfig
 from opd_jax.models.weights import num_params
 
 

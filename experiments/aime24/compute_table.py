@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from opd_jax import flops as F
-from opd_jax.config.schema import ModelConfig
 from opd_jax.config.presets import resolve_model_config
+from opd_jax.config.schema import ModelConfig
 from opd_jax.models.weights import num_params
 
 NOTES = "OPD_NOTES.md"

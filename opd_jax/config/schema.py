@@ -232,7 +232,8 @@ class ExperimentConfig:
     # one, else start fresh (what a requeued job wants); false: the run dir must be new or empty (or overwrite=true)
     resume: Literal[False, True, "auto"] = False
     overwrite: bool = False  # move an existing run dir aside (renamed <run_dir>.old-<time>, never deleted)
-    # JAX's persistent compilation cache: "auto" = $OPD_JAX_COMPILATION_CACHE or ~/.cache/opd_jax/xla; "" = off
+    # JAX's persistent compilation cache: "auto" = $OPD_JAX_COMPILATION_CACHE, else $XDG_CACHE_HOME/opd_jax/xla
+    # (~/.cache/opd_jax/xla without XDG_CACHE_HOME); "" = off
     compilation_cache: str = "auto"
     topology: str | None = None  # AOT target, e.g. "v5p-64"
     student: ModelConfig = field(default_factory=ModelConfig)

@@ -30,6 +30,7 @@ refuses a state from another seed, process count, shuffle setting or source leng
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from collections.abc import Callable, Iterator, Sequence
@@ -337,13 +338,34 @@ class PromptDataset:
             "epoch": self.epoch,
             "position": self.position,
             "stats": self.stats.state(),
+            "fingerprint": self.fingerprint(),
         }
 
+    def fingerprint(self) -> str | None:
+        """A hash of the source's first and last 32 records (random-access sources; None for streams): a resume
+        checks that the rows behind the saved position are the rows this run trained on."""
+        if self.num_records is None:
+            return None
+        n = self.num_records
+        rows = sorted(set(range(min(32, n))) | set(range(max(0, n - 32), n)))
+        h = hashlib.sha256()
+        for i in rows:
+            h.update(json.dumps(self.source.record(i), sort_keys=True, default=str).encode())
+        return h.hexdigest()[:16]
+
     def restore(self, state: dict) -> None:
-        for key in ("num_records", "seed", "shuffle", "process_count"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"data state mismatch on {key}: checkpoint has {state[key]!r}, this run has "
-                                 f"{getattr(self, key)!r}")
+        """Continue from a saved `state()`. Raises DataError, naming the source and what differs, when the data is
+        not the data the state was saved on (another row count, seed, shuffle, process count, or other rows)."""
+        ours = {"num_records": self.num_records, "seed": self.seed, "shuffle": self.shuffle,
+                "process_count": self.process_count}
+        if state.get("fingerprint") is not None:
+            ours["fingerprint"] = self.fingerprint()
+        for key, mine in ours.items():
+            if key in state and state[key] != mine:
+                what = "its records differ from the ones it trained on" if key == "fingerprint" else \
+                    f"{key}: the checkpoint has {state[key]!r}, now {mine!r}"
+                raise DataError(f"resume: data source {self.source.spec} is not the data the run trained on ({what})",
+                                hint="resume with the data the run was started with, or start a new run_dir")
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
         self.stats.restore(state.get("stats", {}))

@@ -160,7 +160,8 @@ def task_eval(cfg: ExperimentConfig, task: Task, eval_fn: Callable, params, mesh
     problems, duplicates = drop_duplicates(task.eval_problems())
     if duplicates and jax.process_index() == 0:
         print(f"eval: {len(duplicates)} duplicate problem(s) dropped (a problem counts once; same id, or the same text "
-              f"and answer), e.g. id {duplicates[0].id!r}")    # the training rule for prompts over sampling.max_prompt_len: skip and count, or (truncate_prompts) keep and
+              f"and answer), e.g. id {duplicates[0].id!r}")
+    # the training rule for prompts over sampling.max_prompt_len: skip and count, or (truncate_prompts) keep and
     # count (text tasks cut them already, template kept: `TextTask.fit_prompt`; others are left-truncated here)
     counts = {f"eval_{k}": v for k, v in getattr(task, "eval_counts", {}).items()}
     counts["eval_duplicates_dropped"] = len(duplicates)

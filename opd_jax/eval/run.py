@@ -24,6 +24,7 @@ from opd_jax.data.task import resolve_stop_tokens
 from opd_jax.distributed import initialize_distributed
 from opd_jax.eval.evaluate import EvalResult, make_eval_sampler, task_eval
 from opd_jax.mesh import make_mesh
+from opd_jax.train_state import check_model_sources
 
 __all__ = ["run_eval", "run_eval_cli"]
 
@@ -32,6 +33,7 @@ def run_eval(cfg: ExperimentConfig, *, out_name: str | None = None) -> tuple[Eva
     """Evaluate the config's student (its run's latest checkpoint when there is one). Returns the result (None
     without eval problems) and info: checkpoint step, output name and directory."""
     initialize_distributed(cfg.distributed)
+    check_model_sources([("student", cfg.student)])
     mesh = make_mesh(cfg.mesh)
     task = build_task(cfg, process_index=jax.process_index(), process_count=jax.process_count())
     stops = resolve_stop_tokens(cfg.sampling.stop_token_ids, task)
