@@ -639,10 +639,12 @@ def test_eval_of_a_checkpoint_with_another_model_shape(tmp_path, capsys):
     both shapes (it was a 157-line orbax traceback)."""
     run = tmp_path / "run"
     assert train(capsys, run, "steps=1", "checkpoint.async_save=false")[0] == 0
+    before = tree_hash(run)
     rc, err = run_cli(capsys, "eval", str(REPO / "configs" / "base.yaml"), f"run_dir={run}", *TINY,
                       "student.hidden_size=32", "eval.source=synthetic:arithmetic:1:9", "eval.num_problems=2")
     line = one_clear_line(err)
     assert rc == 2 and "checkpoint step 1" in line and "tensor trainable/" in line and "wants" in line, err
+    assert tree_hash(run) == before
 
 
 # ---- 6. the AOT report -----------------------------------------------------------------------------------------
