@@ -306,9 +306,10 @@ def test_resume_gives_same_batches():
     fresh = _ds(seed=7)
     fresh.restore(state)
     assert [_ids(fresh.next_batch(6)) for _ in range(6)] == expected
-    with pytest.raises(ValueError, match="seed"):
+    # another seed or process count: a one-line user error naming what differs (issue #23; was a ValueError)
+    with pytest.raises(DataError, match="seed: the checkpoint has 7, now 8"):
         _ds(seed=8).restore(state)
-    with pytest.raises(ValueError, match="process_count"):
+    with pytest.raises(DataError, match="process_count"):
         _ds(seed=7, process_count=2).restore(state)
 
 
