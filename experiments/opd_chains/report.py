@@ -555,8 +555,12 @@ def results_md(s: dict, cl: list[dict]) -> str:
                  f"{ci_str(*d['genuine_corrections'])} |")
     sp = s.get("single_prompt")
     if sp:
+        prompts = sorted(set(p for p in sp["prompts"] if p))
+        which = (f"all {len(sp['prompts'])} seeds drew the same prompt, {prompts[0]} (a bug: the prompt is row 0 of "
+                 "`data.shuffle_seed`, which the runs did not vary; issue #22)") if len(prompts) == 1 else \
+            f"prompts {', '.join(prompts)}"
         L += ["", "## Single prompt", "", f"OPD on one training prompt x {sp['samples_per_step']} samples a step "
-              f"({len(sp['final_t1']['values'])} seeds, each its own prompt): final test T=1 {mci(sp['final_t1'])}, "
+              f"({len(sp['final_t1']['values'])} seeds; {which}): final test T=1 {mci(sp['final_t1'])}, "
               f"greedy {mci(sp['final_greedy'])}."]
     rec = s.get("recovery")
     if rec:
