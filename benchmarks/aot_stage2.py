@@ -11,8 +11,15 @@ Needs libtpu outside the default site (see `opd_jax.aot`): `OPD_TPU_SITE=/path/t
     python benchmarks/aot_stage2.py --config configs/aime24/stage2_opd_lora.yaml --topology v5p-128
     python benchmarks/aot_stage2.py sampling.micro_batches=32         # any config override
     python benchmarks/aot_stage2.py --no-decode                       # skip the decode-step traffic report
+    python benchmarks/aot_stage2.py --no-eval                         # skip the in-loop eval program
 
-Headline `name: value` lines are printed last. Compile time on a 2-core CPU machine is several minutes.
+Then the in-loop eval program (issue #25): compiled beside the resident train state with `eval.batch_size: auto`
+(the largest batch that fits, `opd_jax.eval.batch`) and with the fixed batch of 64 every eval used before, in the
+same run; the roofline floor (`opd_jax.roofline`) of one eval and of the run for each; and the eval's decode step
+at its batch and its 32K-token cache against the bytes it must read, segment by segment.
+
+Headline `name: value` lines are printed last. Compile time on a 2-core CPU machine is several minutes (the eval
+part: about 15 more).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ def main() -> int:
     p.add_argument("--fast", action="store_true", help="least XLA optimization effort: quicker, for exploring")
     p.add_argument("--no-decode", action="store_true",
                    help="skip the decode-step traffic report (two more compiles of the student's decode step)")
+    p.add_argument("--no-eval", action="store_true", help="skip the in-loop eval program and its projections")
     args = p.parse_args()
 
     from opd_jax import aot, flops
@@ -89,7 +97,65 @@ def main() -> int:
     print(f"lower_seconds: {report.lower_seconds:.1f}")
     print(f"compile_seconds: {report.compile_seconds:.1f}")
     print(f"compile_cpu_seconds: {cpu:.1f}")
-    return 0 if report.fits else 3
+    if args.no_eval or not aot.runs_eval(cfg):
+        return 0 if report.fits else 3
+    return eval_part(cfg, report, args) if report.fits else 3
+
+
+def eval_part(cfg, report, args) -> int:
+    """The eval program with "auto" and with the old fixed batch of 64, their projections, and the eval's decode
+    report (`aot.decode_report` of the sampler at the eval's batch and token budget)."""
+    import copy
+    import dataclasses
+
+    from opd_jax import aot
+
+    topology = args.topology or cfg.topology
+    resident = report.state_bytes + report.teacher_bytes
+    out = {}
+    for name, setting in (("auto", "auto"), ("fixed64", 64)):
+        c = copy.deepcopy(cfg)
+        c.eval.batch_size = setting
+        ev = aot.compile_eval(c, topology, resident_bytes=resident, fast=args.fast)
+        out[name] = (ev, aot.project(c, report, ev))
+        print(f"\n== eval.batch_size {setting}")
+        for line in ev.lines() + out[name][1].lines():
+            print(line)
+    ev = out["auto"][0]
+    c = copy.deepcopy(cfg)  # the eval's sampler as a decode report: its batch, its token budget, one sampling call
+    c.groups_per_batch, c.group_size, c.sampling.micro_batches = ev.batch, 1, 1
+    c.sampling.max_new_tokens = cfg.eval.max_new_tokens
+    dec = aot.decode_report(c, aot.topology_devices(aot.parse_topology(topology)))
+    print("\n== the eval's decode step")
+    for line in dec.lines():
+        print(line)
+    if args.json:
+        with open(args.json, encoding="utf-8") as f:
+            d = json.load(f)
+        d["eval"] = {k: {"report": dataclasses.asdict(e), "projection": {**dataclasses.asdict(p), "run_s": p.run_s,
+                                                                         "eval_share": p.eval_share}}
+                     for k, (e, p) in out.items()}
+        d["eval_decode"] = dataclasses.asdict(dec)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(d, f, indent=1, default=str)
+    a, b = out["auto"], out["fixed64"]
+    print()
+    print(f"eval_batch_auto: {a[0].batch}")
+    print(f"eval_fits_auto: {a[0].fits}")
+    print(f"eval_hbm_per_chip_gib_auto: {(a[0].bytes_per_chip + a[0].resident_bytes) / aot.GiB:.2f}")
+    print(f"eval_batches_auto: {a[1].eval_batches}")
+    print(f"eval_batches_fixed64: {b[1].eval_batches}")
+    print(f"eval_floor_minutes_auto: {a[1].eval_s / 60:.1f}")
+    print(f"eval_floor_minutes_fixed64: {b[1].eval_s / 60:.1f}")
+    print(f"eval_floor_speedup_auto_vs_64: {b[1].eval_s / a[1].eval_s:.1f}x")
+    print(f"run_floor_hours_auto: {a[1].run_s / 3600:.2f}")
+    print(f"run_floor_hours_fixed64: {b[1].run_s / 3600:.2f}")
+    print(f"eval_share_of_run_auto: {100 * a[1].eval_share:.0f}%")
+    print(f"eval_share_of_run_fixed64: {100 * b[1].eval_share:.0f}%")
+    print(f"step_floor_minutes: {a[1].step_s / 60:.2f}")
+    print(f"eval_decode_traffic_vs_must_read: {dec.mean_ratio:.2f}x")
+    print(f"eval_decode_traffic_vs_must_read_worst_step: {dec.worst_ratio:.2f}x")
+    return 0 if a[0].fits else 3
 
 
 if __name__ == "__main__":

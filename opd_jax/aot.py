@@ -439,8 +439,13 @@ def model_for_aot(mcfg):
         try:
             cfg = resolve_model(cfg)
         except Exception as e:  # placeholder path: keep the explicit fields
-            print(f"note: could not read {cfg.hf_path}/config.json ({e}); using the explicit model fields")
+            if cfg.hf_path not in _NOTED:  # said once per path, not at every compile
+                _NOTED.add(cfg.hf_path)
+                print(f"note: could not read {cfg.hf_path}/config.json ({e}); using the explicit model fields")
     return cfg
+
+
+_NOTED: set[str] = set()
 
 
 def _zero_reward(tokens, mask, answer):
@@ -585,33 +590,36 @@ def _decode_step_cost(cfg, mesh, limit: int | None, unroll: bool) -> tuple[float
     return float(cost["bytes accessed"]), time.perf_counter() - t0
 
 
-def decode_report(cfg, devices: Sequence, *, scanned: bool = False) -> DecodeReport:
-    """Compile the student's decode step for `devices` once per decode segment (its cache prefix; layers
-    unrolled, so XLA's `cost_analysis()` counts every layer; plus, if `scanned`, the step as run, with the layer
-    scan) and compare each with the bytes it must read: the weights in the decode layout and compute dtype, and
-    the K/V of the filled slots, per chip. As inside the sampler, the weights' layouts are the compiler's
-    choice (they are laid out once per sampling call), and sampling is as the config asks: without top-k/top-p
-    the step is compiled without the truncation branch, which would otherwise be counted although it never
-    runs."""
+@dataclass
+class MustRead:
+    """What one decode step of the student must read per chip: its weights (in the decode layout and compute dtype;
+    an untied embedding is gathered, not read) and the K/V of each filled cache slot of its local rows."""
+
+    kind: str  # decode attention the program picks
+    weight_bytes: float
+    kv_bytes_per_slot: float
+    batch_per_chip: int
+    cache_slots: int
+    cast: bool  # the sampler casts the weights to the compute dtype once per call
+
+
+def must_read(cfg, mesh, batch: int, prompt_len: int, new_tokens: int) -> MustRead:
+    """`MustRead` of the config's student decoding `batch` rows of `prompt_len + new_tokens` slots on `mesh`."""
     import jax.numpy as jnp
 
-    from opd_jax.mesh import SAMPLING_RULES, logical_to_spec, make_mesh
+    from opd_jax.mesh import SAMPLING_RULES, logical_to_spec
     from opd_jax.models.attention import CACHE_AXES
-    from opd_jax.sampling import casts_weights, decode_segments
+    from opd_jax.sampling import casts_weights
     from opd_jax.train_state import model_spec, tree_shardings
 
-    mesh = make_mesh(cfg.mesh, devices)
     rules = SAMPLING_RULES[cfg.sampling.layout]
     lora = cfg.lora if cfg.lora.rank > 0 else None
     scfg = model_for_aot(cfg.student)
     spec = model_spec(scfg, mesh, lora)
     model = spec.mdef.merge(spec.trainable, spec.frozen)
-    B = cfg.batch_size // cfg.sampling.micro_batches
-    P, N = cfg.sampling.max_prompt_len, cfg.sampling.max_new_tokens
-    kind = model.decode_kind(P + N, mesh)
+    P, N = prompt_len, new_tokens
     cast = casts_weights(model, mesh, cfg.sampling.cast_weights)
     compute = jnp.dtype(model.dtype).itemsize
-
     weight_bytes = 0.0
     for tree, axes in ((spec.trainable, spec.t_axes), (spec.frozen, spec.f_axes)):
         shardings = tree_shardings(mesh, axes, tree, rules)
@@ -622,16 +630,34 @@ def decode_report(cfg, devices: Sequence, *, scanned: bool = False) -> DecodeRep
             floating = jnp.issubdtype(x.dtype, jnp.floating)
             weight_bytes += n * (compute if cast and floating else x.dtype.itemsize)
     slots = -(-(P + N) // 64) * 64
-    shape = (scfg.num_layers, B, scfg.num_kv_heads, slots, scfg.head_dim)
+    shape = (scfg.num_layers, batch, scfg.num_kv_heads, slots, scfg.head_dim)
     spec_kv = logical_to_spec(CACHE_AXES, shape, mesh, rules)
     local = [d // math.prod(mesh.shape[a] for a in ((ax,) if isinstance(ax, str) else ax or ()))
              for d, ax in zip(shape, spec_kv, strict=False)] + list(shape[len(spec_kv):])
-    kv_per_slot = 2 * local[0] * local[1] * local[2] * local[4] * compute
-    cast_bytes = weight_bytes if cast else 0.0
+    return MustRead(kind=model.decode_kind(P + N, mesh), weight_bytes=weight_bytes,
+                    kv_bytes_per_slot=2 * local[0] * local[1] * local[2] * local[4] * compute,
+                    batch_per_chip=local[1], cache_slots=slots, cast=cast)
 
-    rep = DecodeReport(kind=kind, layout=cfg.sampling.layout, batch=B, batch_per_chip=local[1], cache_slots=slots,
-                       prompt_len=P, new_tokens=N, weight_bytes=weight_bytes, kv_bytes_per_slot=kv_per_slot,
-                       cast_bytes=cast_bytes)
+
+def decode_report(cfg, devices: Sequence, *, scanned: bool = False) -> DecodeReport:
+    """Compile the student's decode step for `devices` once per decode segment (its cache prefix; layers
+    unrolled, so XLA's `cost_analysis()` counts every layer; plus, if `scanned`, the step as run, with the layer
+    scan) and compare each with the bytes it must read (`must_read`): the weights in the decode layout and compute
+    dtype, and the K/V of the filled slots, per chip. As inside the sampler, the weights' layouts are the
+    compiler's choice (they are laid out once per sampling call), and sampling is as the config asks: without
+    top-k/top-p the step is compiled without the truncation branch, which would otherwise be counted although it
+    never runs."""
+    from opd_jax.mesh import make_mesh
+    from opd_jax.sampling import decode_segments
+
+    mesh = make_mesh(cfg.mesh, devices)
+    B = cfg.batch_size // cfg.sampling.micro_batches
+    P, N = cfg.sampling.max_prompt_len, cfg.sampling.max_new_tokens
+    m = must_read(cfg, mesh, B, P, N)
+    kind, weight_bytes, kv_per_slot, slots = m.kind, m.weight_bytes, m.kv_bytes_per_slot, m.cache_slots
+    rep = DecodeReport(kind=kind, layout=cfg.sampling.layout, batch=B, batch_per_chip=m.batch_per_chip,
+                       cache_slots=slots, prompt_len=P, new_tokens=N, weight_bytes=weight_bytes,
+                       kv_bytes_per_slot=kv_per_slot, cast_bytes=weight_bytes if m.cast else 0.0)
     start = 1
     for end, limit in decode_segments(P, N, kind, cfg.sampling.decode_segments):
         acc, secs = _decode_step_cost(cfg, mesh, limit, unroll=True)  # one compile per segment: XLA's fusion
@@ -746,6 +772,146 @@ def compile_step(cfg, topology: str | None = None, *, fast: bool = False, decode
     return report
 
 
+# ---- the in-loop eval program -----------------------------------------------------------------------------------
+@dataclass
+class EvalReport:
+    """The eval program a run executes (the run's own sampler at `eval.max_new_tokens`), compiled for the slice:
+    the batch it will sample at, whether that fits the chip beside the buffers that stay resident during an eval
+    (the train state and the teachers' weights), and, when a fixed `eval.batch_size` does not fit, the largest that
+    does (`opd_jax.eval.batch`)."""
+
+    setting: str  # eval.batch_size as configured ("auto" or an integer)
+    batch: int  # what the run samples at once: auto's choice, or the fixed batch rounded to the batch axes
+    rows: int | None  # problems x k of one eval (None: the eval set is not readable here)
+    prompt_len: int
+    new_tokens: int
+    fits: bool
+    bytes_per_chip: float  # the eval program's outputs + temporaries + code at `batch` (its weights are resident)
+    resident_bytes: float  # per chip: train state + teachers, in HBM throughout
+    hbm_bytes: float
+    largest: int = 0  # the largest batch that fits (auto: = batch; a fixed batch that does not fit: the lever)
+    compiles: int = 0
+    compile_seconds: float = 0.0
+    error: str = ""
+
+    def lines(self) -> list[str]:
+        g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+        rows = f"{self.rows} rows ({-(-self.rows // self.batch)} batches)" if self.rows and self.batch else \
+            "rows unknown here"
+        out = [f"eval program (the run's sampler, prompt {self.prompt_len} + {self.new_tokens} new tokens; "
+               f"eval.batch_size {self.setting}): batch {self.batch}, {rows}"]
+        if self.batch:
+            out.append(f"  memory per chip: {g(self.bytes_per_chip)} for the eval + {g(self.resident_bytes)} resident "
+                       f"(train state, teachers) = {g(self.bytes_per_chip + self.resident_bytes)} of "
+                       f"{self.hbm_bytes / GiB:.0f} GiB: " + ("FITS" if self.fits else "DOES NOT FIT"))
+        if not self.fits:
+            out.append(f"  lever: eval.batch_size={self.largest} fits" if self.largest else
+                       "  not even one row per batch shard fits: shorten eval.max_new_tokens, or a larger slice")
+            if self.error:
+                out.append(f"  the compiler: {self.error[:300]}")
+        out.append(f"  ({self.compiles} compiles of the eval program, {self.compile_seconds:.0f} s)")
+        return out
+
+
+def eval_rows(cfg) -> int | None:
+    """problems x k of one eval, from `eval.num_problems` or the eval set's size (None when it cannot be read)."""
+    if cfg.eval.num_problems:
+        return cfg.eval.num_problems * cfg.eval.k
+    try:
+        if cfg.eval.source:
+            from opd_jax.data.sources import open_source
+
+            n = open_source(cfg.eval.source, split=cfg.eval.split, prompt_field=cfg.eval.prompt_field,
+                            answer_field=cfg.eval.answer_field).num_records
+        else:
+            from opd_jax.data import build_task
+
+            n = len(build_task(cfg).eval_problems())
+    except Exception:  # noqa: BLE001 - a hub dataset, no network, a generated task without eval problems
+        return None
+    return None if n is None else n * cfg.eval.k
+
+
+def runs_eval(cfg) -> bool:
+    """Whether a training run of `cfg` evaluates (the trainer's rule)."""
+    return bool((cfg.eval.source or cfg.data.source.startswith("synthetic:")) and (cfg.eval.every or cfg.eval.source))
+
+
+def compile_eval(cfg, topology: str, *, resident_bytes: float, fast: bool = False) -> EvalReport:
+    """Compile the run's eval program for `topology` and plan its batch (`opd_jax.eval.batch`): with "auto", the
+    largest batch that fits beside `resident_bytes` per chip (the train state and teachers: `AotReport.state_bytes
+    + teacher_bytes`); with a fixed batch, that batch (and, if it does not fit, the largest that does)."""
+    from opd_jax import flops
+    from opd_jax.eval.batch import batch_granule, compile_fit, largest_batch, round_to_granule
+    from opd_jax.eval.evaluate import make_eval_sampler
+    from opd_jax.mesh import make_mesh
+    from opd_jax.train_state import model_spec
+
+    topo = parse_topology(topology)
+    mesh = make_mesh(cfg.mesh, topology_devices(topo))
+    hbm = flops.CHIPS[topo.chip].hbm_gb * GiB
+    spec = model_spec(model_for_aot(cfg.student), mesh, cfg.lora if cfg.lora.rank > 0 else None)
+    eval_fn = make_eval_sampler(spec.mdef, mesh, cfg, cfg.sampling.stop_token_ids)
+    params, P = (spec.trainable, spec.frozen), cfg.sampling.max_prompt_len
+    limit = hbm - resident_bytes
+    t0 = time.perf_counter()
+    fits: dict[int, Any] = {}
+
+    def fit(b: int):
+        if b not in fits:
+            fits[b] = compile_fit(eval_fn, params, mesh, b, P, limit, resident_args=True, fast=fast)
+        return fits[b]
+
+    g, rows = batch_granule(mesh, planned=True), eval_rows(cfg)
+    cap = rows or 64 * g
+    setting = str(cfg.eval.batch_size)
+    if cfg.eval.batch_size == "auto":
+        batch, _ = largest_batch(fit, g, cap)
+        largest = batch
+    else:
+        batch = round_to_granule(cfg.eval.batch_size, batch_granule(mesh))
+        largest = batch if fit(batch).fits else largest_batch(fit, g, min(cap, batch))[0]
+    chosen = fit(batch) if batch else fit(g)
+    return EvalReport(setting=setting, batch=batch, rows=rows, prompt_len=P, new_tokens=cfg.eval.max_new_tokens,
+                      fits=bool(batch) and chosen.fits, bytes_per_chip=chosen.bytes_per_chip,
+                      resident_bytes=resident_bytes, hbm_bytes=hbm, largest=largest, compiles=len(fits),
+                      compile_seconds=time.perf_counter() - t0, error=chosen.error)
+
+
+def project(cfg, report: AotReport, ev: EvalReport | None):
+    """Roofline floors (`opd_jax.roofline`) of one step, one eval and the run, from the analytic FLOPs and the
+    bytes decode must read (`must_read`)."""
+    from opd_jax import flops, roofline
+    from opd_jax.mesh import make_mesh
+
+    chip, n = flops.CHIPS[report.chip], report.num_chips
+    mesh = make_mesh(cfg.mesh, topology_devices(parse_topology(report.topology)))
+    s = model_for_aot(cfg.student)
+    P, N = cfg.sampling.max_prompt_len, cfg.sampling.max_new_tokens
+    a = report.analytic_flops
+    sampling_s = 0.0
+    if cfg.algorithm in ("opd", "rl"):
+        B = cfg.batch_size // cfg.sampling.micro_batches
+        m = must_read(cfg, mesh, B, P, N)
+        sampling_s = cfg.sampling.micro_batches * roofline.floor_seconds(
+            roofline.decode_bytes(m.weight_bytes, m.kv_bytes_per_slot, P, N),
+            a.get("student_sampling", 0.0) / cfg.sampling.micro_batches, chip, n)
+    rest = a.get("total", 0.0) - a.get("student_sampling", 0.0)
+    step_s = sampling_s + rest / (chip.peak_flops * n)
+    eval_s, batches, batch = 0.0, 0, 0
+    if ev is not None and ev.rows:
+        batch = ev.batch if ev.fits else ev.largest  # a batch that does not fit would not run: project the lever
+    if batch:
+        Ne = cfg.eval.max_new_tokens
+        m = must_read(cfg, mesh, batch, P, Ne)
+        batches = -(-ev.rows // batch)
+        eval_s = batches * roofline.floor_seconds(roofline.decode_bytes(m.weight_bytes, m.kv_bytes_per_slot, P, Ne),
+                                                  flops.decode_flops(s, batch, P, Ne), chip, n)
+    evals = roofline.eval_count(cfg.steps, cfg.eval.every) if ev is not None else 0
+    return roofline.Projection(step_s=step_s, step_sampling_s=sampling_s, eval_s=eval_s, eval_batches=batches,
+                               eval_batch=batch, evals=evals, steps=cfg.steps)
+
+
 # ---- CLI -----------------------------------------------------------------------------------------------------
 def _host_platform_cpu() -> None:
     """Tracing needs a host backend only: keep JAX off the (absent) TPU once libtpu is importable."""
@@ -759,8 +925,10 @@ def _host_platform_cpu() -> None:
 
 
 def compile_main(args) -> int:
-    """`opd-jax compile CONFIG [k=v ...] [--topology T] [--json PATH] [--fast] [--levers N]`: 0 if the step fits,
-    3 if not (then up to N more compiles search for overrides that make it fit)."""
+    """`opd-jax compile CONFIG [k=v ...] [--topology T] [--json PATH] [--fast] [--levers N]`: the training step
+    (SFT, RL or OPD), then the in-loop eval program beside the resident train state (`compile_eval`), then the
+    roofline projection of a step, an eval and the run (`project`). 0 if both fit, 3 if not (a step that does
+    not fit: up to N more compiles search for overrides that make it fit; an eval: the largest batch that fits)."""
     from opd_jax.config import load_config
 
     _host_platform_cpu()
@@ -770,9 +938,21 @@ def compile_main(args) -> int:
           f"({cfg.groups_per_batch} prompts x {cfg.group_size} samples, prompt {cfg.sampling.max_prompt_len} + "
           f"{cfg.sampling.max_new_tokens} new tokens, micro_batches={cfg.micro_batches}, "
           f"sampling.micro_batches={cfg.sampling.micro_batches})", flush=True)
-    report = compile_step(cfg, topology, fast=bool(getattr(args, "fast", False)))
+    fast = bool(getattr(args, "fast", False))
+    report = compile_step(cfg, topology, fast=fast)
     for line in report.lines():
         print(line)
+    ev = None
+    if runs_eval(cfg):  # the in-loop eval runs beside the resident train state: it must fit too
+        print(f"AOT-compiling the in-loop eval program ({cfg.eval.max_new_tokens} new tokens, eval.batch_size "
+              f"{cfg.eval.batch_size})", flush=True)
+        ev = compile_eval(cfg, topology, resident_bytes=report.state_bytes + report.teacher_bytes, fast=fast)
+        for line in ev.lines():
+            print(line)
+    projection = project(cfg, report, ev) if report.analytic_flops else None
+    if projection is not None:
+        for line in projection.lines():
+            print(line)
     budget = int(getattr(args, "levers", 12) or 0)
     if not report.fits and budget:
         print(f"searching for levers (up to {budget} more compiles at the least optimization effort):", flush=True)
@@ -789,9 +969,14 @@ def compile_main(args) -> int:
             print("no single change lowered the memory; try a larger slice (--topology) or shorter sequences")
     out = getattr(args, "json", None)
     if out:
+        d = report.to_dict()
+        d["eval"] = dataclasses.asdict(ev) if ev is not None else None
+        d["projection"] = None if projection is None else {**dataclasses.asdict(projection),
+                                                           "run_s": projection.run_s,
+                                                           "eval_share": projection.eval_share}
         with open(out, "w", encoding="utf-8") as f:
-            json.dump(report.to_dict(), f, indent=1, default=str)
-    return 0 if report.fits else 3
+            json.dump(d, f, indent=1, default=str)
+    return 0 if report.fits and (ev is None or ev.fits) else 3
 
 
 def main(argv: list[str] | None = None) -> int:

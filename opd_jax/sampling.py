@@ -111,16 +111,21 @@ def truncate_logits(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, cap: 
 
 def choose_tokens(logits: jax.Array, key: jax.Array, sp: SamplingParams, truncation: bool = True
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """logits [B, V] fp32 -> (tokens, untempered logprob, sampler logprob). `truncation=False` (static) leaves
-    out the top-k/top-p branch, which otherwise runs only when `sp` asks for it (a `lax.cond`): for cost
-    accounting of untruncated sampling, where XLA's `cost_analysis()` would count both branches."""
+    """logits [B, V] fp32 -> (tokens, untempered logprob, sampler logprob). `key`: one key for the batch, or [B]
+    keys, one per row (each row's draw then depends on its own key alone, not on the batch around it).
+    `truncation=False` (static) leaves out the top-k/top-p branch, which otherwise runs only when `sp` asks for
+    it (a `lax.cond`): for cost accounting of untruncated sampling, where XLA's `cost_analysis()` would count both
+    branches."""
     greedy = sp.temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, sp.temperature)
     if truncation:
         needs_truncation = (sp.top_k > 0) | (sp.top_p < 1.0)
         scaled = jax.lax.cond(needs_truncation, lambda s: truncate_logits(s, sp.top_k, sp.top_p), lambda s: s,
                               scaled)
-    sampled = jax.random.categorical(key, scaled, axis=-1)
+    if key.ndim == 1:  # one key per row
+        sampled = jax.vmap(lambda k, row: jax.random.categorical(k, row, axis=-1))(key, scaled)
+    else:
+        sampled = jax.random.categorical(key, scaled, axis=-1)
     tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
     full = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
     samp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
@@ -208,9 +213,14 @@ def sample(
     layout: str = "train",
     cast_weights: str = "auto",
     segments: int = 0,
+    active: jax.Array | None = None,
 ) -> SampleOutput:
     """Sample `max_new_tokens` (static) continuations of left-padded prompts [B, P]. Traceable.
 
+    key: one key for the batch, or [B] keys, one per row: each row's tokens then depend on its own key only, so a
+    row samples the same completion in any batch (evaluation: results independent of the batch size, up to the
+    floating-point effects of another batch shape). active: [B] bool, False for padding rows, which count as
+    finished from the start (the decode loop ends when the real rows have; their outputs are empty).
     cast_weights: `sampling.cast_weights` ("auto" | "always" | "never"; see `casts_weights`). segments:
     `sampling.decode_segments` (0 = auto; see `decode_segments`): the decode `while_loop` runs as that many loops
     over consecutive step ranges, each attending over a static cache prefix."""
@@ -229,7 +239,10 @@ def sample(
     hidden, cache = model(prompt_tokens, positions_from_mask(prompt_mask), prompt_mask, cache=cache, mesh=mesh,
                           rules=rules, cache_empty=True)
     logits = model.logits(hidden[:, -1])
-    tok, lp, slp = choose_tokens(logits, jax.random.fold_in(key, 0), sp)
+    step_key = jax.vmap(jax.random.fold_in, in_axes=(0, None)) if key.ndim == 1 else jax.random.fold_in
+    tok, lp, slp = choose_tokens(logits, step_key(key, 0), sp)
+    live0 = jnp.ones((B,), bool) if active is None else active.astype(bool)
+    tok = jnp.where(live0, tok, pad_id)
 
     def put(buf, t, val):
         return jax.lax.dynamic_update_slice(buf, val[:, None].astype(buf.dtype), (0, t))
@@ -237,10 +250,10 @@ def sample(
     state = dict(
         t=jnp.ones((), jnp.int32),
         tokens=put(jnp.full((B, N), pad_id, jnp.int32), 0, tok),
-        mask=put(jnp.zeros((B, N), bool), 0, jnp.ones((B,), bool)),
-        logprobs=put(jnp.zeros((B, N), jnp.float32), 0, lp),
-        sampler_logprobs=put(jnp.zeros((B, N), jnp.float32), 0, slp),
-        done=jnp.isin(tok, stops),
+        mask=put(jnp.zeros((B, N), bool), 0, live0),
+        logprobs=put(jnp.zeros((B, N), jnp.float32), 0, jnp.where(live0, lp, 0.0)),
+        sampler_logprobs=put(jnp.zeros((B, N), jnp.float32), 0, jnp.where(live0, slp, 0.0)),
+        done=jnp.isin(tok, stops) | ~live0,
         last=tok,
         cache=cache,
     )
@@ -253,7 +266,7 @@ def sample(
         positions = (prompt_len + t - 1)[:, None]
         hidden, cache = model(s["last"][:, None], positions, jnp.ones((B, 1), bool), cache=s["cache"], mesh=mesh,
                               rules=rules, decode_limit=limit)
-        tok, lp, slp = choose_tokens(model.logits(hidden[:, 0]), jax.random.fold_in(key, t), sp)
+        tok, lp, slp = choose_tokens(model.logits(hidden[:, 0]), step_key(key, t), sp)
         live = ~s["done"]
         tok = jnp.where(live, tok, pad_id)
         return dict(
@@ -277,7 +290,7 @@ def sample(
         lengths=jnp.sum(s["mask"], axis=-1).astype(jnp.int32),
         logprobs=s["logprobs"],
         sampler_logprobs=s["sampler_logprobs"],
-        truncated=~s["done"],
+        truncated=~s["done"] & live0,
     )
 
 
@@ -296,8 +309,9 @@ def make_sampler(
     cast_weights: str = "auto",
     segments: int = 0,
 ):
-    """The one jitted sampler on its own: `fn(params, prompt_tokens, prompt_mask, key, SamplingParams) ->
-    SampleOutput`, for eval, teacher sampling, visualization and benchmarks (the fused step inlines `sample`).
+    """The one jitted sampler on its own: `fn(params, prompt_tokens, prompt_mask, key, SamplingParams, active=None)
+    -> SampleOutput` (key and active as in `sample`), for eval, teacher sampling, visualization and benchmarks (the
+    fused step inlines `sample`).
 
     model_def: an `nnx.GraphDef` (params: the pure state dict) or anything with `.merge(*params)`, such as
     `train_state.ModelDef` (params: a tuple, e.g. `(trainable, frozen)`). `replicate_outputs=True` (with a mesh)
@@ -315,10 +329,10 @@ def make_sampler(
     out_sh = NamedSharding(mesh, PartitionSpec()) if (replicate_outputs and mesh is not None) else None
 
     @partial(jax.jit, out_shardings=out_sh)
-    def run(params, prompt_tokens, prompt_mask, key, sp):
+    def run(params, prompt_tokens, prompt_mask, key, sp, active=None):
         return sample(merge(params), prompt_tokens, prompt_mask, key, sp, max_new_tokens=max_new_tokens,
                       stop_token_ids=stops, pad_id=pad_id, mesh=mesh, layout=layout, cast_weights=cast_weights,
-                      segments=segments)
+                      segments=segments, active=active)
 
     if len(_SAMPLERS) >= 16:
         _SAMPLERS.pop(next(iter(_SAMPLERS)))

@@ -203,7 +203,7 @@ def test_eval_follows_the_training_prompt_rule(tmp_path):
 
 def _stop_sampler(task):
     """A stand-in eval sampler whose completions are the stop token (grading and counting only)."""
-    def sample(params, tokens, mask, key, sp):
+    def sample(params, tokens, mask, key, sp, active=None):
         from opd_jax.sampling import SampleOutput
 
         B, N = tokens.shape[0], 2

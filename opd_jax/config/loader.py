@@ -115,18 +115,20 @@ def _is_union(tp: Any) -> bool:
 
 
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
-    """(inner type, whether None is allowed)."""
+    """(inner type, whether None is allowed). A union of several types other than None stays a union (e.g.
+    `int | Literal["auto"]`); `_convert` tries its arms in order."""
     if _is_union(tp):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) != 1:
-            raise TypeError(f"unsupported union in schema: {tp}")  # schema bug, not a user error
-        return args[0], True
+        optional = len(args) < len(typing.get_args(tp))
+        return (args[0] if len(args) == 1 else Union[tuple(args)]), optional  # noqa: UP007
     return tp, False
 
 
 def _type_name(tp: Any) -> str:
     inner, optional = _strip_optional(tp)
-    if typing.get_origin(inner) is Literal:
+    if _is_union(inner):
+        name = " or ".join(_type_name(a) for a in typing.get_args(inner))
+    elif typing.get_origin(inner) is Literal:
         name = "one of " + ", ".join(repr(a) for a in typing.get_args(inner))
     elif typing.get_origin(inner) is list:
         name = f"list[{_type_name(typing.get_args(inner)[0])}]"
@@ -177,6 +179,13 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if value is None:
         if optional:
             return None
+        raise _type_error(path, tp, value)
+    if _is_union(inner):
+        for arm in typing.get_args(inner):
+            try:
+                return _convert(value, arm, path)
+            except ConfigError:
+                continue
         raise _type_error(path, tp, value)
     if dataclasses.is_dataclass(inner):
         if isinstance(value, inner):

@@ -167,6 +167,10 @@ class EvalConfig:
     top_p: float = 0.95
     top_k: int = 0
     max_new_tokens: int = 32
+    # sequences sampled at once: "auto" = on a TPU or GPU the largest batch whose KV cache, weights and temporaries
+    # the compiler fits in the chip's memory (compiled and checked, opd_jax.eval.batch), rounded to the batch axes;
+    # on a CPU min(64, problems x k); an integer is used as given (rounded up to the batch axes)
+    batch_size: int | Literal["auto"] = "auto"
 
 
 @dataclass

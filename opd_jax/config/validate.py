@@ -159,6 +159,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(e.temperature >= 0, "eval.temperature", f"must be >= 0 (0 = greedy), got {e.temperature}")
     _check(0 < e.top_p <= 1, "eval.top_p", f"must be in (0, 1], got {e.top_p}")
     _non_negative(e.top_k, "eval.top_k")
+    if e.batch_size != "auto":
+        _positive(e.batch_size, "eval.batch_size")
     _positive(e.max_new_tokens, "eval.max_new_tokens")
 
     _non_negative(c.checkpoint.every, "checkpoint.every")

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from opd_jax.config.schema import ExperimentConfig
 from opd_jax.data.task import EvalProblem, Task, pad_prompts
 from opd_jax.errors import DataError
+from opd_jax.eval.batch import batch_granule, eval_batch_size
 from opd_jax.sampling import SamplingParams, make_sampler
 
 
@@ -63,25 +64,42 @@ def evaluate(
     batch_size: int = 64,
     pad_id: int = 0,
     truncate_prompts: bool = False,
+    shards: int = 1,
 ) -> EvalResult:
-    """`sample_fn(params, tokens, mask, key, sp) -> SampleOutput` (e.g. from `make_sampler`). Rows are the
-    problems repeated k times; each batch gets its own key, so no two samples share randomness."""
+    """`sample_fn(params, tokens, mask, keys, sp, active) -> SampleOutput` (e.g. from `make_sampler`). Rows are the
+    problems repeated k times. Row r samples with its own key, `fold_in(key, r)`, so a row's completion does not
+    depend on the batch it lands in: two batch sizes give the same samples, up to the floating-point effects of
+    another batch shape. A last, partial batch is padded with inactive rows (they finish at once, so the decode
+    loop stops with the real rows), and its real rows are spread over the `shards` batch shards (the mesh's batch
+    axes), so no chip holds only padding."""
     if not problems:
         raise ValueError("evaluation: no problems to evaluate")
+    if batch_size % shards:
+        raise ValueError(f"evaluation: batch_size={batch_size} must divide over {shards} batch shards")
     prompts = [p.prompt for p in problems for _ in range(k)]
     answers = [p.answer for p in problems for _ in range(k)]
-    completions, lengths, truncated = [], [], []
-    for b, start in enumerate(range(0, len(prompts), batch_size)):
-        chunk = prompts[start: start + batch_size]
-        n_real = len(chunk)
-        chunk = chunk + [chunk[-1]] * (batch_size - n_real)  # fixed batch shape: one compile
+    n = len(prompts)
+    completions: list = [None] * n
+    lengths, truncated = [0] * n, [False] * n
+    row_keys = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
+    per_shard = batch_size // shards
+    for start in range(0, n, batch_size):
+        real = list(range(start, min(start + batch_size, n)))
+        slots: list[int | None] = [None] * batch_size
+        for q, r in enumerate(real):  # real row q of the batch goes to shard q % shards
+            slots[(q % shards) * per_shard + q // shards] = r
+        chunk = [prompts[r] if r is not None else prompts[real[0]] for r in slots]  # fixed batch shape: one compile
+        ids = np.asarray([r if r is not None else n + i for i, r in enumerate(slots)], np.int32)
+        active = np.asarray([r is not None for r in slots])
         tok, mask, _ = pad_prompts(chunk, max_prompt_len, truncate=truncate_prompts, pad_id=pad_id)
-        out = jax.device_get(sample_fn(params, tok, mask, jax.random.fold_in(key, b), sampling))
-        for i in range(n_real):
+        out = jax.device_get(sample_fn(params, tok, mask, row_keys(key, ids), sampling, active))
+        for i, r in enumerate(slots):
+            if r is None:
+                continue
             L = int(out.lengths[i])
-            completions.append([int(t) for t in out.tokens[i, :L]])
-            lengths.append(L)
-            truncated.append(bool(out.truncated[i]))
+            completions[r] = [int(t) for t in out.tokens[i, :L]]
+            lengths[r] = L
+            truncated[r] = bool(out.truncated[i])
     correct = grade_batch(completions, answers)
     rows = []
     per_problem = []
@@ -127,7 +145,8 @@ def make_eval_sampler(mdef, mesh: Mesh | None, cfg: ExperimentConfig, stop_token
     `eval.max_new_tokens`, the decode layout of `sampling.layout`, and replicated outputs so every process can
     read the samples back (a batch-sharded array would span other hosts' devices)."""
     return make_sampler(mdef, max_new_tokens=cfg.eval.max_new_tokens, stop_token_ids=stop_token_ids, mesh=mesh,
-                        layout=cfg.sampling.layout, replicate_outputs=True)
+                        layout=cfg.sampling.layout, replicate_outputs=True, cast_weights=cfg.sampling.cast_weights,
+                        segments=cfg.sampling.decode_segments)
 
 
 def eval_sampling_params(cfg: ExperimentConfig) -> SamplingParams:
@@ -178,14 +197,12 @@ def task_eval(cfg: ExperimentConfig, task: Task, eval_fn: Callable, params, mesh
                             f"than sampling.max_prompt_len={c.sampling.max_prompt_len} (raise it, or set "
                             "sampling.truncate_prompts=true)")
         return None
-    n_dev = mesh.shape["data"] * mesh.shape["fsdp"]
-    batch = max(n_dev, min(64, len(problems) * c.eval.k))
-    batch = int(math.ceil(batch / n_dev) * n_dev)  # rows shard evenly over the batch axes
+    batch = eval_batch_size(c, mesh, len(problems) * c.eval.k, eval_fn=eval_fn, params=params)
     result = evaluate(
         eval_fn, params, problems, k=c.eval.k, grade_batch=task.grade_batch, decode=task.decode,
         max_prompt_len=c.sampling.max_prompt_len, sampling=eval_sampling_params(c),
         key=jax.random.fold_in(jax.random.key(c.seed + 7), int(step)), batch_size=batch, pad_id=task.pad_id,
-        truncate_prompts=c.sampling.truncate_prompts,
+        truncate_prompts=c.sampling.truncate_prompts, shards=batch_granule(mesh),
     )
     result.counts = {k: v for k, v in counts.items() if v}
     if out_dir is not None and jax.process_index() == 0:
