@@ -97,7 +97,9 @@ def main() -> int:
     print(f"lower_seconds: {report.lower_seconds:.1f}")
     print(f"compile_seconds: {report.compile_seconds:.1f}")
     print(f"compile_cpu_seconds: {cpu:.1f}")
-    if args.no_eval or not aot.runs_eval(cfg):
+    from opd_jax.eval.evaluate import runs_eval
+
+    if args.no_eval or not runs_eval(cfg):
         return 0 if report.fits else 3
     return eval_part(cfg, report, args) if report.fits else 3
 

@@ -832,11 +832,6 @@ def eval_rows(cfg) -> int | None:
     return None if n is None else n * cfg.eval.k
 
 
-def runs_eval(cfg) -> bool:
-    """Whether a training run of `cfg` evaluates (the trainer's rule)."""
-    return bool((cfg.eval.source or cfg.data.source.startswith("synthetic:")) and (cfg.eval.every or cfg.eval.source))
-
-
 def compile_eval(cfg, topology: str, *, resident_bytes: float, fast: bool = False) -> EvalReport:
     """Compile the run's eval program for `topology` and plan its batch (`opd_jax.eval.batch`): with "auto", the
     largest batch that fits beside `resident_bytes` per chip (the train state and teachers: `AotReport.state_bytes
@@ -943,6 +938,8 @@ def compile_main(args) -> int:
     for line in report.lines():
         print(line)
     ev = None
+    from opd_jax.eval.evaluate import runs_eval
+
     if runs_eval(cfg):  # the in-loop eval runs beside the resident train state: it must fit too
         print(f"AOT-compiling the in-loop eval program ({cfg.eval.max_new_tokens} new tokens, eval.batch_size "
               f"{cfg.eval.batch_size})", flush=True)

@@ -17,6 +17,7 @@ import re
 import shutil
 import sys
 import threading
+import warnings
 from typing import Any
 
 import jax
@@ -52,7 +53,7 @@ def _quiet_orbax_background_errors() -> None:
 
     def closed_loop(e: BaseException | None) -> bool:
         # tensorstore's callbacks into an event loop orbax already closed: printed before the failed write has even
-        # reached the caller, so not gated on _WRITE_FAILED
+        # reached the caller
         return isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
 
     def on_thread_error(args):
@@ -71,6 +72,9 @@ def _quiet_orbax_background_errors() -> None:
     threading.excepthook, sys.unraisablehook, sys.excepthook = on_thread_error, on_unraisable, on_exception
     logging.getLogger("asyncio").addFilter(
         lambda record: not ("never retrieved" in record.getMessage() and "orbax" in record.getMessage()))
+    # orbax's write coroutines abandoned by the failed write, collected at interpreter exit ("sys:1: RuntimeWarning:
+    # coroutine 'async_serialize_from_host.<locals>.write_fragment' was never awaited")
+    warnings.filterwarnings("ignore", message=r"coroutine 'async_serialize\w*[.<]", category=RuntimeWarning)
     logging.getLogger("absl").addFilter(
         lambda record: not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname))
 

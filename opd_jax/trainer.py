@@ -28,19 +28,19 @@ from opd_jax.data import build_task
 from opd_jax.data.task import Task, resolve_stop_tokens
 from opd_jax.distributed import initialize_distributed
 from opd_jax.errors import ConfigError
-from opd_jax.eval.evaluate import make_eval_sampler, task_eval
+from opd_jax.eval.evaluate import make_eval_sampler, runs_eval, task_eval
 from opd_jax.guards import CollapseGuard, CollapseReport
 from opd_jax.mesh import make_mesh
 from opd_jax.metrics import MetricsLogger, check_optional_packages
 from opd_jax.run_dir import (
     RunDirExistsError,
     check_run_dir,
-    claim_run_dir,
     eval_steps_logged,
     open_run_dir,
     resume_changes,
     trim_metrics,
 )
+from opd_jax.run_owner import claim_run_dir
 from opd_jax.sampling import SamplingParams
 from opd_jax.step import (
     PromptBatch,
@@ -369,9 +369,9 @@ class Trainer:
         try:
             # the eval before the first step of a launch, unless that step's eval is logged already (a resume at
             # an eval step, or a second resume at the same step): each step's eval row appears once
-            has_eval = (c.eval.source or c.data.source.startswith("synthetic:")) and (c.eval.every or c.eval.source)
+            has_eval = runs_eval(c)
             if has_eval and self.start_step not in self._evaluated:
-                history["eval_start"] = self.run_eval("eval_step0")
+                history["eval_start"] = self.run_eval(f"eval_step{self.start_step}")
                 self.logger.log(self.start_step, history["eval_start"])
             for step in range(self.start_step, c.steps):
                 batch = self.program.next_batch()

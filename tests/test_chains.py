@@ -95,15 +95,28 @@ def test_train_stream_is_resumable_and_process_sliced():
 
 
 def test_single_prompt_stream_repeats_one_train_problem():
-    t = ChainsTask(seed=0, mod=7, single=True)
+    t = ChainsTask(seed=0, mod=7, single=1)
     rows = t.next_prompts(5).student
     assert all(r == rows[0] for r in rows)
     assert split_of(t.problem(123).text) == "train"
 
 
+def test_single_prompts_are_distinct_use_every_operation_and_do_not_depend_on_the_seed():
+    """Issue #22: the three single-prompt "seeds" had all trained `6a-1b-5c-4d-4e-5` (only '-')."""
+    prompts = [ChainsTask(seed=seed, min_len=4, max_len=6, mod=7, single=n).problem(0) for seed, n in
+               ((0, 1), (1, 2), (2, 3), (7, 4), (9, 5))]
+    texts = [c.text for c in prompts]
+    assert len(set(texts)) == 5, texts
+    assert all({op for op, _ in c.ops} == set("+-*") and split_of(c.text) == "train" for c in prompts), texts
+    assert ChainsTask(seed=5, min_len=4, max_len=6, mod=7, single=2).problem(9).text == texts[1]
+    assert ChainsTask(seed=0, min_len=1, max_len=3, mod=7, ops="+*", single=1).problem(0).ops  # short chains too
+    with pytest.raises(ValueError, match="single"):
+        ChainsTask(seed=0, single=-1)
+
+
 def test_sources_parse_into_the_task():
     kw = parse_source("synthetic:chains:4:6:mod=7:slips=0.15:single=1:test=64:val=32:ops=pt")
-    assert kw == {"min_len": 4, "max_len": 6, "mod": 7, "slips": 0.15, "single": True, "num_test": 64,
+    assert kw == {"min_len": 4, "max_len": 6, "mod": 7, "slips": 0.15, "single": 1, "num_test": 64,
                   "num_val": 32, "ops": "+*"}
     with pytest.raises(ValueError, match="unknown chains option"):
         parse_source("synthetic:chains:4:6:color=3")

@@ -4,7 +4,9 @@ stream the full experiment uses, a real trainer run's prompts checked the same w
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -43,7 +45,6 @@ def plan_streams(p: plan_mod.Plan) -> dict[str, tuple[str, int, int, str, str]]:
            "recovery_midtrain": ("recovery_midtrain", 0, p.recovery_midtrain_steps * 32, "sft", r.teacher_source),
            "recovery_opd": ("recovery_opd", 0, (p.recovery_steps + 1) * p.prompts, "prompts", TASK),
            "recovery_sft_fresh": ("recovery_sft_fresh", 0, 2 * p.recovery_steps * seq + 64, "prompts", TASK),
-           "single_prompt": ("single_prompt", 0, 1, "prompts", TASK),
            "demo_opd": ("demo_opd", 0, 61 * 16, "prompts", TASK),
            "demo_sft": ("demo_sft", 0, 2 * 60 * 64 + 64, "prompts", TASK)}
     for seed in {*p.seeds, p.sweep_seed}:
@@ -51,7 +52,7 @@ def plan_streams(p: plan_mod.Plan) -> dict[str, tuple[str, int, int, str, str]]:
         out[f"rl_s{seed}"] = ("rl", seed, (max(p.steps, p.rl_long_steps) + 1) * p.prompts, "prompts", TASK)
         out[f"sft_fresh_s{seed}"] = ("sft_fresh", seed, 2 * p.steps * seq + 64, "prompts", TASK)
     for seed in p.single_prompt_seeds:
-        out[f"single_prompt_s{seed}"] = ("single_prompt", seed, 1, "prompts", TASK)
+        out[f"single_prompt_s{seed}"] = ("single_prompt", seed, 1, "prompts", f"{TASK}:single={seed + 1}")
     return out
 
 
@@ -292,3 +293,70 @@ def test_prepare_command_reports_the_pair(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "teacher: " in out and "student: " in out and "test accuracy T=1 0.8" in out
     assert "trained now: nothing" in out
+
+
+def _curve(reach_step: int | None, every: int, steps: int) -> list[dict]:
+    """A synthetic eval curve: 0.5 until `reach_step`, 0.9 from it on (never when None)."""
+    return [{"step": s, "mean": 0.9 if reach_step is not None and s >= reach_step else 0.5}
+            for s in range(0, steps + 1, every)]
+
+
+def test_steps_ratio_rule_can_pass_fail_and_stay_undetermined_on_synthetic_curves():
+    """Issue #22: a ratio rule must be able to both pass and fail at the planned cadence; where the evals cannot
+    decide it, it says so instead of "does not hold"."""
+    from experiments.opd_chains.ratios import ratio_rule, steps_bracket
+
+    def verdict(a_reach, b_reach, *, every=5, a_steps=60, b_steps=150, threshold=7.0):
+        a = steps_bracket(_curve(a_reach, every, a_steps), 0.8, every=every, steps=a_steps)
+        b = steps_bracket(_curve(b_reach, every, b_steps), 0.8, every=every, steps=b_steps)
+        return ratio_rule(a, b, threshold)
+
+    passed = verdict(5, 100)  # A in (0, 5], B in (95, 100]: >= 19x
+    assert passed.verdict == "holds" and passed.ratio_lo == 19.0
+    failed = verdict(30, 40)  # A in (25, 30], B in (35, 40]: at most 1.6x
+    assert failed.verdict == "does not hold" and failed.ratio_hi == 40 / 25
+    assert verdict(10, 40).verdict == "undetermined at this eval cadence"  # [3.5x, 8x] straddles 7
+    assert verdict(None, 40).verdict.startswith("does not hold (A did not reach")
+    never = verdict(5, None)  # B never within 150 steps: at least 30x, a lower bound only
+    assert never.verdict == "holds" and never.ratio_lo == 30.0 and never.ratio_hi == float("inf")
+    # the old design (evals every 10 over 60 steps for both): A at its first eval and B at its last give [5x, 60x]
+    assert verdict(10, 60, every=10, a_steps=60, b_steps=60).verdict == "undetermined at this eval cadence"
+
+
+def test_which_designs_can_decide_a_7x_rule():
+    from experiments.opd_chains.ratios import check_rule_decidable, measurable_range
+
+    assert measurable_range(every_a=10, steps_a=60, every_b=10, steps_b=60) == (0.2, 5.0)
+    reason = check_rule_decidable(7.0, every_a=10, steps_a=60, every_b=10, steps_b=60)
+    assert reason is not None and "cannot pass" in reason and "up to 5x" in reason
+    assert check_rule_decidable(7.0, every_a=10, steps_a=60, every_b=30, steps_b=240) is None  # + the RL long run
+    assert check_rule_decidable(7.0, every_a=5, steps_a=60, every_b=5, steps_b=150) is None  # issue #22's cadence
+    assert "cannot fail" in check_rule_decidable(0.01, every_a=5, steps_a=60, every_b=5, steps_b=150)
+    with pytest.raises(ValueError, match="every_a"):
+        measurable_range(every_a=0, steps_a=60, every_b=5, steps_b=60)
+
+
+def test_the_committed_report_says_what_the_cadence_resolves():
+    """The committed claims carry the ratio interval the evals allow and whether the 7x rule was decidable."""
+    claims = json.loads((Path(__file__).parents[1] / "experiments/opd_chains/results/claims.json").read_text())
+    rl = next(c for c in claims["claims"] if c["claim"] == "rl_steps")["numbers"]
+    lo, hi = rl["ratio_interval"]
+    assert lo <= rl["ratio"] <= hi and rl["rule_7x_decidable"] == "yes"
+
+
+def test_single_prompt_arms_train_distinct_prompts_that_use_every_operation(tmp_path):
+    """Issue #22: each single-prompt seed trains its own prompt (they had all trained `6a-1b-5c-4d-4e-5`)."""
+    from experiments.opd_chains.run_all import Runner, single_prompt_spec
+
+    runner = Runner(None, plan_mod.PLAN, str(tmp_path), str(tmp_path), False, [], None)
+    prompts = {}
+    for steps, samples in plan_mod.PLAN.single_prompt_shapes:
+        for seed in plan_mod.PLAN.single_prompt_seeds:
+            spec = single_prompt_spec(runner, plan_mod.PLAN, TASK, 3e-4, seed, steps, samples)
+            assert (spec.steps, spec.prompts, spec.group_size) == (steps, 1, samples)
+            chain = _task(spec.source).problem(0)
+            assert {op for op, _ in chain.ops} == set("+-*"), chain.text
+            prompts.setdefault((steps, samples), []).append(chain.text)
+    for shape, texts in prompts.items():
+        assert len(set(texts)) == len(plan_mod.PLAN.single_prompt_seeds) >= 3, (shape, texts)
+    assert (20, 256) in prompts, "the published budget shape: one prompt, 20 steps x 256 samples"

@@ -29,7 +29,10 @@ class Plan:
     seeds: tuple[int, ...] = (0, 1, 2)
     rl_long_steps: int = 240  # RL at its chosen rate, long enough to see its plateau
     rl_long_eval_every: int = 30
-    single_prompt_samples: int = 64  # one prompt x this many samples a step (the same sequences as the others)
+    # single prompt as published (one prompt, 20 steps x 256 samples), and at the compared runs' budget (60 x 64
+    # samples); prompt n = seed + 1 (`ChainsTask.single_prompt`: distinct, each using every operation)
+    single_prompt_shapes: tuple[tuple[int, int], ...] = ((20, 256), (60, 64))  # (steps, samples per step)
+    single_prompt_eval_every: int = 5
     single_prompt_seeds: tuple[int, ...] = (0, 1, 2)
     capacity_steps: int = 0  # 0: the teacher's steps (the student architecture on the teacher's own data)
     recovery_facts: int = 64
@@ -42,5 +45,6 @@ class Plan:
 PLAN = Plan()
 QUICK = Plan(steps=4, eval_every=2, warmup=1, prompts=4, group_size=2,
              lrs={"opd": (1e-3,), "rl": (1e-3,), "sft_fresh": (1e-3,), "sft_fixed": (1e-3,)},
-             seeds=(0, 1), rl_long_steps=8, rl_long_eval_every=4, single_prompt_samples=8, single_prompt_seeds=(0,),
+             seeds=(0, 1), rl_long_steps=8, rl_long_eval_every=4, single_prompt_shapes=((2, 8),),
+             single_prompt_eval_every=1, single_prompt_seeds=(0,),
              capacity_steps=20, recovery_midtrain_steps=6, recovery_steps=4)

@@ -23,6 +23,7 @@ import os
 import re
 
 from experiments.opd_chains.arms import LABELS, METHODS
+from experiments.opd_chains.ratios import check_rule_decidable, ratio_rule, steps_bracket
 from opd_jax.miniature.measure import mean_ci
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -124,6 +125,7 @@ def summarize(results: str) -> dict:
         st = steps_to(curve, target)
         out["methods"][m] = {
             "lr": best[m], "seeds": [r["seed"] for r in recs], "curve": curve, "steps_to_target": st,
+            "eval_every": recs[0]["spec"]["eval_every"], "steps": recs[0]["steps"],
             "flops_per_step": f,
             "flops_to_target": None if st is None else {"student": f["student"] * st, "teacher": f["teacher"] * st,
                                                          "total": (f["student"] + f["teacher"]) * st},
@@ -145,15 +147,21 @@ def summarize(results: str) -> dict:
                                                         c["test"]["ci_high"]) for c in r["curve"]],
                           "steps_to_target": next((c["step"] for c in r["curve"]
                                                    if c["step"] > 0 and c["test"]["accuracy"] >= target), None),
-                          "steps": r["steps"], "final_t1": r["final"]["t1"]["test"],
+                          "steps": r["steps"], "eval_every": r["spec"]["eval_every"],
+                          "final_t1": r["final"]["t1"]["test"],
                           "final_greedy": r["final"]["greedy"]["test"]}
     # single prompt
-    singles = [records[n] for n in sorted(records) if n.startswith("single_prompt_")]
-    if singles:
-        out["single_prompt"] = {"curve": mean_curve(singles), "final_t1": final_stats(singles, "t1"),
-                                "final_greedy": final_stats(singles, "greedy"),
-                                "prompts": [r.get("single_prompt_text") for r in singles],
-                                "samples_per_step": singles[0]["sequences_per_step"]}
+    # single prompt, by budget shape (steps, samples per step); the headline is the published shape, 20 x 256
+    shapes: dict[tuple[int, int], list[dict]] = {}
+    for n in sorted(records):
+        if n.startswith("single_prompt_"):
+            r = records[n]
+            shapes.setdefault((r["steps"], r["sequences_per_step"]), []).append(r)
+    by_shape = [{"steps": st, "samples_per_step": sm, "curve": mean_curve(rs), "final_t1": final_stats(rs, "t1"),
+                 "final_greedy": final_stats(rs, "greedy"), "prompts": [r.get("single_prompt_text") for r in rs]}
+                for (st, sm), rs in sorted(shapes.items(), key=lambda kv: (kv[0] != (20, 256), kv[0]))]
+    if by_shape:
+        out["single_prompt"] = {**by_shape[0], "shapes": by_shape}
     # control: OPD against a teacher that never saw a correction
     controls = [records[n] for n in sorted(records) if n.startswith("opd_clean_teacher_")]
     if controls:
@@ -177,30 +185,38 @@ def claims(s: dict) -> list[dict]:
     out = []
     opd, rl = M.get("opd"), M.get("rl")
     if opd and rl:
-        so = opd["steps_to_target"]
-        sr = rl["steps_to_target"]
+        # steps to the target as brackets (the eval cadence's resolution); RL that does not reach it within the
+        # compared run is read off its long run; the 7x rule is decided only when the whole ratio interval is on
+        # one side of 7 (experiments.opd_chains.ratios)
+        so, sr = opd["steps_to_target"], rl["steps_to_target"]
+        a = steps_bracket(opd["curve"], s["target"], every=opd["eval_every"], steps=opd["steps"])
+        b = steps_bracket(rl["curve"], s["target"], every=rl["eval_every"], steps=rl["steps"])
         long = s.get("rl_long")
-        bound = False
-        if sr is None and long:
-            sr = long["steps_to_target"]
-            if sr is None:
-                sr, bound = long["steps"], True
-        elif sr is None:
-            sr, bound = rl["curve"][-1]["step"], True
+        if not b.reached and long:
+            b = steps_bracket([{"step": c[0], "mean": c[1]} for c in long["curve"]], s["target"],
+                              every=long["eval_every"], steps=long["steps"])
+        bound = not b.reached
+        if sr is None:
+            sr = long["steps_to_target"] if long and long["steps_to_target"] is not None else b.lo
+        size, direction = ratio_rule(a, b, 7.0), ratio_rule(a, b, 1.0)
         ratio = None if so is None else sr / so
-        if so is None:
+        rl_design = long if long else rl  # B's design: the compared RL run, continued by its long run
+        cannot = check_rule_decidable(7.0, every_a=opd["eval_every"], steps_a=opd["steps"],
+                                      every_b=rl_design["eval_every"], steps_b=rl_design["steps"])
+        if not a.reached:
             verdict = "does not hold (OPD did not reach the target)"
-        elif ratio is not None and ratio >= 7 and not bound:
-            verdict = "holds"
-        elif bound and ratio >= 7:
-            verdict = "holds (RL never reached the target)"
-        elif ratio > 1:
-            verdict = "direction holds, size not shown" if bound else "direction holds, size does not (< 7x)"
+        elif size.verdict == "holds":
+            verdict = "holds (RL never reached the target)" if bound else "holds"
+        elif size.verdict == "does not hold":
+            verdict = ("direction holds, size does not (< 7x)" if direction.verdict == "holds" else
+                       "does not hold")
         else:
-            verdict = "does not hold"
+            verdict = "undetermined at this eval cadence"
         out.append({"claim": "rl_steps", "published": PUBLISHED["rl_steps"],
                     "numbers": {"target": s["target"], "opd_steps": so, "rl_steps": sr, "rl_lower_bound": bound,
-                                "ratio": ratio, "opd_final": opd["final_t1"], "rl_final": rl["final_t1"],
+                                "ratio": ratio, "ratio_interval": [size.ratio_lo, size.ratio_hi],
+                                "rule_7x_decidable": cannot or "yes",
+                                "opd_final": opd["final_t1"], "rl_final": rl["final_t1"],
                                 "rl_long_final": (long or {}).get("final_t1")},
                     "verdict": verdict})
     sft = M.get("sft_fresh")
@@ -229,12 +245,16 @@ def claims(s: dict) -> list[dict]:
     if sp and opd:
         gap = s["teacher_t1"] - s["student_t1"]
         closed = (sp["final_t1"]["mean"] - s["student_t1"]) / gap if gap > 0 else float("nan")
+        others = [{"steps": o["steps"], "samples": o["samples_per_step"], "final": o["final_t1"],
+                   "gap_closed": (o["final_t1"]["mean"] - s["student_t1"]) / gap if gap > 0 else float("nan")}
+                  for o in sp["shapes"][1:]]
         closed_full = (opd["final_t1"]["mean"] - s["student_t1"]) / gap if gap > 0 else float("nan")
         verdict = "holds" if closed >= 0.75 else ("partly: it helps, but not close" if closed > 0.25 else
                                                   "does not hold")
         out.append({"claim": "single_prompt", "published": PUBLISHED["single_prompt"],
                     "numbers": {"single_final": sp["final_t1"], "full_opd_final": opd["final_t1"],
-                                "samples": sp["samples_per_step"],
+                                "samples": sp["samples_per_step"], "steps": sp["steps"],
+                                "prompts": sp["prompts"], "other_shapes": others,
                                 "gap_closed": closed, "gap_closed_full_opd": closed_full,
                                 "teacher": s["teacher_t1"], "student": s["student_t1"]},
                     "verdict": verdict})
@@ -293,6 +313,12 @@ def claim_row(c: dict) -> tuple[str, str]:
                 f"{ci_str(fo['mean'], fo['lo'], fo['hi'])}, RL {ci_str(fr['mean'], fr['lo'], fr['hi'])}")
         if n.get("rl_long_final"):
             text += f", RL after its long run {n['rl_long_final']['accuracy']:.3f}"
+        if n.get("ratio_interval"):
+            lo, hi = n["ratio_interval"]
+            text += (f"; at the eval cadence the ratio lies in [{lo:.2f}x, {'inf' if math.isinf(hi) else f'{hi:.2f}'}"
+                     f"{'' if math.isinf(hi) else 'x'}]")
+            if n.get("rule_7x_decidable", "yes") != "yes":
+                text += f" ({n['rule_7x_decidable']})"
     elif c["claim"] == "sft_flops":
         fo, fs = n["opd_flops_to_target"], n["sft_flops_to_target"]
         r9, r30 = n["ratio_sft_student_over_opd_total"], n["ratio_sft_total_over_opd_total"]
@@ -309,9 +335,14 @@ def claim_row(c: dict) -> tuple[str, str]:
         a, b = n["single_final"], n["full_opd_final"]
         closed = (f"closes {n['gap_closed']:.0%} of the student-teacher gap" if n["gap_closed"] >= 0 else
                   f"{n['student'] - a['mean']:.3f} below the student's start")
-        text = (f"one prompt x {n['samples']} samples: final test T=1 {mci(a)} ({closed}) vs 16 prompts x 4 "
-                f"{mci(b)} (closes {n['gap_closed_full_opd']:.0%}); teacher {n['teacher']:.3f}, student "
-                f"{n['student']:.3f}")
+        distinct = len(set(n.get("prompts") or [None]))
+        text = (f"one prompt x {n['samples']} samples x {n.get('steps', 60)} steps ({distinct} distinct prompt"
+                f"{'s' if distinct > 1 else ''}, interval over them): final test T=1 {mci(a)} ({closed}) vs 16 "
+                f"prompts x 4 {mci(b)} (closes {n['gap_closed_full_opd']:.0%}); teacher {n['teacher']:.3f}, "
+                f"student {n['student']:.3f}")
+        for o in n.get("other_shapes", []):
+            text += (f"; one prompt x {o['samples']} x {o['steps']} steps {mci(o['final'])} (closes "
+                     f"{o['gap_closed']:.0%})")
     elif c["claim"] == "recovery":
         ch, fa = n["chains_t1"], n["facts_greedy"]
         text = (f"chains test T=1 {ch[0]['accuracy']:.3f} -> {ch[1]['accuracy']:.3f} (mid-training) -> "
@@ -405,13 +436,16 @@ def plots(s: dict, results: str) -> dict[str, str]:
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     if s.get("single_prompt") and "opd" in M:
-        for label, curve, color in (("one prompt x 64 samples", s["single_prompt"]["curve"], "tab:orange"),
-                                    ("16 prompts x 4 samples", M["opd"]["curve"], COLORS["opd"])):
+        singles = [(f"one prompt x {sh['samples_per_step']} samples", sh["curve"], color)
+                   for sh, color in zip(s["single_prompt"]["shapes"], ("tab:orange", "tab:red", "tab:brown"),
+                                        strict=False)]
+        for label, curve, color in (*singles, ("16 prompts x 4 samples", M["opd"]["curve"], COLORS["opd"])):
             xs = [c["step"] for c in curve]
             ax[0].plot(xs, [c["mean"] for c in curve], marker="o", color=color, label=label)
             ax[0].fill_between(xs, [c["lo"] for c in curve], [c["hi"] for c in curve], color=color, alpha=0.15)
         ax[0].axhline(s["teacher_t1"], color="k", ls=":", lw=1, label="teacher")
-        ax[0].set(xlabel="OPD step", ylabel="test accuracy (T=1)", title="single-prompt OPD (3 prompts)")
+        ax[0].set(xlabel="OPD step", ylabel="test accuracy (T=1)",
+                  title=f"single-prompt OPD ({len(set(s['single_prompt']['prompts']))} prompts)")
         ax[0].legend(fontsize=7)
     rec = s.get("recovery")
     if rec:
@@ -555,13 +589,15 @@ def results_md(s: dict, cl: list[dict]) -> str:
                  f"{ci_str(*d['genuine_corrections'])} |")
     sp = s.get("single_prompt")
     if sp:
-        prompts = sorted(set(p for p in sp["prompts"] if p))
-        which = (f"all {len(sp['prompts'])} seeds drew the same prompt, {prompts[0]} (a bug: the prompt is row 0 of "
-                 "`data.shuffle_seed`, which the runs did not vary; issue #22)") if len(prompts) == 1 else \
-            f"prompts {', '.join(prompts)}"
-        L += ["", "## Single prompt", "", f"OPD on one training prompt x {sp['samples_per_step']} samples a step "
-              f"({len(sp['final_t1']['values'])} seeds; {which}): final test T=1 {mci(sp['final_t1'])}, "
-              f"greedy {mci(sp['final_greedy'])}."]
+        L += ["", "## Single prompt", ""]
+        for sh in sp["shapes"]:
+            prompts = [p for p in sh["prompts"] if p]
+            which = (f"all {len(prompts)} seeds drew the same prompt, {prompts[0]}") if len(set(prompts)) == 1 else \
+                f"one prompt per seed: {', '.join(prompts)}"
+            per = ", ".join(f"{v:.3f}" for v in sh["final_t1"]["values"])
+            L += [f"- OPD on one training prompt x {sh['samples_per_step']} samples a step for {sh['steps']} steps "
+                  f"({which}): final test T=1 {mci(sh['final_t1'])} (per prompt {per}; the interval is the "
+                  f"prompt-to-prompt spread), greedy {mci(sh['final_greedy'])}."]
     rec = s.get("recovery")
     if rec:
         L += ["", "## Recovery", "", f"The teacher (the 'original model') mid-trained by SFT on {rec['facts']} new "

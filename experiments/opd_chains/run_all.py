@@ -256,6 +256,15 @@ def _export_run(cfg, spec, rec, prep, hf_dir: str, model_cfg) -> None:
     export_hf(model.trainable, model.cfg, hf_dir, dtype="float32")
 
 
+def single_prompt_spec(runner: Runner, plan: Plan, source: str, lr: float, seed: int, steps: int,
+                       samples: int) -> arms.ArmSpec:
+    """OPD on single prompt `seed + 1` (distinct per seed, every operation used) x `samples` a step for `steps`."""
+    return runner.spec("opd", lr, seed, prompts=1, group_size=samples, steps=steps,
+                       eval_every=plan.single_prompt_eval_every, warmup=min(plan.warmup, steps // 4),
+                       source=f"{source}:single={seed + 1}", stream="single_prompt",
+                       tag=f"single_prompt_{steps}x{samples}_lr{lr:g}_s{seed}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny models, a few steps")
@@ -338,10 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         stage("rl_long", t0)
     if "single" not in a.skip:
         t0 = time.time()
-        for seed in plan.single_prompt_seeds:
-            runner.run(runner.spec("opd", best["opd"], seed, prompts=1, group_size=plan.single_prompt_samples,
-                                   source=cfg.data.source + ":single=1", stream="single_prompt",
-                                   tag=f"single_prompt_lr{best['opd']:g}_s{seed}"))
+        for steps, samples in plan.single_prompt_shapes:
+            for seed in plan.single_prompt_seeds:
+                runner.run(single_prompt_spec(runner, plan, cfg.data.source, best["opd"], seed, steps, samples))
         stage("single_prompt", t0)
     clean_dir = None
     if "control" not in a.skip:  # OPD against a teacher trained on clean solutions: it never saw a correction

@@ -22,7 +22,8 @@ re-draw until the problem is a train problem, and assert it; the eval problems a
 problems. So no eval problem can occur in any training stream, whatever seed or position a stream starts from.
 
 Source grammar: `synthetic:chains[:min_len[:max_len]][:key=value...]` with keys `mod` (10), `slips` (0.0),
-`single` (0/1: every training row is one fixed train problem, for single-prompt OPD), `test` (512) and `val` (256):
+`single` (0: off; N >= 1: every training row is single prompt N, a fixed train problem that uses every
+operation, for single-prompt OPD; prompts 1, 2, 3, ... are distinct, whatever the seed), `test` (512) and `val` (256):
 the number of distinct test / validation problems. `eval.split` picks the eval problems: `test` (default), `val`, or
 `val+test` (keep `eval.num_problems: 0`, which grades all of them).
 """
@@ -183,7 +184,7 @@ class ChainsTask(GeneratedTask):
 
     def __init__(self, *, seed: int, min_len: int = 4, max_len: int = 10, mod: int = 10, ops: str = OPS,
                  slips: float = 0.0,
-                 single: bool = False, num_test: int = 512, num_val: int = 256, eval_split: str = "test",
+                 single: int = 0, num_test: int = 512, num_val: int = 256, eval_split: str = "test",
                  process_index: int = 0, process_count: int = 1):
         if not 2 <= mod <= 10:
             raise ValueError(f"chains: mod must be in [2, 10] (single-digit values), got {mod}")
@@ -195,7 +196,12 @@ class ChainsTask(GeneratedTask):
         if not ops or set(ops) - set(OPS):
             raise ValueError(f"chains: ops must be a non-empty subset of {OPS!r}, got {ops!r}")
         self.seed, self.min_len, self.max_len, self.mod, self.ops = seed, min_len, max_len, mod, ops
-        self.slips, self.single = slips, single
+        if single < 0:
+            raise ValueError(f"chains: single must be 0 (off) or a prompt number >= 1, got {single}")
+        if single and max_len < len(ops):
+            raise ValueError(f"chains: a single prompt uses every operation ({ops!r}), so max_len must be >= "
+                             f"{len(ops)}, got {max_len}")
+        self.slips, self.single = slips, int(single)
         self.process_index, self.process_count = process_index, process_count
         self.eval_split = eval_split
         self.num_test, self.num_val = num_test, num_val
@@ -206,14 +212,31 @@ class ChainsTask(GeneratedTask):
     # ---- problems ---------------------------------------------------------------------------------------
     def problem(self, global_index: int) -> Chain:
         """Row `global_index` of the train stream: a train-split chain from a per-row RNG (exact resume and
-        per-host slicing); `single`: always row 0."""
-        idx = 0 if self.single else global_index
-        c = draw_in_split(random.Random((self.seed << 64) + idx), "train", self.min_len, self.max_len, self.mod,
-                          self.ops)
+        per-host slicing); with `single` = N, always `single_prompt(N)`."""
+        if self.single:
+            c = self.single_prompt(self.single)
+        else:
+            c = draw_in_split(random.Random((self.seed << 64) + global_index), "train", self.min_len, self.max_len,
+                              self.mod, self.ops)
         if split_of(c.text) != "train":  # the guarantee the held-out test relies on, checked on every row
             raise AssertionError(f"chains: training row {c.text} is not a train problem")
         if self.issued is not None:
             self.issued.append(c.text)
+        return c
+
+    def single_prompt(self, number: int) -> Chain:
+        """Single prompt `number` (>= 1): the `number`-th distinct train chain that uses every operation of `ops`,
+        in one fixed stream of the task's (lengths, mod, ops), so distinct numbers give distinct prompts and the
+        seed does not change them (the published single-prompt run: one prompt, many samples; issue #22 found three
+        "seeds" that had all drawn one prompt using only '-'). Raises ValueError for `number` < 1."""
+        if number < 1:
+            raise ValueError(f"chains: single prompt numbers start at 1, got {number}")
+        rng = random.Random(f"chains-single-{self.min_len}-{self.max_len}-{self.mod}-{self.ops}")
+        found: list[str] = []
+        while len(found) < number:
+            c = draw_in_split(rng, "train", max(self.min_len, len(self.ops)), self.max_len, self.mod, self.ops)
+            if {op for op, _ in c.ops} == set(self.ops) and c.text not in found:
+                found.append(c.text)
         return c
 
     def held_out(self, split: str) -> list[Chain]:
@@ -279,8 +302,6 @@ def parse_source(source: str) -> dict:
             i += 1
     if "min_len" in kw and "max_len" not in kw:
         kw["max_len"] = kw["min_len"]
-    if "single" in kw:
-        kw["single"] = bool(kw["single"])
     for k, name in (("test", "num_test"), ("val", "num_val")):
         if k in kw:
             kw[name] = kw.pop(k)

@@ -149,6 +149,13 @@ def make_eval_sampler(mdef, mesh: Mesh | None, cfg: ExperimentConfig, stop_token
                         segments=cfg.sampling.decode_segments)
 
 
+def runs_eval(cfg: ExperimentConfig) -> bool:
+    """Whether a training run of `cfg` evaluates: it has eval problems (an `eval.source`, or a synthetic task's
+    own) and a cadence (`eval.every`) or a source to evaluate at the end. The trainer and `opd-jax compile` read
+    this one rule."""
+    return bool((cfg.eval.source or cfg.data.source.startswith("synthetic:")) and (cfg.eval.every or cfg.eval.source))
+
+
 def eval_sampling_params(cfg: ExperimentConfig) -> SamplingParams:
     e = cfg.eval
     return SamplingParams.create(e.temperature, e.top_k, e.top_p, greedy=e.temperature <= 0)

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from opd_jax.run_dir import RunDirInUseError, RunDirOwner, owner_path
+from opd_jax.run_owner import RunDirInUseError, RunDirOwner, owner_path
 
 REPO = Path(__file__).resolve().parents[1]
 HOLD = """
 import sys, time
-from opd_jax.run_dir import RunDirOwner
+from opd_jax.run_owner import RunDirOwner
 RunDirOwner(sys.argv[1]).acquire()
 print("held", flush=True)
 time.sleep(600)
