@@ -93,3 +93,27 @@ def test_prep_key_ignores_how_a_cpu_runs_decode():
     assert prep_key(cfg, {"seed": 0}) == key and prep_key(cfg, {"seed": 0}, teacher_only=True) == teacher_key
     cfg.student.num_layers += 1
     assert prep_key(cfg, {"seed": 0}) != key and prep_key(cfg, {"seed": 0}, teacher_only=True) == teacher_key
+
+
+def test_imports_run_one_way():
+    """No import loop inside the package, function-level imports included (common <- prepare <- the stages)."""
+    import ast
+    import graphlib
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[1] / "experiments" / "mini_reasoning"
+    mods = {p.stem: p for p in pkg.glob("*.py") if p.stem != "__init__"}
+    graph = {}
+    for name, path in mods.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module == "experiments.mini_reasoning":
+                edges |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("experiments.mini_reasoning."):
+                edges.add(node.module.rpartition(".")[2])
+            elif isinstance(node, ast.Import):
+                edges |= {a.name.rpartition(".")[2] for a in node.names
+                          if a.name.startswith("experiments.mini_reasoning.")}
+        graph[name] = edges & set(mods)
+    assert graph["common"] == set() and graph["prepare"] == {"common"}, graph
+    list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a loop

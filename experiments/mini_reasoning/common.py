@@ -95,12 +95,3 @@ def add_stage_args(p, runs_default: str) -> None:
     p.add_argument("--runs", default=runs_default)
     p.add_argument("--recipe", default="{}", help="JSON of PrepRecipe fields (teacher/student preparation)")
     p.add_argument("overrides", nargs="*", help="config overrides of configs/mini_reasoning/base.yaml")
-
-
-def start_stage(a):
-    """Absolute runs dir, results/runs/ created, the base config and the cached (teacher, student) pair."""
-    from experiments.mini_reasoning.prepare import PrepRecipe, prepare
-
-    os.makedirs(os.path.join(a.results, "runs"), exist_ok=True)
-    base = load("base", a.overrides)
-    return os.path.abspath(a.runs), base, prepare(base, PrepRecipe(**json.loads(a.recipe)))

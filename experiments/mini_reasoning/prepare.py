@@ -46,7 +46,6 @@ class PrepRecipe:
 
 @dataclass
 class Prepared:
-    root: Path
     teacher: str
     student: str
     info: dict
@@ -216,7 +215,15 @@ def prepare(cfg=None, recipe: PrepRecipe | None = None, *, root: str | os.PathLi
         shutil.rmtree(work, ignore_errors=True)
     info.update(key=key, teacher_dir=str(t_dir), recipe={**recipe.as_dict(), "only_correct": recipe.only_correct})
     info_path.write_text(json.dumps(info, indent=1))
-    return Prepared(out, str(t_dir), str(s_dir), info)
+    return Prepared(str(t_dir), str(s_dir), info)
+
+
+def start_stage(a):
+    """For a stage with `common.add_stage_args`: absolute runs dir, results/runs/ created, the base config and the
+    cached (teacher, student) pair."""
+    os.makedirs(os.path.join(a.results, "runs"), exist_ok=True)
+    base = common.load("base", a.overrides)
+    return os.path.abspath(a.runs), base, prepare(base, PrepRecipe(**json.loads(a.recipe)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,13 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     common.add_stage_args(p, "runs/mini_reasoning/recovery")
     a = p.parse_args(argv)
 
-    from experiments.mini_reasoning.prepare import _export, _sft_cfg
+    from experiments.mini_reasoning.prepare import _export, _sft_cfg, start_stage
     from opd_jax.baselines.sft import SFTTrainer
     from opd_jax.data import build_task
     from opd_jax.data.synthetic import FactsTask
     from opd_jax.trainer import Trainer
 
-    runs, base, prep = common.start_stage(a)
+    runs, base, prep = start_stage(a)
     facts = FactsTask(seed=a.seed, num_facts=a.num_facts)
     t_start = time.time()
 

@@ -17,8 +17,7 @@ from collections import defaultdict
 
 from experiments.mini_reasoning import common
 
-LABELS = {"sft": "SFT on teacher samples", "rl": "RL (GRPO, exact match)", "opd": "OPD (reverse KL)",
-          "opd_single": "OPD, one prompt", "opd_full": "OPD, all prompts"}
+LABELS = {"sft": "SFT on teacher samples", "rl": "RL (GRPO, exact match)", "opd": "OPD (reverse KL)"}
 
 
 def load_curves(path: str) -> dict[str, dict[int, list[dict]]]:

@@ -44,9 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     common.add_stage_args(p, "runs/mini_reasoning/single_prompt")
     a = p.parse_args(argv)
 
+    from experiments.mini_reasoning.prepare import start_stage
     from opd_jax.trainer import Trainer
 
-    runs, base, prep = common.start_stage(a)
+    runs, base, prep = start_stage(a)
     a.samples = a.samples or base.batch_size
     source = base.data.source.split(":")
     single = ":".join([source[0], "arithmetic_single", *source[2:]])
