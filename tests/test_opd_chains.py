@@ -42,15 +42,18 @@ def plan_streams(p: plan_mod.Plan) -> dict[str, tuple[str, int, int, str, str]]:
     seq = p.prompts * p.group_size
     out = {"teacher": ("teacher", r.seed, r.teacher_steps * r.teacher_batch, "sft", r.teacher_source),
            "student_pool": ("student_pool", r.seed, 2 * r.student_examples + 64, "prompts", TASK),
-           "recovery_midtrain": ("recovery_midtrain", 0, p.recovery_midtrain_steps * 32, "sft", r.teacher_source),
-           "recovery_opd": ("recovery_opd", 0, (p.recovery_steps + 1) * p.prompts, "prompts", TASK),
-           "recovery_sft_fresh": ("recovery_sft_fresh", 0, 2 * p.recovery_steps * seq + 64, "prompts", TASK),
            "demo_opd": ("demo_opd", 0, 61 * 16, "prompts", TASK),
            "demo_sft": ("demo_sft", 0, 2 * 60 * 64 + 64, "prompts", TASK)}
     for seed in {*p.seeds, p.sweep_seed}:
         out[f"opd_s{seed}"] = ("opd", seed, (p.steps + 1) * p.prompts, "prompts", TASK)
         out[f"rl_s{seed}"] = ("rl", seed, (max(p.steps, p.rl_long_steps) + 1) * p.prompts, "prompts", TASK)
         out[f"sft_fresh_s{seed}"] = ("sft_fresh", seed, 2 * p.steps * seq + 64, "prompts", TASK)
+    for seed in p.recovery_seeds:
+        out[f"recovery_midtrain_s{seed}"] = ("recovery_midtrain", seed, p.recovery_midtrain_steps * 32, "sft",
+                                             r.teacher_source)
+        out[f"recovery_opd_s{seed}"] = ("recovery_opd", seed, (p.recovery_steps + 1) * p.prompts, "prompts", TASK)
+        out[f"recovery_sft_fresh_s{seed}"] = ("recovery_sft_fresh", seed, 2 * p.recovery_steps * seq + 64, "prompts",
+                                              TASK)
     for seed in p.single_prompt_seeds:
         out[f"single_prompt_s{seed}"] = ("single_prompt", seed, 1, "prompts", f"{TASK}:single={seed + 1}")
     return out
@@ -266,6 +269,43 @@ def test_demo_replaces_only_its_own_run_dir(tmp_path):
     assert (other / "notes.txt").read_text() == "keep me"
     with pytest.raises(RunDirError, match="is a file"):
         claim_run_dir(str(other / "notes.txt"))
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["--steps", "0"], "argument --steps: must be >= 1"),
+    (["--steps", "-3"], "argument --steps: must be >= 1"),
+    (["--recipe", "{bad"], "argument --recipe: Expecting property name"),
+    (["--recipe", '{"no_such_field": 1}'], "argument --recipe: "),
+])
+def test_bad_demo_arguments_are_one_line_and_keep_the_previous_demo(tmp_path, capsys, args, culprit):
+    """Issue #22: `opd-jax demo --steps 0` ran until SFT raised a traceback, after deleting the previous demo.
+    Every argument is checked before the demo's directory is replaced."""
+    from opd_jax import cli
+    from opd_jax.miniature.demo import MARKER
+    from opd_jax.miniature.demo import main as demo_main
+
+    d = tmp_path / "demo"
+    d.mkdir()
+    (d / MARKER).write_text("made by `opd-jax demo`")
+    (d / "demo_summary.json").write_text('{"steps": 40}')
+    if args[0] == "--steps":  # through the CLI as a user types it
+        with pytest.raises(SystemExit) as e:
+            cli.main(["demo", *args, "--run-dir", str(d)])
+        code = e.value.code
+    else:
+        try:
+            code = demo_main(["--run-dir", str(d), *args])
+        except SystemExit as e:
+            code = e.code
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if "error:" in ln]
+    assert code == 2 and len(errors) == 1 and culprit in errors[0] and "Traceback" not in err, err
+    assert (d / "demo_summary.json").read_text() == '{"steps": 40}'
+    from opd_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="student.nope"):  # a config override: the CLI's one line, exit 2
+        demo_main(["--run-dir", str(d), "student.nope=1"])
+    assert (d / "demo_summary.json").read_text() == '{"steps": 40}'
 
 
 def test_every_model_field_is_keyed_or_declared_execution_only():

@@ -38,7 +38,8 @@ class Plan:
     recovery_facts: int = 64
     recovery_midtrain_steps: int = 150
     recovery_midtrain_lr: float = 3e-3
-    recovery_old_fraction: float = 0.1
+    recovery_old_fraction: float = 0.3  # the published mix (70/30 docs/chat); the first run used 0.1
+    recovery_seeds: tuple[int, ...] = (0, 1, 2)
     recovery_steps: int = 60
 
 
@@ -47,4 +48,4 @@ QUICK = Plan(steps=4, eval_every=2, warmup=1, prompts=4, group_size=2,
              lrs={"opd": (1e-3,), "rl": (1e-3,), "sft_fresh": (1e-3,), "sft_fixed": (1e-3,)},
              seeds=(0, 1), rl_long_steps=8, rl_long_eval_every=4, single_prompt_shapes=((2, 8),),
              single_prompt_eval_every=1, single_prompt_seeds=(0,),
-             capacity_steps=20, recovery_midtrain_steps=6, recovery_steps=4)
+             capacity_steps=20, recovery_midtrain_steps=6, recovery_steps=4, recovery_seeds=(0,))

@@ -261,20 +261,40 @@ def claims(s: dict) -> list[dict]:
     rec = s.get("recovery")
     if rec and "after_opd" in rec:
         b, m, o = rec["before"], rec["after_midtrain"], rec["after_opd"]
-        lost = b["t1"]["accuracy"] - m["t1"]["accuracy"]
-        regained = (o["t1"]["accuracy"] - m["t1"]["accuracy"]) / lost if lost > 0 else float("nan")
-        kept = o["facts_greedy"]["accuracy"] / m["facts_greedy"]["accuracy"] if m["facts_greedy"]["accuracy"] else 0.0
-        skill = regained >= 0.5
-        knowledge = kept >= 0.8
+        # per seed (one seed in the first run): share of the lost skill regained, share of the new facts kept; the
+        # verdict takes the interval over seeds: decided only when it is on one side of the threshold
+        per_seed = rec.get("per_seed") or [{"after_midtrain": m, "after_opd": o}]
+        b_acc = b["t1"]["accuracy"]
+        regained_s, kept_s = [], []
+        for one in per_seed:
+            m1, o1 = one["after_midtrain"], one["after_opd"]
+            lost1 = b_acc - m1["t1"]["accuracy"]
+            regained_s.append((o1["t1"]["accuracy"] - m1["t1"]["accuracy"]) / lost1 if lost1 > 0 else float("nan"))
+            mf = m1["facts_greedy"]["accuracy"]
+            kept_s.append(o1["facts_greedy"]["accuracy"] / mf if mf else 0.0)
+        regained, kept = mean_ci(regained_s), mean_ci(kept_s)
+
+        def side(ci: tuple[float, float, float], threshold: float) -> bool | None:
+            if len(per_seed) == 1:
+                return ci[0] >= threshold
+            return True if ci[1] >= threshold else False if ci[2] < threshold else None
+
+        skill, knowledge = side(regained, 0.5), side(kept, 0.8)
         verdict = ("holds" if skill and knowledge else
-                   "partly: skill recovered, knowledge lost" if skill else
-                   "partly: knowledge kept, skill not recovered" if knowledge else "does not hold")
+                   "partly: skill recovered, knowledge lost" if skill and knowledge is False else
+                   "partly: skill recovered, knowledge kept undetermined (interval spans 80%)" if skill else
+                   "partly: knowledge kept, skill not recovered" if knowledge else
+                   "undetermined" if skill is None or knowledge is None else "does not hold")
+        regained, kept = regained[0], kept[0]
+        intervals = {"share_regained_ci": mean_ci(regained_s), "facts_kept_ci": mean_ci(kept_s),
+                     "share_regained_per_seed": regained_s, "facts_kept_per_seed": kept_s, "seeds": len(per_seed),
+                     "old_fraction": rec.get("old_fraction")}
         so = rec.get("after_sft_fresh")
         out.append({"claim": "recovery", "published": PUBLISHED["recovery"],
                     "numbers": {"chains_t1": [b["t1"], m["t1"], o["t1"]], "facts_greedy": [b["facts_greedy"],
                                                                                            m["facts_greedy"],
                                                                                            o["facts_greedy"]],
-                                "share_regained": regained, "facts_kept": kept,
+                                "share_regained": regained, "facts_kept": kept, **intervals,
                                 "sft_chains_t1": so and so["t1"], "sft_facts_greedy": so and so["facts_greedy"]},
                     "verdict": verdict})
     if opd and sft:
@@ -345,10 +365,17 @@ def claim_row(c: dict) -> tuple[str, str]:
                      f"{o['gap_closed']:.0%})")
     elif c["claim"] == "recovery":
         ch, fa = n["chains_t1"], n["facts_greedy"]
-        text = (f"chains test T=1 {ch[0]['accuracy']:.3f} -> {ch[1]['accuracy']:.3f} (mid-training) -> "
+        seeds = n.get("seeds", 1)
+        rg, kp = n.get("share_regained_ci"), n.get("facts_kept_ci")
+        over = (f"{seeds} seeds, {n['old_fraction']:.0%} old data in mid-training; means with t intervals over "
+                "seeds: " if seeds > 1 else "")
+        text = (f"{over}chains test T=1 {ch[0]['accuracy']:.3f} -> {ch[1]['accuracy']:.3f} (mid-training) -> "
                 f"{ch[2]['accuracy']:.3f} [{ch[2]['ci_low']:.3f}, {ch[2]['ci_high']:.3f}] after OPD "
-                f"({n['share_regained']:.0%} of the loss regained); facts {fa[0]['accuracy']:.3f} -> "
-                f"{fa[1]['accuracy']:.3f} -> {fa[2]['accuracy']:.3f} ({n['facts_kept']:.0%} kept)")
+                f"({n['share_regained']:.0%}"
+                + (f" [{rg[1]:.0%}, {rg[2]:.0%}]" if seeds > 1 else "")
+                + f" of the loss regained); facts {fa[0]['accuracy']:.3f} -> {fa[1]['accuracy']:.3f} -> "
+                f"{fa[2]['accuracy']:.3f} ({n['facts_kept']:.0%}"
+                + (f" [{kp[1]:.0%}, {kp[2]:.0%}]" if seeds > 1 else "") + " kept)")
         if n.get("sft_chains_t1"):
             text += (f"; SFT instead: chains {n['sft_chains_t1']['accuracy']:.3f}, facts "
                      f"{n['sft_facts_greedy']['accuracy']:.3f}")

@@ -184,36 +184,49 @@ def recovery(cfg: ExperimentConfig, prep: Prepared, plan: Plan, lr: dict, runner
         return out
 
     before = grade_point(prep.teacher, "before")
-    # mid-training: facts, with a share of the chains data the model was trained on (reference + corrections)
-    c = sft_config(cfg, t_model, steps=plan.recovery_midtrain_steps, batch=32, lr=plan.recovery_midtrain_lr,
-                   run_dir=os.path.join(runs, "recovery_midtrain"), seed=0, source=plan.recipe.teacher_source)
-    chains_task = build_task(c)
-    chains_task.restore({"position": stream_position("recovery_midtrain", 0)})
-    chains_task.issued = []
-    facts = FactsTask(seed=0, num_facts=plan.recovery_facts)
-    n = plan.recovery_midtrain_steps * 32
-    n_old = int(round(n * plan.recovery_old_fraction))
-    rows = facts.sft_examples(n - n_old) + chains_task.sft_examples(n_old)
-    random.Random(0).shuffle(rows)
-    assert_held_out(chains_task, chains_task.issued)
-    mid = SFTTrainer(c, chains_task, rows)
-    mid.run()
-    mid_dir = Path(runs) / "recovery_midtrained"
-    export(mid, mid_dir)
-    after_mid = grade_point(str(mid_dir), "after_midtrain")
     out = {"facts": plan.recovery_facts, "midtrain_steps": plan.recovery_midtrain_steps,
            "midtrain_lr": plan.recovery_midtrain_lr, "old_fraction": plan.recovery_old_fraction,
-           "before": before, "after_midtrain": after_mid}
-    for method in ("opd", "sft_fresh"):
-        spec = runner.spec(method, lr[method], 0, steps=plan.recovery_steps, tag=f"recovery_{method}",
-                           stream=f"recovery_{method}", teacher=prep.teacher, student=str(mid_dir),
-                           extra=[*runner.overrides, *[f"teachers.0.model.{k}={v}" for k, v in _shape(t_model)],
-                                  *[f"student.{k}={v}" for k, v in _shape(t_model)]])
-        rec = runner.run(spec)
-        hf = os.path.join(runs, spec.name, "export")
-        _export_run(cfg, spec, rec, prep, hf, t_model)
-        out[f"after_{method}"] = grade_point(hf, f"after_{method}")
-        out[f"after_{method}"]["lr"] = spec.lr
+           "seeds": list(plan.recovery_seeds), "before": before, "per_seed": []}
+    for seed in plan.recovery_seeds:
+        # mid-training: facts, with a share of the chains data the model was trained on (reference + corrections);
+        # the facts (`@123=` -> `#512`) share no prompt with the chains skill, so what OPD on chains does to them
+        # is forgetting or keeping, not relearning
+        tag = "" if seed == 0 and len(plan.recovery_seeds) == 1 else f"_s{seed}"
+        c = sft_config(cfg, t_model, steps=plan.recovery_midtrain_steps, batch=32, lr=plan.recovery_midtrain_lr,
+                       run_dir=os.path.join(runs, f"recovery_midtrain{tag}"), seed=seed,
+                       source=plan.recipe.teacher_source)
+        chains_task = build_task(c)
+        chains_task.restore({"position": stream_position("recovery_midtrain", seed)})
+        chains_task.issued = []
+        facts = FactsTask(seed=0, num_facts=plan.recovery_facts)  # the same new knowledge for every seed
+        n = plan.recovery_midtrain_steps * 32
+        n_old = int(round(n * plan.recovery_old_fraction))
+        rows = facts.sft_examples(n - n_old) + chains_task.sft_examples(n_old)
+        random.Random(seed).shuffle(rows)
+        assert_held_out(chains_task, chains_task.issued)
+        mid = SFTTrainer(c, chains_task, rows)
+        mid.run()
+        mid_dir = Path(runs) / f"recovery_midtrained{tag}"
+        export(mid, mid_dir)
+        one = {"seed": seed, "after_midtrain": grade_point(str(mid_dir), f"after_midtrain{tag}")}
+        for method in ("opd", "sft_fresh"):
+            spec = runner.spec(method, lr[method], seed, steps=plan.recovery_steps, tag=f"recovery_{method}{tag}",
+                               stream=f"recovery_{method}", teacher=prep.teacher, student=str(mid_dir),
+                               extra=[*runner.overrides, *[f"teachers.0.model.{k}={v}" for k, v in _shape(t_model)],
+                                      *[f"student.{k}={v}" for k, v in _shape(t_model)]])
+            rec = runner.run(spec)
+            hf = os.path.join(runs, spec.name, "export")
+            _export_run(cfg, spec, rec, prep, hf, t_model)
+            one[f"after_{method}"] = grade_point(hf, f"after_{method}{tag}")
+            one[f"after_{method}"]["lr"] = spec.lr
+        out["per_seed"].append(one)
+    # each point over the seeds: mean accuracy with a t interval over seeds (the seed spread), per-seed values kept
+    for point in ("after_midtrain", "after_opd", "after_sft_fresh"):
+        out[point] = {}
+        for kind in ("t1", "greedy", "facts_greedy", "facts_t1"):
+            vals = [one[point][kind]["accuracy"] for one in out["per_seed"]]
+            m, lo, hi = measure.mean_ci(vals)
+            out[point][kind] = {"accuracy": m, "ci_low": lo, "ci_high": hi, "values": vals}
     dump(path, out)
     return out
 
@@ -226,6 +239,9 @@ def keep_training_metrics(prep: Prepared, runs: str, results: str, clean_dir: st
     srcs = {"prepare_teacher": prep.teacher + ".metrics.jsonl", "prepare_student": prep.student + ".metrics.jsonl",
             "capacity_student": os.path.join(runs, "capacity_work", "teacher", "metrics.jsonl"),
             "recovery_midtrain": os.path.join(runs, "recovery_midtrain", "metrics.jsonl")}
+    for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+        if name.startswith("recovery_midtrain_s"):  # one per recovery seed
+            srcs[name] = os.path.join(runs, name, "metrics.jsonl")
     if clean_dir:
         srcs["prepare_teacher_clean"] = clean_dir + ".metrics.jsonl"
     for name, src in srcs.items():
@@ -265,6 +281,68 @@ def single_prompt_spec(runner: Runner, plan: Plan, source: str, lr: float, seed:
                        tag=f"single_prompt_{steps}x{samples}_lr{lr:g}_s{seed}")
 
 
+def rerun_single_prompt(plan: Plan, prep: Prepared, cfg: ExperimentConfig, results: str, runs: str,
+                        overrides: list[str], stage) -> int:
+    """`--only single`: the single-prompt stage again at the committed OPD rate; its old records are removed first
+    (their runs are in git history), summary.json's run list and stage time are updated, then the report."""
+    summary_path = os.path.join(results, "summary.json")
+    with open(summary_path, encoding="utf-8") as f:
+        summary = json.load(f)
+    lr = summary["best_lr"]["opd"]
+    runner = Runner(prep, plan, results, runs, False, overrides, None)
+    specs = [single_prompt_spec(runner, plan, cfg.data.source, lr, seed, steps, samples)
+             for steps, samples in plan.single_prompt_shapes for seed in plan.single_prompt_seeds]
+    old = [n for n in summary["runs"] if n.startswith("single_prompt_")]
+    t0 = time.time()
+    for spec in specs:
+        runner.run(spec)
+    for n in old:
+        if n not in runner.records:
+            for ext in (".json", ".metrics.jsonl"):
+                path = os.path.join(results, "runs", n + ext)
+                if os.path.exists(path):
+                    os.remove(path)
+    stage("single_prompt", t0)
+    with open(os.path.join(results, "timing.json"), encoding="utf-8") as f:
+        summary["stage_s"] = json.load(f)
+    summary["runs"] = sorted([n for n in summary["runs"] if n not in old] + list(runner.records))
+    summary["plan"] = dataclasses.asdict(plan)
+    summary["wall_s"] = sum(summary["stage_s"].values())
+    dump(summary_path, summary)
+    from experiments.opd_chains.report import main as report_main
+
+    return report_main(["--results", results])
+
+
+def rerun_recovery(plan: Plan, prep: Prepared, cfg: ExperimentConfig, results: str, runs: str,
+                   overrides: list[str], stage) -> int:
+    """`--only recovery`: the recovery stage again at the committed rates (its old records are replaced), then the
+    report."""
+    summary_path = os.path.join(results, "summary.json")
+    with open(summary_path, encoding="utf-8") as f:
+        summary = json.load(f)
+    runner = Runner(prep, plan, results, runs, False, overrides, None)
+    old = [n for n in summary["runs"] if n.startswith("recovery_")]
+    t0 = time.time()
+    recovery(cfg, prep, plan, summary["best_lr"], runner, runs, results, reuse=False)
+    for n in old:
+        if n not in runner.records:
+            for ext in (".json", ".metrics.jsonl"):
+                path = os.path.join(results, "runs", n + ext)
+                if os.path.exists(path):
+                    os.remove(path)
+    stage("recovery", t0)
+    with open(os.path.join(results, "timing.json"), encoding="utf-8") as f:
+        summary["stage_s"] = json.load(f)
+    summary["runs"] = sorted([n for n in summary["runs"] if n not in old] + list(runner.records))
+    summary["plan"] = dataclasses.asdict(plan)
+    summary["wall_s"] = sum(summary["stage_s"].values())
+    dump(summary_path, summary)
+    from experiments.opd_chains.report import main as report_main
+
+    return report_main(["--results", results])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny models, a few steps")
@@ -274,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default=None)
     p.add_argument("--skip", nargs="*", default=[],
                    help="stages to skip: capacity recovery single rl_long control")
+    p.add_argument("--only", choices=["single", "recovery"], default=None,
+                   help="run one stage again at the learning rates of the committed summary.json, replace its "
+                        "records, then the report (the other stages' records stay as they are)")
     a = p.parse_args(argv)
     setup.quiet_jax()
     plan = QUICK if a.quick else PLAN
@@ -289,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     # carry their own wall time); so `wall_s` is the time a fresh run_all took, assembled from measured pieces.
     timing_path = os.path.join(results, "timing.json")
     stage_s: dict[str, float] = {}
-    if a.reuse and os.path.exists(timing_path):
+    if (a.reuse or a.only) and os.path.exists(timing_path):
         with open(timing_path, encoding="utf-8") as f:
             stage_s = json.load(f)
     runner_ref: list = []
@@ -306,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     prep = prepare(base, recipe, fresh=a.fresh)
     cfg = setup.base_config([*overrides, *prep.overrides()])
     stage("prepare", t0, reused=not prep.info["trained_now"])
+    if a.only == "single":
+        return rerun_single_prompt(plan, prep, cfg, results, runs, overrides, stage)
+    if a.only == "recovery":
+        return rerun_recovery(plan, prep, cfg, results, runs, overrides, stage)
     t0 = time.time()
     setting = {"teacher": prep.info["teacher"], "student": prep.info["student"],
                "models": {"teacher": dict(_shape(cfg.teachers[0].model)), "student": dict(_shape(cfg.student))},

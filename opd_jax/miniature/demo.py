@@ -120,7 +120,8 @@ def run_method(method: str, cfg: ExperimentConfig, prep: Prepared, steps: int, l
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="opd-jax demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fresh", action="store_true", help="train the teacher and student anew (6-9 min on 2 cores) "
                                                         "instead of using the shipped pair")
     p.add_argument("--steps", type=int, default=40, help="OPD steps (and SFT steps)")
@@ -128,15 +129,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", default="{}", help="JSON of prepare.Recipe fields (how teacher and student are made)")
     p.add_argument("overrides", nargs="*", help="config overrides of the miniature's base config (tests: tiny models)")
     a = p.parse_args(argv)
-    setup.quiet_jax()
+    # every argument is checked before the previous demo's directory is replaced
+    if a.steps < 1:
+        p.error(f"argument --steps: must be >= 1 (OPD steps, and as many SFT steps), got {a.steps}")
     from opd_jax.miniature.prepare import Recipe, prepare
 
+    try:
+        recipe = Recipe(**json.loads(a.recipe))
+    except (ValueError, TypeError) as e:  # bad JSON, an unknown field, a field of the wrong kind
+        p.error(f"argument --recipe: {e}")
+    setup.quiet_jax()
     t_start = time.time()
     run_dir = os.path.abspath(a.run_dir)  # orbax wants absolute local checkpoint paths
     base = setup.base_config(a.overrides)
     claim_run_dir(run_dir)
     print(f"opd-jax demo: model cache {setup.cache_root()}, runs under {run_dir}")
-    prep = prepare(base, Recipe(**json.loads(a.recipe)), fresh=a.fresh, grade=False)  # graded below
+    prep = prepare(base, recipe, fresh=a.fresh, grade=False)  # graded below
     prep_s = time.time() - t_start
     cfg = setup.base_config([*a.overrides, *prep.overrides(), f"run_dir={run_dir}"])
     t_info = prep.info["teacher"].get("test") or grade_teacher(cfg, os.path.join(run_dir, "teacher"))
