@@ -127,3 +127,23 @@ def test_sources_parse_into_the_task():
     task = build_task(cfg)
     assert isinstance(task, ChainsTask) and task.slips == 0.15 and task.mod == 7
     assert len(task.eval_problems()) == 32 and {split_of(p.text) for p in task.eval_problems()} == {"val"}
+
+
+def test_episode_length_dial_reaches_16_steps_without_moving_earlier_token_ids():
+    """Issue #22: chain length is the dial for uncertain tokens per episode. Labels k-p are appended to the
+    vocabulary, so every id the shipped teacher and student were trained on stays where it was."""
+    from opd_jax.data.chains import VOCAB, VOCAB_SIZE, ChainTokenizer
+
+    assert VOCAB[:33] == ["<pad>", "<bos>", "<eos>", *"0123456789+-*()=;#@!abcdefghij"]
+    assert len(VOCAB) <= VOCAB_SIZE == 40
+    t = ChainsTask(seed=0, min_len=16, max_len=16, mod=7)
+    tok = ChainTokenizer()
+    for i in range(20):
+        c = t.problem(i)
+        assert len(c.ops) == 16 and c.text[-3] == "p"
+        assert parse_chain(c.text, 7) == c
+        assert tok.decode(tok.encode(c.solution)) == c.solution
+    with pytest.raises(ValueError, match="max_len <= 16"):
+        ChainsTask(seed=0, min_len=4, max_len=17)
+    kw = parse_source("synthetic:chains:16:mod=7")
+    assert kw["min_len"] == kw["max_len"] == 16

@@ -5,7 +5,8 @@
 
 Each step applies one operation (`+`, `-`, `*`, operand 1..mod-1) to the running value modulo `mod`: the fact table
 has `mod * (mod-1) * 3` entries (270 for mod 10), small enough for a tiny model to hold all of them, while a wrong
-step anywhere in a chain of 4-10 steps makes the final answer wrong (errors compound). Steps are labelled `a`, `b`,
+step anywhere in a chain of 1-16 steps makes the final answer wrong (errors compound): the chain length is the
+dial for the number of uncertain tokens per episode (one result digit per step). Steps are labelled `a`, `b`,
 ... in the prompt. Each scratchpad step is `<label><previous value><op><operand><result>`: the previous value is
 copied from just before the label, the operation and operand from the prompt by a content lookup of the label (not
 by counting), so each result depends only on the three tokens right before it.
@@ -45,10 +46,10 @@ from opd_jax.data.task import EvalProblem
 # The arithmetic task's vocabulary (opd_jax.data.synthetic) plus the correction marker: digits, '#', '=' and the
 # special tokens keep their ids, so `opd_jax.data.synthetic.exact_match_reward` grades chains inside the program.
 PAD, BOS, EOS = 0, 1, 2
-CHARS = ARITHMETIC_CHARS + "!abcdefghij"
+CHARS = ARITHMETIC_CHARS + "!abcdefghijklmnop"  # labels k-p appended last: earlier ids unchanged
 VOCAB = ["<pad>", "<bos>", "<eos>", *CHARS]
 VOCAB_SIZE = 40  # room to spare, a multiple of 8
-LABELS = "abcdefghij"  # step labels: chains have at most 10 steps
+LABELS = "abcdefghijklmnop"  # step labels: chains have at most 16 steps (the episode-length dial, issue #22)
 _ID = {c: i for i, c in enumerate(VOCAB)}
 CORRECTION = "!"
 OPS = "+-*"
