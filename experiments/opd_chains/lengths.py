@@ -1,0 +1,291 @@
+"""RL vs OPD across episode lengths under the published protocol (issue #22, deliverable 1): the steps ratio as a
+function of the number of uncertain tokens per episode.
+
+Protocol (the blog's): a base student; RL from the base on chains of L steps gives the teacher; OPD from the same
+base distils that RL policy on the same prompt stream. For each length L (one result digit per step: L uncertain
+tokens an episode) and each seed s, RL seed s gives teacher s and OPD seed s distils it, so every seed is a whole
+replicate of the protocol. Steps to 50%, 80% and 90% of that RL run's gain are read off both T=1 test curves (evals
+every `every` steps on 1,024 held-out problems) and the ratio RL steps / OPD steps is bracketed by the cadence
+(`ratios.py`). Learning rates: each method's rate is chosen per length on the validation split (seed 0, mean of the
+last two evals), from `RL_LRS` and `OPD_LRS`; OPD's sweep distils the seed-0 RL policy at the chosen RL rate.
+
+Base: the shipped student, then SFT on clean chains of 1-16 steps for `BASE_STEPS` (pilot 6 chose 180: validation
+T=1 0.92 / 0.83 / 0.52 / 0.11 at 2 / 4 / 8 / 16 steps, so long chains are mostly unsolved).
+
+    python -m experiments.opd_chains.lengths            # every stage; finished runs are kept (resumable)
+    python -m experiments.opd_chains.lengths --report   # the table and plot from the records
+
+Records: results/lengths/runs/<name>.json (curves, wall time), results/lengths/lengths.json, the plot
+results/lengths/steps_ratio_vs_length.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from experiments.opd_chains.ratios import ratio_rule, steps_bracket
+from opd_jax.miniature.measure import mean_ci
+from opd_jax.miniature.setup import base_config, quiet_jax
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "lengths"
+MOD = 7
+STUDENT_SHAPE = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "rope_theta")
+FRACTIONS = (0.5, 0.8, 0.9)
+
+
+@dataclass(frozen=True)
+class LengthsPlan:
+    lengths: tuple[int, ...] = (4, 8, 12)  # 16: RL from this base learns nothing in 100 steps (pilot 6)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    base_steps: int = 180
+    rl_lrs: tuple[float, ...] = (1e-4, 3e-4)
+    opd_lrs: tuple[float, ...] = (3e-4, 1e-3)
+    steps: int = 100  # both methods: RL's curve flattens within it at every length in pilot 6
+    every: int = 5
+    test: int = 1024
+    val: int = 256
+
+
+PLAN = LengthsPlan()
+QUICK = LengthsPlan(lengths=(2, 4), seeds=(0, 1), base_steps=4, rl_lrs=(1e-4,), opd_lrs=(3e-4,), steps=4, every=2,
+                    test=32, val=16)
+
+
+def source(plan: LengthsPlan, length: int, lo: int | None = None) -> str:
+    return f"synthetic:chains:{lo or length}:{length}:mod={MOD}:test={plan.test}:val={plan.val}"
+
+
+def budget_overrides(length: int) -> list[str]:
+    """Prompt and completion budgets for chains of `length` steps: '<bos>' + start + 3 per step + '=', and 5 per
+    step + '#d' + '<eos>' with room for a few corrections, rounded up to 8 tokens."""
+    def up(n: int) -> int:
+        return -(-n // 8) * 8
+
+    new = up(5 * length + 3 + 8)
+    return [f"sampling.max_prompt_len={up(3 * length + 3)}", f"sampling.max_new_tokens={new}",
+            f"eval.max_new_tokens={new}"]
+
+
+def _dump(path: Path, obj: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def _curve(run_dir: Path) -> list[dict]:
+    from opd_jax.data.chains import split_of
+    from opd_jax.miniature.measure import accuracy_of_rows
+
+    out = []
+    for p in (run_dir / "eval").glob("eval_step*.jsonl"):
+        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        split = {s: [r for r in rows if split_of(r["text"]) == s] for s in ("val", "test")}
+        out.append({"step": int(p.stem[len("eval_step"):]),
+                    **{s: accuracy_of_rows(r)["accuracy"] for s, r in split.items() if r}})
+    return sorted(out, key=lambda r: r["step"])
+
+
+def build_base(plan: LengthsPlan, runs: Path, overrides: list[str]) -> Path:
+    """The base student (cached under `runs`): the shipped student, SFT on clean chains of 1-16 steps."""
+    from opd_jax.baselines.sft import SFTTrainer
+    from opd_jax.data import build_task
+    from opd_jax.data.chains import assert_held_out, stream_position
+    from opd_jax.miniature.prepare import Recipe, export, prepare, sft_config
+
+    out = runs / f"base_{plan.base_steps}"
+    if (out / "config.json").exists():
+        return out
+    cfg = base_config(overrides)
+    prep = prepare(cfg, Recipe(), grade=False)
+    student = base_config([*overrides, *prep.overrides()]).student
+    longest = max(plan.lengths)
+    c = sft_config(base_config([*overrides, *prep.overrides(), *budget_overrides(longest)]), student,
+                   steps=plan.base_steps, batch=32, lr=3e-3, run_dir=str(runs / "base_sft"), seed=0,
+                   source=source(plan, longest, 1))
+    task = build_task(c)
+    task.restore({"position": stream_position("lengths_base", 0)})
+    task.issued = []
+    tr = SFTTrainer(c, task, task.sft_examples(plan.base_steps * 32))
+    tr.run()
+    assert_held_out(task, task.issued)
+    export(tr, out)
+    return out
+
+
+def run_one(plan: LengthsPlan, method: str, length: int, lr: float, seed: int, base: Path, teacher: Path | None,
+            runs: Path, overrides: list[str]) -> dict:
+    """One RL or OPD run from the base (resumable: a finished run's record is reused); returns its record."""
+    from opd_jax.data import build_task
+    from opd_jax.data.chains import assert_held_out, stream_position
+    from opd_jax.miniature.prepare import export
+
+    name = f"{method}_L{length}_lr{lr:g}_s{seed}"
+    record = RESULTS / "runs" / f"{name}.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    run_dir = runs / name
+    student = base_config(overrides).student
+    ov = [*overrides, f"run_dir={run_dir}", "overwrite=true", f"steps={plan.steps}", f"seed={seed}",
+          f"student.hf_path={base}", *budget_overrides(length), f"data.source={source(plan, length)}",
+          f"eval.source={source(plan, length)}", "eval.split=val+test", f"eval.every={plan.every}",
+          "eval.temperature=1.0", f"optim.learning_rate={lr}", "optim.schedule=constant", "optim.warmup_steps=5",
+          "groups_per_batch=16", "group_size=4", "logging.progress=false",
+          # the teacher slot: the RL policy (OPD), or the base (RL does not use it); the student's shape either way
+          f"teachers.0.model.hf_path={teacher or base}",
+          *[f"teachers.0.model.{k}={getattr(student, k)}" for k in STUDENT_SHAPE]]
+    ov += (["algorithm=rl", "loss.kl_penalty_coef=0", "loss.task_reward_coef=1"] if method == "rl"
+           else ["algorithm=opd"])
+    cfg = base_config(ov)
+    task = build_task(cfg)
+    task.restore({"position": stream_position(f"lengths_{length}", seed)})  # RL and OPD of a seed: same prompts
+    task.issued = []
+    t0 = time.time()
+    if method == "rl":
+        from opd_jax.baselines.rl import make_rl_trainer
+
+        tr = make_rl_trainer(cfg, task)
+    else:
+        from opd_jax.trainer import Trainer
+
+        tr = Trainer(cfg, task)
+    tr.run()
+    checked = assert_held_out(task, task.issued)
+    export(tr, run_dir / "export")
+    rec = {"name": name, "method": method, "length": length, "lr": lr, "seed": seed, "steps": plan.steps,
+           "every": plan.every, "teacher": None if teacher is None else str(teacher), "train_rows_checked": checked,
+           "wall_s": time.time() - t0, "curve": _curve(run_dir)}
+    _dump(record, rec)
+    print(f"[{name}] test T=1 {rec['curve'][0]['test']:.3f} -> {rec['curve'][-1]['test']:.3f}; "
+          f"{rec['wall_s']:.0f}s", flush=True)
+    return rec
+
+
+def val_score(rec: dict) -> float:
+    return sum(c["val"] for c in rec["curve"][-2:]) / 2
+
+
+def run_all(plan: LengthsPlan, runs: Path, overrides: list[str]) -> None:
+    base = build_base(plan, runs, overrides)
+    for length in plan.lengths:
+        rl = {lr: run_one(plan, "rl", length, lr, 0, base, None, runs, overrides) for lr in plan.rl_lrs}
+        rl_lr = max(rl, key=lambda k: val_score(rl[k]))
+        teacher0 = runs / rl[rl_lr]["name"] / "export"
+        opd = {lr: run_one(plan, "opd", length, lr, 0, base, teacher0, runs, overrides) for lr in plan.opd_lrs}
+        opd_lr = max(opd, key=lambda k: val_score(opd[k]))
+        for seed in plan.seeds:
+            r = run_one(plan, "rl", length, rl_lr, seed, base, None, runs, overrides)
+            run_one(plan, "opd", length, opd_lr, seed, base, runs / r["name"] / "export", runs, overrides)
+        _dump(RESULTS / f"chosen_L{length}.json", {"rl_lr": rl_lr, "opd_lr": opd_lr,
+                                                    "rl_val": {str(k): val_score(v) for k, v in rl.items()},
+                                                    "opd_val": {str(k): val_score(v) for k, v in opd.items()}})
+
+
+def ratios_of(rl: dict, opd: dict) -> dict:
+    """Per fraction f of RL's gain (RL's start to the mean of its last two test evals): the steps brackets of both
+    runs and the ratio interval RL / OPD."""
+    start = rl["curve"][0]["test"]
+    final = sum(c["test"] for c in rl["curve"][-2:]) / 2
+    out = {"base": start, "rl_final": final, "opd_final": opd["curve"][-1]["test"], "gain": final - start}
+    for f in FRACTIONS:
+        target = start + f * (final - start)
+        a = steps_bracket(opd["curve"], target, every=opd["every"], steps=opd["steps"], key="test")
+        b = steps_bracket(rl["curve"], target, every=rl["every"], steps=rl["steps"], key="test")
+        v = ratio_rule(a, b, 7.0)
+        mid = None if not (a.reached and b.reached) else (b.lo + b.hi) / (a.lo + a.hi)
+        out[f"{f:.0%}"] = {"target": target, "opd": [a.lo, a.hi], "rl": [b.lo, b.hi],
+                           "ratio": [v.ratio_lo, v.ratio_hi], "ratio_mid": mid, "rule_7x": v.verdict}
+    return out
+
+
+def report(plan: LengthsPlan) -> dict:
+    """lengths.json and the plot from the records: per length, per seed ratios, and the seed mean of the bracket
+    midpoints with its t interval (the seed spread)."""
+    out: dict = {"plan": plan.__dict__, "lengths": {}}
+    for length in plan.lengths:
+        chosen_path = RESULTS / f"chosen_L{length}.json"
+        if not chosen_path.exists():
+            continue
+        chosen = json.loads(chosen_path.read_text())
+        per_seed = []
+        for seed in plan.seeds:
+            rl_p = RESULTS / "runs" / f"rl_L{length}_lr{chosen['rl_lr']:g}_s{seed}.json"
+            opd_p = RESULTS / "runs" / f"opd_L{length}_lr{chosen['opd_lr']:g}_s{seed}.json"
+            if rl_p.exists() and opd_p.exists():
+                per_seed.append({"seed": seed, **ratios_of(json.loads(rl_p.read_text()),
+                                                           json.loads(opd_p.read_text()))})
+        row = {"chosen": chosen, "per_seed": per_seed}
+        for f in FRACTIONS:
+            mids = [s[f"{f:.0%}"]["ratio_mid"] for s in per_seed]
+            reached = [m for m in mids if m is not None]
+            row[f"{f:.0%}"] = {"ratio_mid_mean_ci": mean_ci(reached) if len(reached) > 1 else None,
+                               "reached": f"{len(reached)}/{len(mids)}",
+                               "intervals": [s[f"{f:.0%}"]["ratio"] for s in per_seed]}
+        for k in ("base", "rl_final", "opd_final"):
+            row[k] = mean_ci([s[k] for s in per_seed]) if len(per_seed) > 1 else None
+        out["lengths"][str(length)] = row
+    _dump(RESULTS / "lengths.json", out)
+    plot(out)
+    return out
+
+
+def plot(out: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for f, color in zip(FRACTIONS, ("tab:blue", "tab:orange", "tab:green"), strict=True):
+        xs, ms, lo, hi = [], [], [], []
+        for length, row in out["lengths"].items():
+            ci = row[f"{f:.0%}"]["ratio_mid_mean_ci"]
+            if ci is None or not all(map(math.isfinite, ci)):
+                continue
+            xs.append(int(length))
+            ms.append(ci[0])
+            lo.append(max(ci[0] - ci[1], 0))
+            hi.append(ci[2] - ci[0])
+        if xs:
+            ax.errorbar(xs, ms, yerr=[lo, hi], marker="o", capsize=3, color=color, label=f"{f:.0%} of RL's gain")
+    ax.axhline(1, color="k", lw=0.8)
+    ax.axhline(7, color="grey", ls=":", lw=1, label="published 7x")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set(xlabel="episode length (steps = uncertain tokens per episode)", ylabel="RL steps / OPD steps",
+           title="steps ratio vs episode length (seed mean, 95% t interval)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "steps_ratio_vs_length.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    global RESULTS
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--report", action="store_true", help="only the table and plot from the records")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny budgets, separate results directory")
+    p.add_argument("--runs", default=None, help="where run directories go (default runs/opd_chains/lengths)")
+    a = p.parse_args(argv)
+    quiet_jax()
+    plan = QUICK if a.quick else PLAN
+    if a.quick:
+        RESULTS = Path(a.runs or "runs/opd_chains/lengths_quick").resolve() / "results"
+    runs = Path(a.runs or ("runs/opd_chains/lengths_quick" if a.quick else "runs/opd_chains/lengths")).resolve()
+    if not a.report:
+        run_all(plan, runs, [])
+    out = report(plan)
+    for length, row in out["lengths"].items():
+        print(length, {f: row[f]["ratio_mid_mean_ci"] for f in ("50%", "80%", "90%")})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
