@@ -1,0 +1,204 @@
+"""SFT's data curve (issue #22, deliverable 2, first part): held-out accuracy of the student trained by SFT on fixed
+teacher-written sets of growing size, each with early stopping on validation, 2 seeds; does it have a log-linear
+stretch?
+
+The published 9x / ~30x FLOPs advantage of OPD over SFT comes from extrapolating SFT's log-linear data curve
+(SFT-400K -> 60%, ~2M prompts to reach 70%; `../shared/docs/OPD_NOTES.md`). That comparison needs a stretch where
+accuracy grows linearly in log(data); a threshold-shaped curve cannot show it. This measures the curve on the
+miniature's task (chains of 4-6 steps mod 7) the way the student was made (`prepare.train_student`: the student
+architecture from random weights, SFT on correct teacher samples at T=1, lr 3e-3 cosine, batch 32), for nested sets
+(the first n rows of one seed's pool) and a fixed step budget; early stopping = the eval step with the best
+validation accuracy, whose test accuracy is reported.
+
+    python -m experiments.opd_chains.sft_curve            # resumable: finished runs are kept
+    python -m experiments.opd_chains.sft_curve --report
+
+Records: results/sft_curve/runs/<name>.json, results/sft_curve/sft_curve.json, results/sft_curve/sft_curve.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from opd_jax.miniature.measure import mean_ci
+from opd_jax.miniature.setup import base_config, quiet_jax
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "sft_curve"
+CHANCE = 1 / 7  # a random final digit mod 7
+
+
+@dataclass(frozen=True)
+class CurvePlan:
+    sizes: tuple[int, ...] = (128, 256, 512, 1024, 2048)
+    seeds: tuple[int, ...] = (0, 1)
+    steps: int = 600  # the student's recipe
+    every: int = 100
+
+
+PLAN = CurvePlan()
+
+
+def _dump(path: Path, obj: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def pool(cfg, teacher_dir: str, n: int, seed: int) -> list:
+    """`n` correct teacher samples (T=1) from the stream `sft_curve/<seed>` (not the student's own pool)."""
+    import jax
+
+    from opd_jax.baselines.sft import teacher_sft_examples
+    from opd_jax.data import build_task
+    from opd_jax.data.chains import assert_held_out, stream_position
+    from opd_jax.mesh import make_mesh
+    from opd_jax.sampling import SamplingParams
+    from opd_jax.train_state import load_model
+
+    mesh = make_mesh(cfg.mesh)
+    t_cfg = copy.deepcopy(cfg.teachers[0].model)
+    t_cfg.hf_path = teacher_dir
+    teacher = load_model(t_cfg, seed=0, mesh=mesh)
+    task = build_task(cfg)
+    task.restore({"position": stream_position("sft_curve", seed)})
+    task.issued = []
+    rows = teacher_sft_examples(teacher, task, n, SamplingParams.create(1.0), max_new_tokens=cfg.sampling.max_new_tokens,
+                                max_prompt_len=cfg.sampling.max_prompt_len, mesh=mesh,
+                                key=jax.random.key(1000 + seed), batch_size=64, only_correct=True)
+    assert_held_out(task, task.issued)
+    return rows
+
+
+def run_one(plan: CurvePlan, cfg, rows: list, size: int, seed: int, runs: Path) -> dict:
+    from opd_jax.baselines.sft import SFTTrainer
+    from opd_jax.data import build_task
+    from opd_jax.data.chains import split_of
+    from opd_jax.miniature.measure import accuracy_of_rows
+    from opd_jax.miniature.prepare import Recipe, sft_config
+
+    name = f"sft_n{size}_s{seed}"
+    record = RESULTS / "runs" / f"{name}.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    model = copy.deepcopy(cfg.student)
+    model.hf_path = None  # from random weights, as the student was made
+    r = Recipe()
+    c = sft_config(cfg, model, steps=plan.steps, batch=r.student_batch, lr=r.student_lr, run_dir=str(runs / name),
+                   seed=seed)
+    c.eval.every, c.eval.split, c.eval.temperature = plan.every, "val+test", 1.0
+    t0 = time.time()
+    SFTTrainer(c, build_task(c), rows[:size]).run()
+    curve = []
+    for p in sorted((runs / name / "eval").glob("eval_step*.jsonl"), key=lambda p: int(p.stem[9:])):
+        got = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        curve.append({"step": int(p.stem[9:]), **{s: accuracy_of_rows([g for g in got if split_of(g["text"]) == s])
+                                                   for s in ("val", "test")}})
+    best = max(curve[1:], key=lambda c: (c["val"]["accuracy"], -c["step"]))  # early stopping on validation
+    rec = {"name": name, "size": size, "seed": seed, "steps": plan.steps, "wall_s": time.time() - t0,
+           "curve": curve, "best_step": best["step"], "test_at_best": best["test"]["accuracy"],
+           "val_at_best": best["val"]["accuracy"]}
+    _dump(record, rec)
+    print(f"[{name}] best val at step {best['step']}: test T=1 {rec['test_at_best']:.3f}; {rec['wall_s']:.0f}s",
+          flush=True)
+    return rec
+
+
+def fit_log_linear(points: list[tuple[int, float]]) -> dict:
+    """Least squares acc = a + b * log2(n) over `points`: slope b per doubling, R^2."""
+    xs = [math.log2(n) for n, _ in points]
+    ys = [a for _, a in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    a = my - b * mx
+    ss = sum((y - my) ** 2 for y in ys)
+    res = sum((y - (a + b * x)) ** 2 for x, y in zip(xs, ys, strict=True))
+    return {"intercept": a, "slope_per_doubling": b, "r2": 1 - res / ss if ss else float("nan")}
+
+
+def log_linear_stretch(means: dict[int, float], lo: float = CHANCE + 0.1, hi: float = 0.95) -> dict | None:
+    """The longest run of >= 3 consecutive sizes whose means lie strictly between `lo` (above chance) and `hi`
+    (below the ceiling) and fit a line in log2(size) with R^2 >= 0.9; None when there is none."""
+    sizes = sorted(means)
+    best = None
+    for i in range(len(sizes)):
+        for j in range(i + 3, len(sizes) + 1):
+            pts = [(n, means[n]) for n in sizes[i:j]]
+            if all(lo < a < hi for _, a in pts):
+                f = fit_log_linear(pts)
+                if f["r2"] >= 0.9 and f["slope_per_doubling"] > 0 and (best is None or j - i > len(best["sizes"])):
+                    best = {"sizes": [n for n, _ in pts], **f}
+    return best
+
+
+def report(plan: CurvePlan) -> dict:
+    recs = [json.loads(p.read_text()) for p in sorted((RESULTS / "runs").glob("*.json"))]
+    by_size: dict[int, list[float]] = {}
+    for r in recs:
+        by_size.setdefault(r["size"], []).append(r["test_at_best"])
+    rows = {n: {"values": v, "mean_ci": mean_ci(v) if len(v) > 1 else (v[0], v[0], v[0])}
+            for n, v in sorted(by_size.items())}
+    means = {n: r["mean_ci"][0] for n, r in rows.items()}
+    out = {"plan": plan.__dict__, "sizes": {str(n): r for n, r in rows.items()},
+           "fit_all_above_chance": fit_log_linear([(n, m) for n, m in means.items() if m > CHANCE + 0.1])
+           if sum(m > CHANCE + 0.1 for m in means.values()) >= 2 else None,
+           "log_linear_stretch": log_linear_stretch(means)}
+    _dump(RESULTS / "sft_curve.json", out)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for r in recs:
+        ax.plot(r["size"], r["test_at_best"], "o", color="tab:grey", alpha=0.5, ms=4)
+    ns = list(rows)
+    ax.errorbar(ns, [rows[n]["mean_ci"][0] for n in ns],
+                yerr=[[rows[n]["mean_ci"][0] - rows[n]["mean_ci"][1] for n in ns],
+                      [rows[n]["mean_ci"][2] - rows[n]["mean_ci"][0] for n in ns]],
+                marker="s", color="tab:blue", capsize=3, label="SFT, best validation step (seed mean)")
+    ax.axhline(CHANCE, color="k", ls=":", lw=1, label="chance (1/7)")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="teacher-written examples (log scale)", ylabel="test accuracy (T=1)", ylim=(0, 1.02),
+           title="SFT data curve, chains of 4-6 steps")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "sft_curve.png", dpi=120)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--report", action="store_true")
+    p.add_argument("--runs", default="runs/opd_chains/sft_curve")
+    a = p.parse_args(argv)
+    quiet_jax()
+    plan = PLAN
+    if not a.report:
+        from opd_jax.miniature.prepare import Recipe, prepare
+
+        prep = prepare(base_config([]), Recipe(), grade=False)
+        cfg = base_config(prep.overrides())
+        runs = Path(a.runs).resolve()
+        for seed in plan.seeds:
+            if all((RESULTS / "runs" / f"sft_n{n}_s{seed}.json").exists() for n in plan.sizes):
+                continue
+            rows = pool(cfg, prep.teacher, max(plan.sizes), seed)
+            for size in plan.sizes:
+                run_one(plan, cfg, rows, size, seed, runs)
+    out = report(plan)
+    print(json.dumps({k: v for k, v in out.items() if k != "plan"}, indent=1, default=str)[:3000])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
