@@ -70,7 +70,8 @@ def pool(cfg, teacher_dir: str, n: int, seed: int) -> list:
     task = build_task(cfg)
     task.restore({"position": stream_position("sft_curve", seed)})
     task.issued = []
-    rows = teacher_sft_examples(teacher, task, n, SamplingParams.create(1.0), max_new_tokens=cfg.sampling.max_new_tokens,
+    rows = teacher_sft_examples(teacher, task, n, SamplingParams.create(1.0),
+                                max_new_tokens=cfg.sampling.max_new_tokens,
                                 max_prompt_len=cfg.sampling.max_prompt_len, mesh=mesh,
                                 key=jax.random.key(1000 + seed), batch_size=64, only_correct=True)
     assert_held_out(task, task.issued)
