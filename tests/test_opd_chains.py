@@ -48,6 +48,16 @@ def plan_streams(p: plan_mod.Plan) -> dict[str, tuple[str, int, int, str, str]]:
         out[f"opd_s{seed}"] = ("opd", seed, (p.steps + 1) * p.prompts, "prompts", TASK)
         out[f"rl_s{seed}"] = ("rl", seed, (max(p.steps, p.rl_long_steps) + 1) * p.prompts, "prompts", TASK)
         out[f"sft_fresh_s{seed}"] = ("sft_fresh", seed, 2 * p.steps * seq + 64, "prompts", TASK)
+    from experiments.opd_chains import lengths, sft_curve
+
+    lp = lengths.PLAN
+    out["lengths_base"] = ("lengths_base", 0, lp.base_steps * 32, "sft", lengths.source(lp, max(lp.lengths), 1))
+    for length in lp.lengths:
+        for seed in lp.seeds:
+            out[f"lengths_{length}_s{seed}"] = (f"lengths_{length}", seed, (lp.steps + 1) * 16, "prompts",
+                                                lengths.source(lp, length))
+    for seed in sft_curve.PLAN.seeds:  # correct teacher samples: at most twice the kept rows, plus a batch
+        out[f"sft_curve_s{seed}"] = ("sft_curve", seed, 2 * max(sft_curve.PLAN.sizes) + 64, "prompts", TASK)
     for seed in p.recovery_seeds:
         out[f"recovery_midtrain_s{seed}"] = ("recovery_midtrain", seed, p.recovery_midtrain_steps * 32, "sft",
                                              r.teacher_source)
@@ -400,3 +410,30 @@ def test_single_prompt_arms_train_distinct_prompts_that_use_every_operation(tmp_
     for shape, texts in prompts.items():
         assert len(set(texts)) == len(plan_mod.PLAN.single_prompt_seeds) >= 3, (shape, texts)
     assert (20, 256) in prompts, "the published budget shape: one prompt, 20 steps x 256 samples"
+
+
+def test_sft_curve_finds_a_log_linear_stretch_only_where_there_is_one():
+    """Deliverable 2's test can pass and fail: a log-linear curve has a stretch, a threshold curve has none."""
+    from experiments.opd_chains.sft_curve import fit_log_linear, log_linear_stretch
+
+    log_linear = {n: 0.3 + 0.1 * i for i, n in enumerate((128, 256, 512, 1024, 2048))}
+    stretch = log_linear_stretch(log_linear)
+    assert stretch is not None and stretch["sizes"] == [128, 256, 512, 1024, 2048]
+    assert abs(stretch["slope_per_doubling"] - 0.1) < 1e-9 and stretch["r2"] > 0.999
+    threshold = {128: 0.15, 256: 0.86, 512: 0.97, 1024: 0.98, 2048: 0.98}
+    assert log_linear_stretch(threshold) is None
+    assert fit_log_linear([(1, 0.0), (2, 1.0)])["slope_per_doubling"] == 1.0
+
+
+def test_lengths_ratios_read_both_curves_against_rls_gain():
+    from experiments.opd_chains.lengths import ratios_of
+
+    def rec(points, every=5):
+        return {"every": every, "steps": points[-1][0], "curve": [{"step": s, "test": a} for s, a in points]}
+
+    rl = rec([(0, 0.5), (5, 0.6), (10, 0.7), (15, 0.8), (20, 0.9), (25, 0.9)])  # gain 0.4 (last two evals)
+    opd = rec([(0, 0.5), (5, 0.9), (10, 0.9), (15, 0.9), (20, 0.9), (25, 0.9)])
+    r = ratios_of(rl, opd)
+    assert abs(r["gain"] - 0.4) < 1e-9
+    assert r["80%"]["opd"] == [0, 5] and r["80%"]["rl"] == [15, 20]  # target 0.82
+    assert r["80%"]["ratio"] == [15 / 5, 20 / 1] and r["80%"]["ratio_mid"] == 35 / 5
