@@ -168,6 +168,20 @@ def run_one(plan: LengthsPlan, method: str, length: int, lr: float, seed: int, b
     return rec
 
 
+def all_recorded(plan: LengthsPlan) -> bool:
+    """Whether every length has its chosen rates and every seed's runs recorded (a rerun would only reuse them)."""
+    for length in plan.lengths:
+        path = RESULTS / f"chosen_L{length}.json"
+        if not path.exists():
+            return False
+        c = json.loads(path.read_text())
+        for seed in plan.seeds:
+            for method, lr in (("rl", c["rl_lr"]), ("opd", c["opd_lr"])):
+                if not (RESULTS / "runs" / f"{method}_L{length}_lr{lr:g}_s{seed}.json").exists():
+                    return False
+    return True
+
+
 def val_score(rec: dict) -> float:
     return sum(c["val"] for c in rec["curve"][-2:]) / 2
 

@@ -39,6 +39,11 @@ PUBLISHED = {
                 "keeps the new knowledge",
     "on_policy_states": "on-policy training teaches the student in the states it reaches itself, which SFT on the "
                         "teacher's samples never visits",
+    "rl_steps_by_length": "with an RL policy as the teacher and a student from the same base, OPD reaches the "
+                          "teacher in 7-10x fewer steps than RL took; the reason given (O(N) bits per episode for "
+                          "OPD, O(1) for RL) predicts a gap that grows with the uncertain tokens per episode",
+    "sft_data_curve": "SFT's score grows log-linearly in its data (SFT-400K -> 60%; ~2M prompts extrapolated for "
+                      "70%): the basis of the 9x / ~30x FLOPs comparison",
 }
 
 
@@ -175,6 +180,9 @@ def summarize(results: str) -> dict:
     for name in ("recovery", "negative_control", "capacity", "diagnostics"):
         p = os.path.join(results, f"{name}.json")
         out[name] = load(p) if os.path.exists(p) else None
+    for name in ("lengths", "sft_curve"):  # issue #22's stages (`lengths.py`, `sft_curve.py`)
+        p = os.path.join(results, name, f"{name}.json")
+        out[name] = load(p) if os.path.exists(p) else None
     return out
 
 
@@ -297,6 +305,12 @@ def claims(s: dict) -> list[dict]:
                                 "share_regained": regained, "facts_kept": kept, **intervals,
                                 "sft_chains_t1": so and so["t1"], "sft_facts_greedy": so and so["facts_greedy"]},
                     "verdict": verdict})
+    lengths_claim = length_claim(s.get("lengths"))
+    if lengths_claim:
+        out.append(lengths_claim)
+    curve_claim = sft_curve_claim(s.get("sft_curve"))
+    if curve_claim:
+        out.append(curve_claim)
     if opd and sft:
         slips = {k: M[k]["probe_mark_after_slip"] for k in ("opd", "sft_fresh") if k in M}
         before = s["setting"]["diagnostics"]["probe_student"]["p_mark_slip"]
@@ -319,6 +333,45 @@ def claims(s: dict) -> list[dict]:
                                     "p_mark_slip"]},
                     "verdict": verdict})
     return out
+
+
+def length_claim(lengths: dict | None) -> dict | None:
+    """RL vs OPD steps across episode lengths (`lengths.py`): per length the seed mean of the ratio (bracket
+    midpoints) at 80% of RL's gain with its t interval; "grows" when those means rise with length and the longest
+    length's interval lies above the shortest's; the 7x rule per length on every seed's bracket."""
+    if not lengths or not lengths.get("lengths"):
+        return None
+    rows = {int(k): v for k, v in lengths["lengths"].items()}
+    at80 = {k: (v["80%"]["ratio_mid_mean_ci"], v["80%"]["reached"]) for k, v in rows.items()}
+    known = {k: ci for k, (ci, _) in at80.items() if ci is not None}
+    ks = sorted(known)
+    grows = (len(ks) >= 2 and all(known[a][0] < known[b][0] for a, b in zip(ks, ks[1:], strict=False))
+             and known[ks[-1]][1] > known[ks[0]][2])
+    sevens = {k: [iv[0] >= 7 for iv in v["80%"]["intervals"]] for k, v in rows.items()}
+    any7 = [k for k, v in sevens.items() if v and all(v)]
+    verdict = (("the ratio grows with episode length" if grows else "no clear growth with episode length")
+               + ("; >= 7x at " + ", ".join(map(str, any7)) + " steps" if any7 else "; below 7x at every length"))
+    return {"claim": "rl_steps_by_length", "published": PUBLISHED["rl_steps_by_length"],
+            "numbers": {"per_length": {k: {"base": v["base"], "rl_final": v["rl_final"], "opd_final": v["opd_final"],
+                                           "ratio_80": at80[k][0], "reached_80": at80[k][1],
+                                           "ratio_50": v["50%"]["ratio_mid_mean_ci"],
+                                           "ratio_90": v["90%"]["ratio_mid_mean_ci"],
+                                           "lrs": [v["chosen"]["rl_lr"], v["chosen"]["opd_lr"]]}
+                                       for k, v in sorted(rows.items())}},
+            "verdict": verdict}
+
+
+def sft_curve_claim(curve: dict | None) -> dict | None:
+    """SFT's data curve (`sft_curve.py`): log-linear stretch or not."""
+    if not curve or not curve.get("sizes"):
+        return None
+    st = curve.get("log_linear_stretch")
+    verdict = ("a log-linear stretch over " + "-".join(map(str, (st["sizes"][0], st["sizes"][-1])))
+               + f" samples ({st['slope_per_doubling']:+.3f} per doubling)") if st else \
+        "no log-linear stretch: a threshold"
+    return {"claim": "sft_data_curve", "published": PUBLISHED["sft_data_curve"],
+            "numbers": {"sizes": {int(k): v["mean_ci"] for k, v in curve["sizes"].items()}, "stretch": st},
+            "verdict": verdict}
 
 
 def claim_row(c: dict) -> tuple[str, str]:
@@ -363,6 +416,17 @@ def claim_row(c: dict) -> tuple[str, str]:
         for o in n.get("other_shapes", []):
             text += (f"; one prompt x {o['samples']} x {o['steps']} steps {mci(o['final'])} (closes "
                      f"{o['gap_closed']:.0%})")
+    elif c["claim"] == "rl_steps_by_length":
+        parts = []
+        for k, v in n["per_length"].items():
+            r = v["ratio_80"]
+            ratio = "n/a" if r is None else f"{r[0]:.2f}x [{max(r[1], 0):.2f}, {r[2]:.2f}]"
+            parts.append(f"{k} steps: base {v['base'][0]:.2f}, RL {v['rl_final'][0]:.2f}, OPD {v['opd_final'][0]:.2f}; "
+                         f"RL/OPD steps to 80% of RL's gain {ratio} ({v['reached_80']} seeds reached)")
+        text = "; ".join(parts) + " (3 seeds, each a whole protocol replicate; rates chosen per length on validation)"
+    elif c["claim"] == "sft_data_curve":
+        text = ", ".join(f"{k}: {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in n["sizes"].items())
+        text = "test T=1 at the best validation step, by samples: " + text + " (2 seeds)"
     elif c["claim"] == "recovery":
         ch, fa = n["chains_t1"], n["facts_greedy"]
         seeds = n.get("seeds", 1)
@@ -494,7 +558,8 @@ def plots(s: dict, results: str) -> dict[str, str]:
 def claims_md(cl: list[dict], s: dict, rel: str) -> str:
     names = {"rl_steps": "Steps to a target vs RL", "sft_flops": "FLOPs to a target vs SFT",
              "single_prompt": "Single-prompt reuse", "recovery": "Recovery of a forgotten skill, keeping new knowledge",
-             "on_policy_states": "Learning in the states the student reaches"}
+             "on_policy_states": "Learning in the states the student reaches",
+             "rl_steps_by_length": "Steps vs RL across episode lengths", "sft_data_curve": "SFT's data curve"}
     lines = ["| claim (published) | prediction (written before the runs) | result (test set, 95% intervals) | "
              "verdict |", "|---|---|---|---|"]
     pred_path = os.path.join(HERE, "predictions.json")
@@ -510,6 +575,10 @@ def claims_md(cl: list[dict], s: dict, rel: str) -> str:
               f"![accuracy vs steps]({rel}/accuracy_vs_steps.png)",
               f"![accuracy vs FLOPs]({rel}/accuracy_vs_flops.png)",
               f"![single prompt and recovery]({rel}/single_prompt_and_recovery.png)"]
+    if s.get("lengths"):
+        lines.append(f"![steps ratio vs episode length]({rel}/lengths/steps_ratio_vs_length.png)")
+    if s.get("sft_curve"):
+        lines.append(f"![SFT data curve]({rel}/sft_curve/sft_curve.png)")
     return "\n".join(lines)
 
 

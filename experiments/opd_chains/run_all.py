@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=None)
     p.add_argument("--runs", default=None)
     p.add_argument("--skip", nargs="*", default=[],
-                   help="stages to skip: capacity recovery single rl_long control")
+                   help="stages to skip: capacity recovery single rl_long control lengths sft_curve")
     p.add_argument("--only", choices=["single", "recovery"], default=None,
                    help="run one stage again at the learning rates of the committed summary.json, replace its "
                         "records, then the report (the other stages' records stay as they are)")
@@ -462,6 +462,25 @@ def main(argv: list[str] | None = None) -> int:
 
     dump(os.path.join(results, "negative_control.json"), overlap_numbers())
     stage("negative control", t0)
+    # issue #22's stages: RL vs OPD across episode lengths, SFT's data curve (each resumable from its records;
+    # they write into the committed results directory, so a --quick run skips them)
+    from pathlib import Path
+
+    from experiments.opd_chains import lengths as lengths_mod
+    from experiments.opd_chains import sft_curve as sft_curve_mod
+
+    for name, mod, go in (("lengths", lengths_mod, lambda: lengths_mod.run_all(lengths_mod.PLAN, Path(runs) / "lengths",
+                                                                                overrides)),
+                          ("sft_curve", sft_curve_mod, lambda: sft_curve_mod.main([
+                              "--runs", os.path.join(runs, "sft_curve")]))):
+        if name in a.skip or a.quick:
+            continue
+        t0 = time.time()
+        reused = mod.all_recorded(mod.PLAN)
+        go()
+        if name == "lengths":
+            lengths_mod.report(lengths_mod.PLAN)
+        stage(name, t0, reused)
 
     summary = {"plan": dataclasses.asdict(plan), "sweep": sweep, "best_lr": best, "runs": sorted(runner.records),
                "recovery": rec_out is not None, "stage_s": stage_s, "wall_s": sum(stage_s.values()),

@@ -112,6 +112,10 @@ def run_one(plan: CurvePlan, cfg, rows: list, size: int, seed: int, runs: Path) 
     return rec
 
 
+def all_recorded(plan: CurvePlan) -> bool:
+    return all((RESULTS / "runs" / f"sft_n{n}_s{seed}.json").exists() for n in plan.sizes for seed in plan.seeds)
+
+
 def fit_log_linear(points: list[tuple[int, float]]) -> dict:
     """Least squares acc = a + b * log2(n) over `points`: slope b per doubling, R^2."""
     xs = [math.log2(n) for n, _ in points]
