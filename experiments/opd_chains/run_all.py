@@ -281,57 +281,31 @@ def single_prompt_spec(runner: Runner, plan: Plan, source: str, lr: float, seed:
                        tag=f"single_prompt_{steps}x{samples}_lr{lr:g}_s{seed}")
 
 
-def rerun_single_prompt(plan: Plan, prep: Prepared, cfg: ExperimentConfig, results: str, runs: str,
-                        overrides: list[str], stage) -> int:
-    """`--only single`: the single-prompt stage again at the committed OPD rate; its old records are removed first
-    (their runs are in git history), summary.json's run list and stage time are updated, then the report."""
+def rerun_stage(name: str, prefix: str, plan: Plan, prep: Prepared, cfg: ExperimentConfig, results: str, runs: str,
+                overrides: list[str], stage) -> int:
+    """`--only single|recovery`: one stage again at the learning rates of the committed summary.json. Its old
+    records (names starting with `prefix`) that the rerun does not rewrite are removed (their runs are in git
+    history); summary.json's run list and stage time are updated; then the report."""
     summary_path = os.path.join(results, "summary.json")
     with open(summary_path, encoding="utf-8") as f:
         summary = json.load(f)
-    lr = summary["best_lr"]["opd"]
     runner = Runner(prep, plan, results, runs, False, overrides, None)
-    specs = [single_prompt_spec(runner, plan, cfg.data.source, lr, seed, steps, samples)
-             for steps, samples in plan.single_prompt_shapes for seed in plan.single_prompt_seeds]
-    old = [n for n in summary["runs"] if n.startswith("single_prompt_")]
+    old = [n for n in summary["runs"] if n.startswith(prefix)]
     t0 = time.time()
-    for spec in specs:
-        runner.run(spec)
+    if name == "single":
+        lr = summary["best_lr"]["opd"]
+        for steps, samples in plan.single_prompt_shapes:
+            for seed in plan.single_prompt_seeds:
+                runner.run(single_prompt_spec(runner, plan, cfg.data.source, lr, seed, steps, samples))
+    else:
+        recovery(cfg, prep, plan, summary["best_lr"], runner, runs, results, reuse=False)
     for n in old:
         if n not in runner.records:
             for ext in (".json", ".metrics.jsonl"):
                 path = os.path.join(results, "runs", n + ext)
                 if os.path.exists(path):
                     os.remove(path)
-    stage("single_prompt", t0)
-    with open(os.path.join(results, "timing.json"), encoding="utf-8") as f:
-        summary["stage_s"] = json.load(f)
-    summary["runs"] = sorted([n for n in summary["runs"] if n not in old] + list(runner.records))
-    summary["plan"] = dataclasses.asdict(plan)
-    summary["wall_s"] = sum(summary["stage_s"].values())
-    dump(summary_path, summary)
-    from experiments.opd_chains.report import main as report_main
-
-    return report_main(["--results", results])
-
-
-def rerun_recovery(plan: Plan, prep: Prepared, cfg: ExperimentConfig, results: str, runs: str,
-                   overrides: list[str], stage) -> int:
-    """`--only recovery`: the recovery stage again at the committed rates (its old records are replaced), then the
-    report."""
-    summary_path = os.path.join(results, "summary.json")
-    with open(summary_path, encoding="utf-8") as f:
-        summary = json.load(f)
-    runner = Runner(prep, plan, results, runs, False, overrides, None)
-    old = [n for n in summary["runs"] if n.startswith("recovery_")]
-    t0 = time.time()
-    recovery(cfg, prep, plan, summary["best_lr"], runner, runs, results, reuse=False)
-    for n in old:
-        if n not in runner.records:
-            for ext in (".json", ".metrics.jsonl"):
-                path = os.path.join(results, "runs", n + ext)
-                if os.path.exists(path):
-                    os.remove(path)
-    stage("recovery", t0)
+    stage("single_prompt" if name == "single" else "recovery", t0)
     with open(os.path.join(results, "timing.json"), encoding="utf-8") as f:
         summary["stage_s"] = json.load(f)
     summary["runs"] = sorted([n for n in summary["runs"] if n not in old] + list(runner.records))
@@ -387,10 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     prep = prepare(base, recipe, fresh=a.fresh)
     cfg = setup.base_config([*overrides, *prep.overrides()])
     stage("prepare", t0, reused=not prep.info["trained_now"])
-    if a.only == "single":
-        return rerun_single_prompt(plan, prep, cfg, results, runs, overrides, stage)
-    if a.only == "recovery":
-        return rerun_recovery(plan, prep, cfg, results, runs, overrides, stage)
+    if a.only:
+        return rerun_stage(a.only, {"single": "single_prompt_", "recovery": "recovery_"}[a.only], plan, prep, cfg,
+                           results, runs, overrides, stage)
     t0 = time.time()
     setting = {"teacher": prep.info["teacher"], "student": prep.info["student"],
                "models": {"teacher": dict(_shape(cfg.teachers[0].model)), "student": dict(_shape(cfg.student))},
