@@ -51,7 +51,7 @@ def plan_streams(p: plan_mod.Plan) -> dict[str, tuple[str, int, int, str, str]]:
     from experiments.opd_chains import lengths, sft_curve
 
     lp = lengths.PLAN
-    out["lengths_base"] = ("lengths_base", 0, lp.base_steps * 32, "sft", lengths.source(lp, max(lp.lengths), 1))
+    out["lengths_base"] = (lp.base_stream, 0, lp.base_steps * 32, "sft", lengths.source(lp, lp.base_longest, 1))
     for length in lp.lengths:
         for seed in lp.seeds:
             out[f"lengths_{length}_s{seed}"] = (f"lengths_{length}", seed, (lp.steps + 1) * 16, "prompts",
@@ -426,14 +426,29 @@ def test_sft_curve_finds_a_log_linear_stretch_only_where_there_is_one():
 
 
 def test_lengths_ratios_read_both_curves_against_rls_gain():
-    from experiments.opd_chains.lengths import ratios_of
+    """A target counts when two evals in a row reach it; a gain inside the eval noise decides nothing; across
+    seeds the interval keeps the cadence's brackets (censored seeds make it unbounded, not dropped)."""
+    from experiments.opd_chains.lengths import ratios_of, rule_7x, seed_interval
 
     def rec(points, every=5):
-        return {"every": every, "steps": points[-1][0], "curve": [{"step": s, "test": a} for s, a in points]}
+        return {"every": every, "steps": points[-1][0], "test_problems": 1024,
+                "curve": [{"step": s, "test": a} for s, a in points]}
 
     rl = rec([(0, 0.5), (5, 0.6), (10, 0.7), (15, 0.8), (20, 0.9), (25, 0.9)])  # gain 0.4 (last two evals)
-    opd = rec([(0, 0.5), (5, 0.9), (10, 0.9), (15, 0.9), (20, 0.9), (25, 0.9)])
+    opd = rec([(0, 0.5), (5, 0.9), (10, 0.6), (15, 0.9), (20, 0.9), (25, 0.9)])  # one noisy dip at step 10
     r = ratios_of(rl, opd)
-    assert abs(r["gain"] - 0.4) < 1e-9
-    assert r["80%"]["opd"] == [0, 5] and r["80%"]["rl"] == [15, 20]  # target 0.82
-    assert r["80%"]["ratio"] == [15 / 5, 20 / 1] and r["80%"]["ratio_mid"] == 35 / 5
+    assert abs(r["gain"] - 0.4) < 1e-9 and r["gain_resolved"]
+    assert r["80%"]["opd"] == [10, 15] and r["80%"]["rl"] == [15, 20]  # target 0.82: OPD from step 15 on
+    assert r["80%"]["ratio"] == [15 / 15, 20 / 10]
+    flat = ratios_of(rec([(0, 0.96), (5, 0.97), (10, 0.975), (15, 0.97)]), opd)
+    assert not flat["gain_resolved"] and flat["80%"]["rule_7x"].startswith("undetermined")
+    fast = ratios_of(rl, rec([(0, 0.5), (5, 0.9), (10, 0.9), (15, 0.9), (20, 0.9), (25, 0.9)]))
+    seeds = [r, fast]
+    iv = seed_interval(seeds, 0.8)
+    assert iv["lo"] < 1.0 < iv["hi"] and iv["point"] > 1.0
+    never = ratios_of(rec([(0, 0.5), (5, 0.5), (10, 0.5), (15, 0.5), (20, 0.9), (25, 0.9)]),
+                      rec([(0, 0.5), (5, 0.5), (10, 0.5), (15, 0.5), (20, 0.5), (25, 0.5)]))
+    assert never["80%"]["rule_7x"].startswith("does not hold")  # OPD never reached RL's level
+    assert seed_interval([flat], 0.8)["point"] is None
+    assert rule_7x(seeds, 0.8) == "undetermined"  # fast's [3x, 20x] straddles 7
+    assert rule_7x([r, r], 0.8) == "does not hold"

@@ -9,8 +9,17 @@ every `every` steps on 1,024 held-out problems) and the ratio RL steps / OPD ste
 (`ratios.py`). Learning rates: each method's rate is chosen per length on the validation split (seed 0, mean of the
 last two evals), from `RL_LRS` and `OPD_LRS`; OPD's sweep distils the seed-0 RL policy at the chosen RL rate.
 
-Base: the shipped student, then SFT on clean chains of 1-16 steps for `BASE_STEPS` (pilot 6 chose 180: validation
-T=1 0.92 / 0.83 / 0.52 / 0.11 at 2 / 4 / 8 / 16 steps, so long chains are mostly unsolved).
+Base: pilot 6's base, exactly (the shipped student, then SFT on clean chains of 1-16 steps from the stream
+`p6_base`, 180 steps: validation T=1 0.92 / 0.83 / 0.52 / 0.11 at 2 / 4 / 8 / 16 steps, so long chains are mostly
+unsolved). A first launch trained its base on chains of 1-12 from another stream (0.96 at 4 steps: too strong for
+RL to gain measurably there); it was stopped and its records removed (its log: results/logs/
+lengths_stopped_base_1-12.log).
+
+Reading the curves: a fraction f of RL's gain counts as reached at the first eval that, with the next one, is at
+or above the target (a single noisy eval does not count), and a fraction is "undetermined" when RL's gain is under
+3 binomial standard errors of a difference of two evals. Across seeds, the interval of the ratio is a t interval
+of log(ratio_lo) (its lower end) and of log(ratio_hi) (its upper end), so it carries both the cadence and the seed
+spread; a seed where OPD or RL did not reach the target is censored (its bound is 0 or infinity), not dropped.
 
     python -m experiments.opd_chains.lengths            # every stage; finished runs are kept (resumable)
     python -m experiments.opd_chains.lengths --report   # the table and plot from the records
@@ -45,6 +54,8 @@ class LengthsPlan:
     lengths: tuple[int, ...] = (4, 8, 12)  # 16: RL from this base learns nothing in 100 steps (pilot 6)
     seeds: tuple[int, ...] = (0, 1, 2)
     base_steps: int = 180
+    base_longest: int = 16  # the base's SFT data: chains of 1..base_longest steps (pilot 6's)
+    base_stream: str = "p6_base"
     rl_lrs: tuple[float, ...] = (1e-4, 3e-4)
     opd_lrs: tuple[float, ...] = (3e-4, 1e-3)
     steps: int = 100  # both methods: RL's curve flattens within it at every length in pilot 6
@@ -73,10 +84,21 @@ def budget_overrides(length: int) -> list[str]:
             f"eval.max_new_tokens={new}"]
 
 
+def _finite(obj: object) -> object:
+    """JSON without Infinity / NaN: an unbounded ratio is written as null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _dump(path: Path, obj: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(json.dumps(_finite(obj), indent=1, allow_nan=False))
     tmp.replace(path)
 
 
@@ -100,18 +122,18 @@ def build_base(plan: LengthsPlan, runs: Path, overrides: list[str]) -> Path:
     from opd_jax.data.chains import assert_held_out, stream_position
     from opd_jax.miniature.prepare import Recipe, export, prepare, sft_config
 
-    out = runs / f"base_{plan.base_steps}"
+    out = runs / f"base_{plan.base_steps}_1-{plan.base_longest}_{plan.base_stream}"
     if (out / "config.json").exists():
         return out
     cfg = base_config(overrides)
     prep = prepare(cfg, Recipe(), grade=False)
     student = base_config([*overrides, *prep.overrides()]).student
-    longest = max(plan.lengths)
+    longest = plan.base_longest
     c = sft_config(base_config([*overrides, *prep.overrides(), *budget_overrides(longest)]), student,
                    steps=plan.base_steps, batch=32, lr=3e-3, run_dir=str(runs / "base_sft"), seed=0,
                    source=source(plan, longest, 1))
     task = build_task(c)
-    task.restore({"position": stream_position("lengths_base", 0)})
+    task.restore({"position": stream_position(plan.base_stream, 0)})
     task.issued = []
     tr = SFTTrainer(c, task, task.sft_examples(plan.base_steps * 32))
     tr.run()
@@ -129,9 +151,15 @@ def run_one(plan: LengthsPlan, method: str, length: int, lr: float, seed: int, b
 
     name = f"{method}_L{length}_lr{lr:g}_s{seed}"
     record = RESULTS / "runs" / f"{name}.json"
-    if record.exists():
-        return json.loads(record.read_text())
+    key = {"steps": plan.steps, "every": plan.every, "test": plan.test, "val": plan.val, "base": base.name,
+           "teacher": None if teacher is None else teacher.parent.name}
     run_dir = runs / name
+    if record.exists():
+        rec = json.loads(record.read_text())
+        # a record of another plan (or base, or teacher) is rerun, not reused; so is an RL run whose policy (the
+        # teacher of OPD) is no longer on disk
+        if rec.get("key") == key and (method != "rl" or (run_dir / "export" / "config.json").exists()):
+            return rec
     student = base_config(overrides).student
     ov = [*overrides, f"run_dir={run_dir}", "overwrite=true", f"steps={plan.steps}", f"seed={seed}",
           f"student.hf_path={base}", *budget_overrides(length), f"data.source={source(plan, length)}",
@@ -159,8 +187,9 @@ def run_one(plan: LengthsPlan, method: str, length: int, lr: float, seed: int, b
     tr.run()
     checked = assert_held_out(task, task.issued)
     export(tr, run_dir / "export")
-    rec = {"name": name, "method": method, "length": length, "lr": lr, "seed": seed, "steps": plan.steps,
-           "every": plan.every, "teacher": None if teacher is None else str(teacher), "train_rows_checked": checked,
+    rec = {"name": name, "key": key, "method": method, "length": length, "lr": lr, "seed": seed, "steps": plan.steps,
+           "every": plan.every, "test_problems": plan.test, "teacher": None if teacher is None else str(teacher),
+           "train_rows_checked": checked,
            "wall_s": time.time() - t0, "curve": _curve(run_dir)}
     _dump(record, rec)
     print(f"[{name}] test T=1 {rec['curve'][0]['test']:.3f} -> {rec['curve'][-1]['test']:.3f}; "
@@ -204,24 +233,60 @@ def run_all(plan: LengthsPlan, runs: Path, overrides: list[str]) -> None:
 
 def ratios_of(rl: dict, opd: dict) -> dict:
     """Per fraction f of RL's gain (RL's start to the mean of its last two test evals): the steps brackets of both
-    runs and the ratio interval RL / OPD."""
+    runs (a target counts as reached when two evals in a row are at or above it) and the ratio interval RL / OPD; a
+    fraction is undetermined when RL's gain is under 3 binomial standard errors of a difference of two evals."""
+    n = rl.get("test_problems", 1024)
     start = rl["curve"][0]["test"]
     final = sum(c["test"] for c in rl["curve"][-2:]) / 2
-    out = {"base": start, "rl_final": final, "opd_final": opd["curve"][-1]["test"], "gain": final - start}
+    p = min(max((start + final) / 2, 1e-3), 1 - 1e-3)
+    noise = 3 * math.sqrt(2 * p * (1 - p) / n)
+    out = {"base": start, "rl_final": final, "opd_final": sum(c["test"] for c in opd["curve"][-2:]) / 2,
+           "gain": final - start, "gain_noise_3se": noise, "gain_resolved": final - start >= noise}
     for f in FRACTIONS:
         target = start + f * (final - start)
-        a = steps_bracket(opd["curve"], target, every=opd["every"], steps=opd["steps"], key="test")
-        b = steps_bracket(rl["curve"], target, every=rl["every"], steps=rl["steps"], key="test")
+        a = steps_bracket(opd["curve"], target, every=opd["every"], steps=opd["steps"], key="test", sustained=2)
+        b = steps_bracket(rl["curve"], target, every=rl["every"], steps=rl["steps"], key="test", sustained=2)
         v = ratio_rule(a, b, 7.0)
-        mid = None if not (a.reached and b.reached) else (b.lo + b.hi) / (a.lo + a.hi)
+        verdict = v.verdict if out["gain_resolved"] else "undetermined (RL's gain is within the eval noise)"
         out[f"{f:.0%}"] = {"target": target, "opd": [a.lo, a.hi], "rl": [b.lo, b.hi],
-                           "ratio": [v.ratio_lo, v.ratio_hi], "ratio_mid": mid, "rule_7x": v.verdict}
+                           "ratio": [v.ratio_lo, v.ratio_hi], "rule_7x": verdict,
+                           "resolved": out["gain_resolved"] and a.reached}
     return out
 
 
+def seed_interval(per_seed: list[dict], f: float) -> dict:
+    """Across seeds, for fraction `f`: a point estimate (geometric mean of the bracket midpoints, seeds where both
+    reached) and an interval whose low end is the t interval's low end of log(ratio_lo) and whose high end is the
+    t interval's high end of log(ratio_hi): the cadence and the seed spread together. A seed whose ratio is
+    unbounded above (RL did not reach) makes the high end infinite; a seed with an unresolved gain makes the whole
+    fraction undetermined."""
+    k = f"{f:.0%}"
+    if not per_seed or not all(s["gain_resolved"] for s in per_seed):
+        return {"point": None, "lo": None, "hi": None, "seeds": len(per_seed), "why": "gain within the eval noise"}
+    los = [s[k]["ratio"][0] for s in per_seed]
+    his = [s[k]["ratio"][1] for s in per_seed]
+    mids = [math.sqrt(lo * hi) for lo, hi in zip(los, his, strict=True) if lo > 0 and math.isfinite(hi)]
+    point = math.exp(sum(map(math.log, mids)) / len(mids)) if mids else None
+    lo = 0.0 if any(x <= 0 for x in los) else (math.exp(mean_ci([math.log(x) for x in los])[1]) if len(los) > 1
+                                                 else los[0])
+    hi = math.inf if any(not math.isfinite(x) for x in his) else (
+        math.exp(mean_ci([math.log(x) for x in his])[2]) if len(his) > 1 else his[0])
+    return {"point": point, "lo": lo, "hi": hi, "seeds": len(per_seed)}
+
+
+def rule_7x(per_seed: list[dict], f: float) -> str:
+    """holds when every seed holds, does not hold when every seed does not, else undetermined."""
+    verdicts = [s[f"{f:.0%}"]["rule_7x"] for s in per_seed]
+    if verdicts and all(v == "holds" for v in verdicts):
+        return "holds"
+    if verdicts and all(v.startswith("does not hold") for v in verdicts):
+        return "does not hold"
+    return "undetermined"
+
+
 def report(plan: LengthsPlan) -> dict:
-    """lengths.json and the plot from the records: per length, per seed ratios, and the seed mean of the bracket
-    midpoints with its t interval (the seed spread)."""
+    """lengths.json and the plot from the records: per length, per seed ratios, the interval over seeds per
+    fraction (`seed_interval`) and the 7x rule over seeds (`rule_7x`)."""
     out: dict = {"plan": plan.__dict__, "lengths": {}}
     for length in plan.lengths:
         chosen_path = RESULTS / f"chosen_L{length}.json"
@@ -235,15 +300,15 @@ def report(plan: LengthsPlan) -> dict:
             if rl_p.exists() and opd_p.exists():
                 per_seed.append({"seed": seed, **ratios_of(json.loads(rl_p.read_text()),
                                                            json.loads(opd_p.read_text()))})
+        if not per_seed:
+            continue
         row = {"chosen": chosen, "per_seed": per_seed}
         for f in FRACTIONS:
-            mids = [s[f"{f:.0%}"]["ratio_mid"] for s in per_seed]
-            reached = [m for m in mids if m is not None]
-            row[f"{f:.0%}"] = {"ratio_mid_mean_ci": mean_ci(reached) if len(reached) > 1 else None,
-                               "reached": f"{len(reached)}/{len(mids)}",
+            row[f"{f:.0%}"] = {**seed_interval(per_seed, f), "rule_7x": rule_7x(per_seed, f),
                                "intervals": [s[f"{f:.0%}"]["ratio"] for s in per_seed]}
         for k in ("base", "rl_final", "opd_final"):
-            row[k] = mean_ci([s[k] for s in per_seed]) if len(per_seed) > 1 else None
+            vals = [s[k] for s in per_seed]
+            row[k] = mean_ci(vals) if len(vals) > 1 else (vals[0], vals[0], vals[0])
         out["lengths"][str(length)] = row
     _dump(RESULTS / "lengths.json", out)
     plot(out)
@@ -257,16 +322,16 @@ def plot(out: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for f, color in zip(FRACTIONS, ("tab:blue", "tab:orange", "tab:green"), strict=True):
+    for i, (f, color) in enumerate(zip(FRACTIONS, ("tab:blue", "tab:orange", "tab:green"), strict=True)):
         xs, ms, lo, hi = [], [], [], []
         for length, row in out["lengths"].items():
-            ci = row[f"{f:.0%}"]["ratio_mid_mean_ci"]
-            if ci is None or not all(map(math.isfinite, ci)):
+            r = row[f"{f:.0%}"]
+            if r["point"] is None:
                 continue
-            xs.append(int(length))
-            ms.append(ci[0])
-            lo.append(max(ci[0] - ci[1], 0))
-            hi.append(ci[2] - ci[0])
+            xs.append(int(length) * (1 + 0.03 * (i - 1)))  # side by side
+            ms.append(r["point"])
+            lo.append(r["point"] - (r["lo"] or 0.0))
+            hi.append((r["hi"] if r["hi"] is not None and math.isfinite(r["hi"]) else 100.0) - r["point"])
         if xs:
             ax.errorbar(xs, ms, yerr=[lo, hi], marker="o", capsize=3, color=color, label=f"{f:.0%} of RL's gain")
     ax.axhline(1, color="k", lw=0.8)
@@ -274,7 +339,7 @@ def plot(out: dict) -> None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set(xlabel="episode length (steps = uncertain tokens per episode)", ylabel="RL steps / OPD steps",
-           title="steps ratio vs episode length (seed mean, 95% t interval)")
+           title="RL steps / OPD steps (geometric mean; cadence + seed interval)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / "steps_ratio_vs_length.png", dpi=120)
@@ -297,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         run_all(plan, runs, [])
     out = report(plan)
     for length, row in out["lengths"].items():
-        print(length, {f: row[f]["ratio_mid_mean_ci"] for f in ("50%", "80%", "90%")})
+        print(length, {f: (row[f]["point"], row[f]["lo"], row[f]["hi"], row[f]["rule_7x"]) for f in ("50%", "80%",
+                                                                                                      "90%")})
     return 0
 
 

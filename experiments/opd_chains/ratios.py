@@ -36,17 +36,22 @@ class StepsBracket:
         return math.isfinite(self.hi)
 
 
-def steps_bracket(curve: Sequence[dict], target: float, *, every: int, steps: int, key: str = "mean") -> StepsBracket:
-    """The bracket of the first eval step after the start whose `key` reaches `target`.
+def steps_bracket(curve: Sequence[dict], target: float, *, every: int, steps: int, key: str = "mean",
+                  sustained: int = 1) -> StepsBracket:
+    """The bracket of the first eval step after the start whose `key` reaches `target` and stays there for
+    `sustained` evals in a row (the last evals of a run count as far as they go), so one noisy eval above a target
+    the run then falls below does not count.
 
-    curve: rows `{"step": int, key: float}` (step 0 = the start), evaluated every `every` steps up to `steps`.
-    Raises ValueError when `every` or `steps` is not positive."""
-    if every <= 0 or steps <= 0:
-        raise ValueError(f"every and steps must be positive, got every={every}, steps={steps}")
-    for row in sorted(curve, key=lambda r: r["step"]):
-        if row["step"] > 0 and row[key] >= target:
+    curve: rows `{"step": int, key: float}` (step 0 = the start), evaluated every `every` steps up to `steps`. A run
+    that never reaches it: `(last step evaluated, inf)` (a run stopped early is not credited with steps it did not
+    run). Raises ValueError when `every`, `steps` or `sustained` is not positive."""
+    if every <= 0 or steps <= 0 or sustained <= 0:
+        raise ValueError(f"every, steps and sustained must be positive, got {every}, {steps}, {sustained}")
+    rows = sorted(curve, key=lambda r: r["step"])
+    for i, row in enumerate(rows):
+        if row["step"] > 0 and all(r[key] >= target for r in rows[i:i + sustained]):
             return StepsBracket(max(row["step"] - every, 0), row["step"])
-    return StepsBracket(steps, math.inf)
+    return StepsBracket(rows[-1]["step"] if rows else steps, math.inf)
 
 
 @dataclass(frozen=True)
@@ -66,9 +71,10 @@ def ratio_rule(a: StepsBracket, b: StepsBracket, threshold: float) -> RatioVerdi
     threshold <= 0."""
     if threshold <= 0:
         raise ValueError(f"threshold must be positive, got {threshold}")
+    if not a.reached and not b.reached:
+        return RatioVerdict(0.0, math.inf, threshold, "undetermined at this eval cadence (neither reached it)")
     if not a.reached:
-        return RatioVerdict(0.0, math.inf if not b.reached else b.hi / max(a.lo, 1e-9), threshold,
-                            "does not hold (A did not reach the target)")
+        return RatioVerdict(0.0, b.hi / max(a.lo, 1e-9), threshold, "does not hold (A did not reach the target)")
     # A reached in (a.lo, a.hi], B in (b.lo, b.hi]; an exact step count is at least 1
     lo = max(b.lo, 1e-9) / a.hi
     hi = b.hi / max(a.lo, 1.0)

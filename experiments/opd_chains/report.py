@@ -336,29 +336,34 @@ def claims(s: dict) -> list[dict]:
 
 
 def length_claim(lengths: dict | None) -> dict | None:
-    """RL vs OPD steps across episode lengths (`lengths.py`): per length the seed mean of the ratio (bracket
-    midpoints) at 80% of RL's gain with its t interval; "grows" when those means rise with length and the longest
-    length's interval lies above the shortest's; the 7x rule per length on every seed's bracket."""
+    """RL vs OPD steps across episode lengths (`lengths.py`): per length, at 80% of RL's gain, the geometric-mean
+    ratio with its interval (cadence and seed spread together). "Grows" needs the point estimates to rise with
+    length and the longest length's interval to lie above the shortest's; the 7x rule per length as `lengths.py`
+    combines it over seeds."""
     if not lengths or not lengths.get("lengths"):
         return None
     rows = {int(k): v for k, v in lengths["lengths"].items()}
-    at80 = {k: (v["80%"]["ratio_mid_mean_ci"], v["80%"]["reached"]) for k, v in rows.items()}
-    known = {k: ci for k, (ci, _) in at80.items() if ci is not None}
-    ks = sorted(known)
-    grows = (len(ks) >= 2 and all(known[a][0] < known[b][0] for a, b in zip(ks, ks[1:], strict=False))
-             and known[ks[-1]][1] > known[ks[0]][2])
-    sevens = {k: [iv[0] >= 7 for iv in v["80%"]["intervals"]] for k, v in rows.items()}
-    any7 = [k for k, v in sevens.items() if v and all(v)]
-    verdict = (("the ratio grows with episode length" if grows else "no clear growth with episode length")
-               + ("; >= 7x at " + ", ".join(map(str, any7)) + " steps" if any7 else "; below 7x at every length"))
+    at80 = {k: v["80%"] for k, v in rows.items()}
+    known = sorted(k for k, r in at80.items() if r["point"] is not None)
+    rising = len(known) >= 2 and all(at80[a]["point"] < at80[b]["point"] for a, b in zip(known, known[1:],
+                                                                                         strict=False))
+    separated = rising and (at80[known[-1]]["lo"] or 0.0) > (at80[known[0]]["hi"] or math.inf)
+    growth = ("the ratio grows with episode length" if separated else
+              "the ratio rises with episode length in the point estimates; the intervals overlap" if rising else
+              "no growth with episode length shown")
+    sevens = {k: r["rule_7x"] for k, r in at80.items()}
+    holds = [k for k, v in sevens.items() if v == "holds"]
+    fails = [k for k, v in sevens.items() if v == "does not hold"]
+    seven = ("; 7x holds at " + ", ".join(map(str, holds)) + " steps" if holds else "") + \
+        ("; 7x does not hold at " + ", ".join(map(str, fails)) + " steps" if fails else "") + \
+        ("; 7x undetermined at " + ", ".join(str(k) for k in sevens if k not in holds + fails) + " steps"
+         if len(holds) + len(fails) < len(sevens) else "")
     return {"claim": "rl_steps_by_length", "published": PUBLISHED["rl_steps_by_length"],
             "numbers": {"per_length": {k: {"base": v["base"], "rl_final": v["rl_final"], "opd_final": v["opd_final"],
-                                           "ratio_80": at80[k][0], "reached_80": at80[k][1],
-                                           "ratio_50": v["50%"]["ratio_mid_mean_ci"],
-                                           "ratio_90": v["90%"]["ratio_mid_mean_ci"],
+                                           "ratio_50": v["50%"], "ratio_80": v["80%"], "ratio_90": v["90%"],
                                            "lrs": [v["chosen"]["rl_lr"], v["chosen"]["opd_lr"]]}
                                        for k, v in sorted(rows.items())}},
-            "verdict": verdict}
+            "verdict": growth + seven}
 
 
 def sft_curve_claim(curve: dict | None) -> dict | None:
@@ -417,13 +422,17 @@ def claim_row(c: dict) -> tuple[str, str]:
             text += (f"; one prompt x {o['samples']} x {o['steps']} steps {mci(o['final'])} (closes "
                      f"{o['gap_closed']:.0%})")
     elif c["claim"] == "rl_steps_by_length":
-        parts = []
-        for k, v in n["per_length"].items():
-            r = v["ratio_80"]
-            ratio = "n/a" if r is None else f"{r[0]:.2f}x [{max(r[1], 0):.2f}, {r[2]:.2f}]"
-            parts.append(f"{k} steps: base {v['base'][0]:.2f}, RL {v['rl_final'][0]:.2f}, OPD {v['opd_final'][0]:.2f}; "
-                         f"RL/OPD steps to 80% of RL's gain {ratio} ({v['reached_80']} seeds reached)")
-        text = "; ".join(parts) + " (3 seeds, each a whole protocol replicate; rates chosen per length on validation)"
+        def rng(r: dict) -> str:
+            if r["point"] is None:
+                return f"undetermined ({r.get('why', 'not reached')})"
+            hi = "inf" if r["hi"] is None or not math.isfinite(r["hi"]) else f"{r['hi']:.2f}"
+            return f"{r['point']:.2f}x [{r['lo'] or 0:.2f}, {hi}]"
+
+        parts = [f"{k} steps: base {v['base'][0]:.2f}, RL {v['rl_final'][0]:.2f}, OPD {v['opd_final'][0]:.2f}; "
+                 f"RL/OPD steps to 50% / 80% / 90% of RL's gain {rng(v['ratio_50'])} / {rng(v['ratio_80'])} / "
+                 f"{rng(v['ratio_90'])}" for k, v in n["per_length"].items()]
+        text = "; ".join(parts) + (" (test T=1; 3 seeds, each a whole protocol replicate; rates chosen per length on "
+                                   "validation; intervals: eval cadence and seed spread)")
     elif c["claim"] == "sft_data_curve":
         text = ", ".join(f"{k}: {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in n["sizes"].items())
         text = "test T=1 at the best validation step, by samples: " + text + " (2 seeds)"
