@@ -422,6 +422,11 @@ def test_sft_curve_finds_a_log_linear_stretch_only_where_there_is_one():
     assert abs(stretch["slope_per_doubling"] - 0.1) < 1e-9 and stretch["r2"] > 0.999
     threshold = {128: 0.15, 256: 0.86, 512: 0.97, 1024: 0.98, 2048: 0.98}
     assert log_linear_stretch(threshold) is None
+    from experiments.opd_chains.sft_curve import curve_shape
+
+    assert curve_shape(threshold) == "threshold" and curve_shape(log_linear) == "log-linear"
+    sigmoid3 = {128: 0.2, 256: 0.5, 512: 0.8, 1024: 0.99, 2048: 0.99}  # 3 points of a sigmoid fit a line
+    assert log_linear_stretch(sigmoid3) is None and curve_shape(sigmoid3) == "undetermined"
     assert fit_log_linear([(1, 0.0), (2, 1.0)])["slope_per_doubling"] == 1.0
 
 

@@ -371,9 +371,10 @@ def sft_curve_claim(curve: dict | None) -> dict | None:
     if not curve or not curve.get("sizes"):
         return None
     st = curve.get("log_linear_stretch")
+    shape = curve.get("shape", "undetermined")
     verdict = ("a log-linear stretch over " + "-".join(map(str, (st["sizes"][0], st["sizes"][-1])))
                + f" samples ({st['slope_per_doubling']:+.3f} per doubling)") if st else \
-        "no log-linear stretch: a threshold"
+        f"no log-linear stretch (shape: {shape}): the published FLOPs comparison cannot be made here"
     return {"claim": "sft_data_curve", "published": PUBLISHED["sft_data_curve"],
             "numbers": {"sizes": {int(k): v["mean_ci"] for k, v in curve["sizes"].items()}, "stretch": st},
             "verdict": verdict}

@@ -129,13 +129,15 @@ def fit_log_linear(points: list[tuple[int, float]]) -> dict:
     return {"intercept": a, "slope_per_doubling": b, "r2": 1 - res / ss if ss else float("nan")}
 
 
-def log_linear_stretch(means: dict[int, float], lo: float = CHANCE + 0.1, hi: float = 0.95) -> dict | None:
-    """The longest run of >= 3 consecutive sizes whose means lie strictly between `lo` (above chance) and `hi`
-    (below the ceiling) and fit a line in log2(size) with R^2 >= 0.9; None when there is none."""
+def log_linear_stretch(means: dict[int, float], lo: float = CHANCE + 0.1, hi: float = 0.95,
+                       min_sizes: int = 4) -> dict | None:
+    """The longest run of >= `min_sizes` consecutive sizes (4 doublings' worth: an 8x span) whose means lie strictly
+    between `lo` (above chance) and `hi` (below the ceiling) and fit a line in log2(size) with R^2 >= 0.9 and a
+    positive slope; None when there is none. (Three points of a sigmoid fit a line too easily.)"""
     sizes = sorted(means)
     best = None
     for i in range(len(sizes)):
-        for j in range(i + 3, len(sizes) + 1):
+        for j in range(i + min_sizes, len(sizes) + 1):
             pts = [(n, means[n]) for n in sizes[i:j]]
             if all(lo < a < hi for _, a in pts):
                 f = fit_log_linear(pts)
@@ -144,8 +146,24 @@ def log_linear_stretch(means: dict[int, float], lo: float = CHANCE + 0.1, hi: fl
     return best
 
 
+def curve_shape(means: dict[int, float], lo: float = CHANCE + 0.1, hi: float = 0.95) -> str:
+    """'log-linear' (a stretch exists), 'threshold' (one doubling takes it from at most `lo` to at least 0.8),
+    'floor' / 'ceiling' (every size at or below `lo` / at or above `hi`), else 'undetermined'."""
+    if log_linear_stretch(means, lo, hi):
+        return "log-linear"
+    sizes = sorted(means)
+    if all(means[n] <= lo for n in sizes):
+        return "floor"
+    if all(means[n] >= hi for n in sizes):
+        return "ceiling"
+    if any(means[a] <= lo and means[b] >= 0.8 for a, b in zip(sizes, sizes[1:], strict=False)):
+        return "threshold"
+    return "undetermined"
+
+
 def report(plan: CurvePlan) -> dict:
     recs = [json.loads(p.read_text()) for p in sorted((RESULTS / "runs").glob("*.json"))]
+    recs = [r for r in recs if r["size"] in plan.sizes and r["seed"] in plan.seeds and r["steps"] == plan.steps]
     by_size: dict[int, list[float]] = {}
     for r in recs:
         by_size.setdefault(r["size"], []).append(r["test_at_best"])
@@ -155,7 +173,7 @@ def report(plan: CurvePlan) -> dict:
     out = {"plan": plan.__dict__, "sizes": {str(n): r for n, r in rows.items()},
            "fit_all_above_chance": fit_log_linear([(n, m) for n, m in means.items() if m > CHANCE + 0.1])
            if sum(m > CHANCE + 0.1 for m in means.values()) >= 2 else None,
-           "log_linear_stretch": log_linear_stretch(means)}
+           "log_linear_stretch": log_linear_stretch(means), "shape": curve_shape(means)}
     _dump(RESULTS / "sft_curve.json", out)
     import matplotlib
 
