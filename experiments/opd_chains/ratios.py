@@ -75,8 +75,8 @@ def ratio_rule(a: StepsBracket, b: StepsBracket, threshold: float) -> RatioVerdi
         return RatioVerdict(0.0, math.inf, threshold, "undetermined at this eval cadence (neither reached it)")
     if not a.reached:
         return RatioVerdict(0.0, b.hi / max(a.lo, 1e-9), threshold, "does not hold (A did not reach the target)")
-    # A reached in (a.lo, a.hi], B in (b.lo, b.hi]; an exact step count is at least 1
-    lo = max(b.lo, 1e-9) / a.hi
+    # A reached in (a.lo, a.hi], B in (b.lo, b.hi]; a step count is at least 1 (step 0 is the start)
+    lo = max(b.lo, 1.0) / a.hi
     hi = b.hi / max(a.lo, 1.0)
     if lo >= threshold:
         verdict = "holds"
