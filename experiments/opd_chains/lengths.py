@@ -338,8 +338,11 @@ def plot(out: dict) -> None:
     ax.axhline(7, color="grey", ls=":", lw=1, label="published 7x")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ticks = [int(k) for k in out["lengths"]]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_ylim(0.1, 30)
     ax.set(xlabel="episode length (steps = uncertain tokens per episode)", ylabel="RL steps / OPD steps",
-           title="RL steps / OPD steps (geometric mean; cadence + seed interval)")
+           title="RL steps / OPD steps to a share of RL's gain")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / "steps_ratio_vs_length.png", dpi=120)

@@ -354,8 +354,12 @@ def length_claim(lengths: dict | None) -> dict | None:
     sevens = {k: r["rule_7x"] for k, r in at80.items()}
     holds = [k for k, v in sevens.items() if v == "holds"]
     fails = [k for k, v in sevens.items() if v == "does not hold"]
+    # every seed's brackets below 7x, yet the interval over seeds reaching 7x: said, not hidden in "does not hold"
+    reach = [k for k in fails if at80[k]["hi"] is None or at80[k]["hi"] >= 7]
     seven = ("; 7x holds at " + ", ".join(map(str, holds)) + " steps" if holds else "") + \
-        ("; 7x does not hold at " + ", ".join(map(str, fails)) + " steps" if fails else "") + \
+        ("; 7x does not hold at " + ", ".join(map(str, fails)) + " steps (every seed below 7x" +
+         ("; at " + ", ".join(map(str, reach)) + " the interval over seeds reaches 7x" if reach else "") + ")"
+         if fails else "") + \
         ("; 7x undetermined at " + ", ".join(str(k) for k in sevens if k not in holds + fails) + " steps"
          if len(holds) + len(fails) < len(sevens) else "")
     return {"claim": "rl_steps_by_length", "published": PUBLISHED["rl_steps_by_length"],
