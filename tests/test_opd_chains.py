@@ -54,8 +54,8 @@ def plan_streams(p: plan_mod.Plan) -> dict[str, tuple[str, int, int, str, str]]:
     out["lengths_base"] = (lp.base_stream, 0, lp.base_steps * 32, "sft", lengths.source(lp, lp.base_longest, 1))
     for length in lp.lengths:
         for seed in lp.seeds:
-            out[f"lengths_{length}_s{seed}"] = (f"lengths_{length}", seed, (lp.steps + 1) * 16, "prompts",
-                                                lengths.source(lp, length))
+            out[f"lengths_{length}_s{seed}"] = (f"lengths_{length}", seed, (lp.steps_for(length) + 1) * 16,
+                                                "prompts", lengths.source(lp, length))
     for seed in sft_curve.PLAN.seeds:  # correct teacher samples: at most twice the kept rows, plus a batch
         out[f"sft_curve_s{seed}"] = ("sft_curve", seed, 2 * max(sft_curve.PLAN.sizes) + 64, "prompts", TASK)
     for seed in p.recovery_seeds:

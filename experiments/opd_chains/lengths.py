@@ -58,15 +58,22 @@ class LengthsPlan:
     base_stream: str = "p6_base"
     rl_lrs: tuple[float, ...] = (1e-4, 3e-4)
     opd_lrs: tuple[float, ...] = (3e-4, 1e-3)
-    steps: int = 100  # both methods: RL's curve flattens within it at every length in pilot 6
+    steps: int = 100  # both methods, sweeps included
+    # lengths whose seeded runs go longer, both methods: at 12 steps RL was still rising at step 100 (its plateau
+    # is the protocol's teacher); the rates stay the ones the 100-step sweep chose
+    long_steps: tuple[tuple[int, int], ...] = ((12, 200),)
     every: int = 5
     test: int = 1024
     val: int = 256
 
 
+    def steps_for(self, length: int) -> int:
+        return dict(self.long_steps).get(length, self.steps)
+
+
 PLAN = LengthsPlan()
-QUICK = LengthsPlan(lengths=(2, 4), seeds=(0, 1), base_steps=4, rl_lrs=(1e-4,), opd_lrs=(3e-4,), steps=4, every=2,
-                    test=32, val=16)
+QUICK = LengthsPlan(lengths=(2, 4), seeds=(0, 1), base_steps=4, rl_lrs=(1e-4,), opd_lrs=(3e-4,), steps=4,
+                    long_steps=((4, 6),), every=2, test=32, val=16)
 
 
 def source(plan: LengthsPlan, length: int, lo: int | None = None) -> str:
@@ -142,16 +149,21 @@ def build_base(plan: LengthsPlan, runs: Path, overrides: list[str]) -> Path:
     return out
 
 
+def run_name(method: str, length: int, lr: float, seed: int, steps: int, plan: LengthsPlan) -> str:
+    return f"{method}_L{length}_lr{lr:g}_s{seed}" + (f"_n{steps}" if steps != plan.steps else "")
+
+
 def run_one(plan: LengthsPlan, method: str, length: int, lr: float, seed: int, base: Path, teacher: Path | None,
-            runs: Path, overrides: list[str]) -> dict:
+            runs: Path, overrides: list[str], steps: int | None = None) -> dict:
     """One RL or OPD run from the base (resumable: a finished run's record is reused); returns its record."""
     from opd_jax.data import build_task
     from opd_jax.data.chains import assert_held_out, stream_position
     from opd_jax.miniature.prepare import export
 
-    name = f"{method}_L{length}_lr{lr:g}_s{seed}"
+    steps = steps or plan.steps
+    name = run_name(method, length, lr, seed, steps, plan)
     record = RESULTS / "runs" / f"{name}.json"
-    key = {"steps": plan.steps, "every": plan.every, "test": plan.test, "val": plan.val, "base": base.name,
+    key = {"steps": steps, "every": plan.every, "test": plan.test, "val": plan.val, "base": base.name,
            "teacher": None if teacher is None else teacher.parent.name}
     run_dir = runs / name
     if record.exists():
@@ -161,7 +173,7 @@ def run_one(plan: LengthsPlan, method: str, length: int, lr: float, seed: int, b
         if rec.get("key") == key and (method != "rl" or (run_dir / "export" / "config.json").exists()):
             return rec
     student = base_config(overrides).student
-    ov = [*overrides, f"run_dir={run_dir}", "overwrite=true", f"steps={plan.steps}", f"seed={seed}",
+    ov = [*overrides, f"run_dir={run_dir}", "overwrite=true", f"steps={steps}", f"seed={seed}",
           f"student.hf_path={base}", *budget_overrides(length), f"data.source={source(plan, length)}",
           f"eval.source={source(plan, length)}", "eval.split=val+test", f"eval.every={plan.every}",
           "eval.temperature=1.0", f"optim.learning_rate={lr}", "optim.schedule=constant", "optim.warmup_steps=5",
@@ -187,7 +199,7 @@ def run_one(plan: LengthsPlan, method: str, length: int, lr: float, seed: int, b
     tr.run()
     checked = assert_held_out(task, task.issued)
     export(tr, run_dir / "export")
-    rec = {"name": name, "key": key, "method": method, "length": length, "lr": lr, "seed": seed, "steps": plan.steps,
+    rec = {"name": name, "key": key, "method": method, "length": length, "lr": lr, "seed": seed, "steps": steps,
            "every": plan.every, "test_problems": plan.test, "teacher": None if teacher is None else str(teacher),
            "train_rows_checked": checked,
            "wall_s": time.time() - t0, "curve": _curve(run_dir)}
@@ -206,7 +218,8 @@ def all_recorded(plan: LengthsPlan) -> bool:
         c = json.loads(path.read_text())
         for seed in plan.seeds:
             for method, lr in (("rl", c["rl_lr"]), ("opd", c["opd_lr"])):
-                if not (RESULTS / "runs" / f"{method}_L{length}_lr{lr:g}_s{seed}.json").exists():
+                name = run_name(method, length, lr, seed, plan.steps_for(length), plan)
+                if not (RESULTS / "runs" / f"{name}.json").exists():
                     return False
     return True
 
@@ -223,9 +236,10 @@ def run_all(plan: LengthsPlan, runs: Path, overrides: list[str]) -> None:
         teacher0 = runs / rl[rl_lr]["name"] / "export"
         opd = {lr: run_one(plan, "opd", length, lr, 0, base, teacher0, runs, overrides) for lr in plan.opd_lrs}
         opd_lr = max(opd, key=lambda k: val_score(opd[k]))
+        n = plan.steps_for(length)
         for seed in plan.seeds:
-            r = run_one(plan, "rl", length, rl_lr, seed, base, None, runs, overrides)
-            run_one(plan, "opd", length, opd_lr, seed, base, runs / r["name"] / "export", runs, overrides)
+            r = run_one(plan, "rl", length, rl_lr, seed, base, None, runs, overrides, n)
+            run_one(plan, "opd", length, opd_lr, seed, base, runs / r["name"] / "export", runs, overrides, n)
         _dump(RESULTS / f"chosen_L{length}.json", {"rl_lr": rl_lr, "opd_lr": opd_lr,
                                                     "rl_val": {str(k): val_score(v) for k, v in rl.items()},
                                                     "opd_val": {str(k): val_score(v) for k, v in opd.items()}})
@@ -295,8 +309,9 @@ def report(plan: LengthsPlan) -> dict:
         chosen = json.loads(chosen_path.read_text())
         per_seed = []
         for seed in plan.seeds:
-            rl_p = RESULTS / "runs" / f"rl_L{length}_lr{chosen['rl_lr']:g}_s{seed}.json"
-            opd_p = RESULTS / "runs" / f"opd_L{length}_lr{chosen['opd_lr']:g}_s{seed}.json"
+            n = plan.steps_for(length)
+            rl_p = RESULTS / "runs" / f"{run_name('rl', length, chosen['rl_lr'], seed, n, plan)}.json"
+            opd_p = RESULTS / "runs" / f"{run_name('opd', length, chosen['opd_lr'], seed, n, plan)}.json"
             if rl_p.exists() and opd_p.exists():
                 per_seed.append({"seed": seed, **ratios_of(json.loads(rl_p.read_text()),
                                                            json.loads(opd_p.read_text()))})
