@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from experiments.opd_chains.analysis import error_profile
 from opd_jax.config import ExperimentConfig
@@ -112,6 +114,26 @@ def split_rows(rows: list[dict]) -> dict[str, list[dict]]:
     for r in rows:
         out[split_of(r["text"])].append(r)
     return out
+
+
+def _finite(obj: object) -> object:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: object) -> None:
+    """`obj` as indented JSON at `path`, atomically (a temporary file, then a rename), parents made; JSON without
+    Infinity / NaN: a non-finite float (e.g. an unbounded ratio) is written as null."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(_finite(obj), indent=1, allow_nan=False))
+    tmp.replace(path)
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from experiments.opd_chains.arms import eval_curve, write_json
 from experiments.opd_chains.ratios import ratio_rule, steps_bracket
 from opd_jax.miniature.measure import mean_ci
 from opd_jax.miniature.setup import base_config, quiet_jax
@@ -91,35 +92,10 @@ def budget_overrides(length: int) -> list[str]:
             f"eval.max_new_tokens={new}"]
 
 
-def _finite(obj: object) -> object:
-    """JSON without Infinity / NaN: an unbounded ratio is written as null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def _dump(path: Path, obj: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_finite(obj), indent=1, allow_nan=False))
-    tmp.replace(path)
-
-
 def _curve(run_dir: Path) -> list[dict]:
-    from opd_jax.data.chains import split_of
-    from opd_jax.miniature.measure import accuracy_of_rows
-
-    out = []
-    for p in (run_dir / "eval").glob("eval_step*.jsonl"):
-        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-        split = {s: [r for r in rows if split_of(r["text"]) == s] for s in ("val", "test")}
-        out.append({"step": int(p.stem[len("eval_step"):]),
-                    **{s: accuracy_of_rows(r)["accuracy"] for s, r in split.items() if r}})
-    return sorted(out, key=lambda r: r["step"])
+    """Per eval step: T=1 accuracy on val and test (`arms.eval_curve`, accuracies only)."""
+    return [{"step": c["step"], **{sp: c[sp]["accuracy"] for sp in ("val", "test")}}
+            for c in eval_curve(str(run_dir))]
 
 
 def build_base(plan: LengthsPlan, runs: Path, overrides: list[str]) -> Path:
@@ -203,7 +179,7 @@ def run_one(plan: LengthsPlan, method: str, length: int, lr: float, seed: int, b
            "every": plan.every, "test_problems": plan.test, "teacher": None if teacher is None else str(teacher),
            "train_rows_checked": checked,
            "wall_s": time.time() - t0, "curve": _curve(run_dir)}
-    _dump(record, rec)
+    write_json(record, rec)
     print(f"[{name}] test T=1 {rec['curve'][0]['test']:.3f} -> {rec['curve'][-1]['test']:.3f}; "
           f"{rec['wall_s']:.0f}s", flush=True)
     return rec
@@ -240,7 +216,7 @@ def run_all(plan: LengthsPlan, runs: Path, overrides: list[str]) -> None:
         for seed in plan.seeds:
             r = run_one(plan, "rl", length, rl_lr, seed, base, None, runs, overrides, n)
             run_one(plan, "opd", length, opd_lr, seed, base, runs / r["name"] / "export", runs, overrides, n)
-        _dump(RESULTS / f"chosen_L{length}.json", {"rl_lr": rl_lr, "opd_lr": opd_lr,
+        write_json(RESULTS / f"chosen_L{length}.json", {"rl_lr": rl_lr, "opd_lr": opd_lr,
                                                     "rl_val": {str(k): val_score(v) for k, v in rl.items()},
                                                     "opd_val": {str(k): val_score(v) for k, v in opd.items()}})
 
@@ -325,7 +301,7 @@ def report(plan: LengthsPlan) -> dict:
             vals = [s[k] for s in per_seed]
             row[k] = mean_ci(vals) if len(vals) > 1 else (vals[0], vals[0], vals[0])
         out["lengths"][str(length)] = row
-    _dump(RESULTS / "lengths.json", out)
+    write_json(RESULTS / "lengths.json", out)
     plot(out)
     return out
 

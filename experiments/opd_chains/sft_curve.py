@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from experiments.opd_chains.arms import eval_curve, write_json
 from opd_jax.miniature.measure import mean_ci
 from opd_jax.miniature.setup import base_config, quiet_jax
 
@@ -43,13 +44,6 @@ class CurvePlan:
 
 
 PLAN = CurvePlan()
-
-
-def _dump(path: Path, obj: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
 
 
 def pool(cfg, teacher_dir: str, n: int, seed: int) -> list:
@@ -81,8 +75,6 @@ def pool(cfg, teacher_dir: str, n: int, seed: int) -> list:
 def run_one(plan: CurvePlan, cfg, rows: list, size: int, seed: int, runs: Path) -> dict:
     from opd_jax.baselines.sft import SFTTrainer
     from opd_jax.data import build_task
-    from opd_jax.data.chains import split_of
-    from opd_jax.miniature.measure import accuracy_of_rows
     from opd_jax.miniature.prepare import Recipe, sft_config
 
     name = f"sft_n{size}_s{seed}"
@@ -97,16 +89,12 @@ def run_one(plan: CurvePlan, cfg, rows: list, size: int, seed: int, runs: Path) 
     c.eval.every, c.eval.split, c.eval.temperature = plan.every, "val+test", 1.0
     t0 = time.time()
     SFTTrainer(c, build_task(c), rows[:size]).run()
-    curve = []
-    for p in sorted((runs / name / "eval").glob("eval_step*.jsonl"), key=lambda p: int(p.stem[9:])):
-        got = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-        curve.append({"step": int(p.stem[9:]), **{s: accuracy_of_rows([g for g in got if split_of(g["text"]) == s])
-                                                   for s in ("val", "test")}})
+    curve = eval_curve(str(runs / name))
     best = max(curve[1:], key=lambda c: (c["val"]["accuracy"], -c["step"]))  # early stopping on validation
     rec = {"name": name, "size": size, "seed": seed, "steps": plan.steps, "wall_s": time.time() - t0,
            "curve": curve, "best_step": best["step"], "test_at_best": best["test"]["accuracy"],
            "val_at_best": best["val"]["accuracy"]}
-    _dump(record, rec)
+    write_json(record, rec)
     print(f"[{name}] best val at step {best['step']}: test T=1 {rec['test_at_best']:.3f}; {rec['wall_s']:.0f}s",
           flush=True)
     return rec
@@ -174,7 +162,7 @@ def report(plan: CurvePlan) -> dict:
            "fit_all_above_chance": fit_log_linear([(n, m) for n, m in means.items() if m > CHANCE + 0.1])
            if sum(m > CHANCE + 0.1 for m in means.values()) >= 2 else None,
            "log_linear_stretch": log_linear_stretch(means), "shape": curve_shape(means)}
-    _dump(RESULTS / "sft_curve.json", out)
+    write_json(RESULTS / "sft_curve.json", out)
     import matplotlib
 
     matplotlib.use("Agg")
