@@ -59,6 +59,8 @@ class LengthsPlan:
     base_stream: str = "p6_base"
     rl_lrs: tuple[float, ...] = (1e-4, 3e-4)
     opd_lrs: tuple[float, ...] = (3e-4, 1e-3)
+    # OPD's sweep also crosses each rate with a per-token KL clip (`loss.kl_clip`, nats; 0 = off, as published)
+    opd_kl_clips: tuple[float, ...] = (0.0, 5.0)
     steps: int = 100  # both methods, sweeps included
     # lengths whose seeded runs go longer, both methods: at 12 steps RL was still rising at step 100 (its plateau
     # is the protocol's teacher); the rates stay the ones the 100-step sweep chose
@@ -73,7 +75,8 @@ class LengthsPlan:
 
 
 PLAN = LengthsPlan()
-QUICK = LengthsPlan(lengths=(2, 4), seeds=(0, 1), base_steps=4, rl_lrs=(1e-4,), opd_lrs=(3e-4,), steps=4,
+QUICK = LengthsPlan(lengths=(2, 4), seeds=(0, 1), base_steps=4, rl_lrs=(1e-4,), opd_lrs=(3e-4,), opd_kl_clips=(0.0,),
+                    steps=4,
                     long_steps=((4, 6),), every=2, test=32, val=16)
 
 
@@ -125,19 +128,22 @@ def build_base(plan: LengthsPlan, runs: Path, overrides: list[str]) -> Path:
     return out
 
 
-def run_name(method: str, length: int, lr: float, seed: int, steps: int, plan: LengthsPlan) -> str:
-    return f"{method}_L{length}_lr{lr:g}_s{seed}" + (f"_n{steps}" if steps != plan.steps else "")
+def run_name(method: str, length: int, lr: float, seed: int, steps: int, plan: LengthsPlan, kl_clip: float = 0.0
+             ) -> str:
+    return (f"{method}_L{length}_lr{lr:g}" + (f"_klc{kl_clip:g}" if kl_clip else "") + f"_s{seed}"
+            + (f"_n{steps}" if steps != plan.steps else ""))
 
 
 def run_one(plan: LengthsPlan, method: str, length: int, lr: float, seed: int, base: Path, teacher: Path | None,
-            runs: Path, overrides: list[str], steps: int | None = None) -> dict:
-    """One RL or OPD run from the base (resumable: a finished run's record is reused); returns its record."""
+            runs: Path, overrides: list[str], steps: int | None = None, kl_clip: float = 0.0) -> dict:
+    """One RL or OPD run from the base (resumable: a finished run's record is reused); returns its record.
+    `kl_clip` (OPD only): `loss.kl_clip`, the per-token bound on kl_t in nats (0 = off)."""
     from opd_jax.data import build_task
     from opd_jax.data.chains import assert_held_out, stream_position
     from opd_jax.miniature.prepare import export
 
     steps = steps or plan.steps
-    name = run_name(method, length, lr, seed, steps, plan)
+    name = run_name(method, length, lr, seed, steps, plan, kl_clip)
     record = RESULTS / "runs" / f"{name}.json"
     key = {"steps": steps, "every": plan.every, "test": plan.test, "val": plan.val, "base": base.name,
            "teacher": None if teacher is None else teacher.parent.name}
@@ -158,7 +164,7 @@ def run_one(plan: LengthsPlan, method: str, length: int, lr: float, seed: int, b
           f"teachers.0.model.hf_path={teacher or base}",
           *[f"teachers.0.model.{k}={getattr(student, k)}" for k in STUDENT_SHAPE]]
     ov += (["algorithm=rl", "loss.kl_penalty_coef=0", "loss.task_reward_coef=1"] if method == "rl"
-           else ["algorithm=opd"])
+           else ["algorithm=opd", f"loss.kl_clip={kl_clip}"])
     cfg = base_config(ov)
     task = build_task(cfg)
     task.restore({"position": stream_position(f"lengths_{length}", seed)})  # RL and OPD of a seed: same prompts
@@ -175,7 +181,8 @@ def run_one(plan: LengthsPlan, method: str, length: int, lr: float, seed: int, b
     tr.run()
     checked = assert_held_out(task, task.issued)
     export(tr, run_dir / "export")
-    rec = {"name": name, "key": key, "method": method, "length": length, "lr": lr, "seed": seed, "steps": steps,
+    rec = {"name": name, "key": key, "method": method, "length": length, "lr": lr, "kl_clip": kl_clip, "seed": seed,
+           "steps": steps,
            "every": plan.every, "test_problems": plan.test, "teacher": None if teacher is None else str(teacher),
            "train_rows_checked": checked,
            "wall_s": time.time() - t0, "curve": _curve(run_dir)}
@@ -193,8 +200,8 @@ def all_recorded(plan: LengthsPlan) -> bool:
             return False
         c = json.loads(path.read_text())
         for seed in plan.seeds:
-            for method, lr in (("rl", c["rl_lr"]), ("opd", c["opd_lr"])):
-                name = run_name(method, length, lr, seed, plan.steps_for(length), plan)
+            for method, lr, clip in (("rl", c["rl_lr"], 0.0), ("opd", c["opd_lr"], c.get("opd_kl_clip", 0.0))):
+                name = run_name(method, length, lr, seed, plan.steps_for(length), plan, clip)
                 if not (RESULTS / "runs" / f"{name}.json").exists():
                     return False
     return True
@@ -210,15 +217,19 @@ def run_all(plan: LengthsPlan, runs: Path, overrides: list[str]) -> None:
         rl = {lr: run_one(plan, "rl", length, lr, 0, base, None, runs, overrides) for lr in plan.rl_lrs}
         rl_lr = max(rl, key=lambda k: val_score(rl[k]))
         teacher0 = runs / rl[rl_lr]["name"] / "export"
-        opd = {lr: run_one(plan, "opd", length, lr, 0, base, teacher0, runs, overrides) for lr in plan.opd_lrs}
-        opd_lr = max(opd, key=lambda k: val_score(opd[k]))
+        opd = {(lr, clip): run_one(plan, "opd", length, lr, 0, base, teacher0, runs, overrides, kl_clip=clip)
+               for lr in plan.opd_lrs for clip in plan.opd_kl_clips}
+        opd_lr, opd_clip = max(opd, key=lambda k: val_score(opd[k]))  # ties: the first (unclipped, lower rate)
         n = plan.steps_for(length)
         for seed in plan.seeds:
             r = run_one(plan, "rl", length, rl_lr, seed, base, None, runs, overrides, n)
-            run_one(plan, "opd", length, opd_lr, seed, base, runs / r["name"] / "export", runs, overrides, n)
-        write_json(RESULTS / f"chosen_L{length}.json", {"rl_lr": rl_lr, "opd_lr": opd_lr,
-                                                    "rl_val": {str(k): val_score(v) for k, v in rl.items()},
-                                                    "opd_val": {str(k): val_score(v) for k, v in opd.items()}})
+            run_one(plan, "opd", length, opd_lr, seed, base, runs / r["name"] / "export", runs, overrides, n,
+                    kl_clip=opd_clip)
+        write_json(RESULTS / f"chosen_L{length}.json", {
+            "rl_lr": rl_lr, "opd_lr": opd_lr, "opd_kl_clip": opd_clip,
+            "rl_val": {str(k): val_score(v) for k, v in rl.items()},
+            "opd_val": {f"{lr:g}" + (f" kl_clip {clip:g}" if clip else ""): val_score(v)
+                        for (lr, clip), v in opd.items()}})
 
 
 def ratios_of(rl: dict, opd: dict) -> dict:
@@ -287,7 +298,8 @@ def report(plan: LengthsPlan) -> dict:
         for seed in plan.seeds:
             n = plan.steps_for(length)
             rl_p = RESULTS / "runs" / f"{run_name('rl', length, chosen['rl_lr'], seed, n, plan)}.json"
-            opd_p = RESULTS / "runs" / f"{run_name('opd', length, chosen['opd_lr'], seed, n, plan)}.json"
+            opd_p = RESULTS / "runs" / (run_name("opd", length, chosen["opd_lr"], seed, n, plan,
+                                                 chosen.get("opd_kl_clip", 0.0)) + ".json")
             if rl_p.exists() and opd_p.exists():
                 per_seed.append({"seed": seed, **ratios_of(json.loads(rl_p.read_text()),
                                                            json.loads(opd_p.read_text()))})
