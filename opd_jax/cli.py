@@ -181,15 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config("visualize", cmd_visualize, "render a student completion colored by per-token reverse KL")
     sp.add_argument("--prompt", default=None, help="prompt text (default: the first eval problem)")
     sp.add_argument("--out", default=None, help="output HTML path (default: RUN_DIR/kl.html)")
-    sp = sub.add_parser("demo", help="CPU demo: teacher + student (cached), then OPD and SFT with before/after "
+    sp = sub.add_parser("demo", help="CPU demo: RL and OPD from the same base student, same steps, with before/after "
                                      "held-out accuracy and KL",
-                        description="On-policy distillation end to end on a CPU, about a minute on 2 cores: from the "
-                                    "teacher and student that ship with the package, 40 OPD steps and 40 SFT steps, "
-                                    "with held-out accuracy (95% intervals) and per-token KL before and after.",
+                        description="On-policy distillation next to RL on a CPU, 1-2 minutes on 2 cores: on chains of "
+                                    "12 steps, from the base student and the RL teacher that ship with the package, "
+                                    "as many RL steps as OPD steps, with held-out accuracy (95% intervals) and "
+                                    "per-token KL to the teacher before and after.",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sp.add_argument("--fresh", action="store_true", help="train the teacher and student anew (6-9 min on 2 cores) "
-                                                         "instead of using the pair shipped with the package")
-    sp.add_argument("--steps", type=int, default=40, help="OPD steps (and SFT steps, for the comparison)")
+    sp.add_argument("--fresh", action="store_true", help="train every model anew (about 10 min on 2 cores) instead "
+                                                         "of using the ones shipped with the package")
+    from opd_jax.miniature.demo import DEMO_STEPS
+
+    sp.add_argument("--steps", type=int, default=DEMO_STEPS, help="RL steps, and as many OPD steps")
     sp.add_argument("--run-dir", default="runs/opd_chains/demo", help="where the demo's runs and summary go (a rerun "
                                                                         "replaces the demo's own directory)")
     sp.set_defaults(fn=cmd_demo)

@@ -147,3 +147,41 @@ def test_episode_length_dial_reaches_16_steps_without_moving_earlier_token_ids()
         ChainsTask(seed=0, min_len=4, max_len=17)
     kw = parse_source("synthetic:chains:16:mod=7")
     assert kw["min_len"] == kw["max_len"] == 16
+
+
+def test_steps_reward_has_no_lucky_guess_floor():
+    """`reward=steps` (issue #22): the in-program reward and the eval's grade are 1 only when every step's result
+    and the final answer are right in the reference layout; a wrong intermediate result with the right final answer
+    (a lucky guess under the answer reward) gets 0, so does an extra token; a wrong label is not graded. The
+    default reward still grades the final answer."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from opd_jax.data.chains import EOS, ChainsTask, steps_reward
+
+    t = ChainsTask(seed=0, min_len=4, max_len=6, mod=7, reward="steps")
+    rows = t.next_prompts(4)
+    probs = [t.problem(t.position - 4 + i) for i in range(4)]  # the rows just handed out
+    sols = [p.solution for p in probs]
+    assert [a[-1] for a in rows.answers] == [s[-1] for s in sols] and rows.answers[0][:4] == "????"
+    toks, mask = np.zeros((4, 48), np.int32), np.zeros((4, 48), bool)
+    comps = []
+    for i, sol in enumerate(sols):
+        c = [*t.tok.encode(sol), EOS]
+        if i == 1:  # the first step's result wrong, the final answer kept: right under the answer reward
+            c[4] = t.tok.encode(str((int(sol[4]) + 1) % 7))[0]
+        if i == 2:
+            c = [*c[:-1], t.tok.encode("1")[0], EOS]
+        if i == 3:  # a wrong label: not graded
+            c[5] = t.tok.encode("p")[0]
+        toks[i, : len(c)], mask[i, : len(c)] = c, True
+        comps.append(c)
+    packed = t.pack(rows, 24, truncate=False)
+    r = np.asarray(steps_reward(jnp.asarray(toks), jnp.asarray(mask), jnp.asarray(packed["answer"])))
+    assert r.tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert [t.grade(c, a) for c, a in zip(comps, rows.answers, strict=True)] == [True, False, False, True]
+    plain = ChainsTask(seed=0, min_len=4, max_len=6, mod=7)
+    assert plain.grade(comps[1], sols[1][-1])  # the lucky guess counts under the answer reward
+    assert t.eval_problems()[0].answer[-2:] == f"#{t.held_out('test')[0].answer}"
+    with pytest.raises(ValueError, match="reward must be"):
+        ChainsTask(seed=0, reward="scratchpad")

@@ -13,6 +13,9 @@ import yaml
 
 from experiments.opd_chains import plan as plan_mod
 from opd_jax.data.chains import ChainsTask, assert_held_out, split_of, stream_position
+from opd_jax.miniature.demo import DEMO_STEPS, DEMO_TEST_PROBLEMS
+from opd_jax.miniature.protocol import TeacherRecipe
+from opd_jax.miniature.protocol import source as protocol_source
 from opd_jax.miniature.setup import BASE, TASK, base_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,8 +45,9 @@ def plan_streams(p: plan_mod.Plan) -> dict[str, tuple[str, int, int, str, str]]:
     seq = p.prompts * p.group_size
     out = {"teacher": ("teacher", r.seed, r.teacher_steps * r.teacher_batch, "sft", r.teacher_source),
            "student_pool": ("student_pool", r.seed, 2 * r.student_examples + 64, "prompts", TASK),
-           "demo_opd": ("demo_opd", 0, 61 * 16, "prompts", TASK),
-           "demo_sft": ("demo_sft", 0, 2 * 60 * 64 + 64, "prompts", TASK)}
+           # the demo's RL and OPD arms (one stream, the default steps); its base and RL teacher are lengths' own
+           "demo": (f"demo_L{TeacherRecipe().length}", 0, (DEMO_STEPS + 1) * 16, "prompts",
+                    protocol_source(TeacherRecipe().length, test=DEMO_TEST_PROBLEMS, val=16))}
     for seed in {*p.seeds, p.sweep_seed}:
         out[f"opd_s{seed}"] = ("opd", seed, (p.steps + 1) * p.prompts, "prompts", TASK)
         out[f"rl_s{seed}"] = ("rl", seed, (max(p.steps, p.rl_long_steps) + 1) * p.prompts, "prompts", TASK)
@@ -183,15 +187,35 @@ def test_demo_end_to_end_tiny(tmp_path, monkeypatch, capsys):
             "groups_per_batch=4", "group_size=2"]
     recipe = {"teacher_steps": 3, "teacher_batch": 8, "student_examples": 8, "student_steps": 2, "student_batch": 4,
               "teacher_source": "synthetic:chains:4:6:mod=7:test=32:val=16:slips=0.3"}
-    rc = demo.main(["--steps", "2", "--run-dir", str(tmp_path / "demo"), "--recipe", json.dumps(recipe), *tiny])
+    protocol = {"base": {"steps": 2, "batch": 4, "longest": 5}, "teacher": {"length": 5, "steps": 2}}
+    monkeypatch.setattr(demo, "DEMO_TEST_PROBLEMS", 32)
+    rc = demo.main(["--steps", "2", "--run-dir", str(tmp_path / "demo"), "--recipe", json.dumps(recipe),
+                    "--protocol", json.dumps(protocol), *tiny])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "before" in out and "after 2 OPD steps" in out and "after 2 SFT steps" in out and "KL" in out
+    assert "base student" in out and "after 2 RL steps" in out and "after 2 OPD steps" in out and "KL" in out
+    assert "the teacher scores every token" in out
     s = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
-    for point in ("before", "opd", "sft"):
+    for point in ("before", "rl", "opd"):
         assert s[point]["t1"]["problems"] == 32 and 0 <= s[point]["t1"]["ci_low"] <= s[point]["t1"]["ci_high"] <= 1
         assert s[point]["kl"]["tokens"] > 0 and s[point]["kl"]["kl_exact"] >= 0
-    assert any(p.name.startswith("teacher-") for p in (tmp_path / "cache").iterdir())
+    assert s["length"] == 5 and s["teacher"]["recipe"]["steps"] == 2
+    made = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir() if p.is_dir() and "-" in p.name)
+    assert made == ["base", "rl_teacher", "student", "teacher"], made
+
+
+def test_demo_uses_the_committed_length_results():
+    """The demo's closing line quotes lengths.py's seed-mean RL/OPD steps ratios at 80% of RL's gain, and it trains
+    at the rates (and KL clip) the validation sweep chose at its length: the committed ones
+    (results/lengths/lengths.json, chosen_L12.json)."""
+    from opd_jax.miniature import demo
+
+    res = Path(REPO) / "experiments/opd_chains/results/lengths"
+    out = json.loads((res / "lengths.json").read_text())
+    assert demo.LENGTHS_RATIO_80 == {int(k): round(v["80%"]["point"], 2) for k, v in out["lengths"].items()}
+    chosen = json.loads((res / f"chosen_L{TeacherRecipe().length}.json").read_text())
+    assert (demo.RL_LR, demo.OPD_LR, demo.OPD_KL_CLIP) == (chosen["rl_lr"], chosen["opd_lr"], chosen["opd_kl_clip"])
+    assert TeacherRecipe().lr == chosen["rl_lr"]
 
 
 def test_shipped_pair_is_the_current_default_pair():
@@ -201,9 +225,18 @@ def test_shipped_pair_is_the_current_default_pair():
     import json
 
     from opd_jax.miniature.prepare import PRETRAINED, Recipe, cache_keys
+    from opd_jax.miniature.protocol import BaseRecipe, TeacherRecipe, protocol_keys
 
     t_key, s_key = cache_keys(base_config(), Recipe())
-    assert sorted(p.name for p in PRETRAINED.iterdir() if p.is_dir()) == [f"student-{s_key}", f"teacher-{t_key}"]
+    b_key, r_key = protocol_keys(base_config(), Recipe(), BaseRecipe(), TeacherRecipe())
+    assert sorted(p.name for p in PRETRAINED.iterdir() if p.is_dir()) == [
+        f"base-{b_key}", f"rl_teacher-{r_key}", f"student-{s_key}", f"teacher-{t_key}"]
+    b_info = json.loads((PRETRAINED / f"base-{b_key}" / "base.json").read_text())
+    r_info = json.loads((PRETRAINED / f"rl_teacher-{r_key}" / "rl_teacher.json").read_text())
+    assert b_info["key"] == b_key and b_info["recipe"] == dataclasses.asdict(BaseRecipe())
+    assert r_info["key"] == r_key and r_info["base_key"] == b_key
+    assert r_info["recipe"] == dataclasses.asdict(TeacherRecipe())
+    assert r_info["test"]["t1"]["accuracy"] > 0.8  # the RL plateau at 12 steps (lengths.py: 0.93 in seed 0)
     t_info = json.loads((PRETRAINED / f"teacher-{t_key}" / "teacher.json").read_text())
     s_info = json.loads((PRETRAINED / f"student-{s_key}" / "student.json").read_text())
     assert t_info["key"] == t_key and s_info["key"] == s_key and s_info["teacher_key"] == t_key
@@ -232,6 +265,17 @@ def test_prepare_copies_the_shipped_pair_into_an_empty_cache(tmp_path, monkeypat
 
     assert load_file(os.path.join(p.student, "model.safetensors"))  # a readable HF dir
     assert not list(tmp_path.glob("*.tmp"))
+    # the protocol's base student and RL teacher (the demo's models) come the same way
+    from opd_jax.miniature import protocol
+
+    monkeypatch.setattr(protocol, "train_base", no_training)
+    monkeypatch.setattr(protocol, "train_teacher", no_training)
+    logs.clear()
+    pp = protocol.prepare_protocol(root=tmp_path, log=logs.append)
+    assert sum("shipped" in m for m in logs) == 2, logs
+    assert pp.info["teacher"]["test"]["t1"]["accuracy"] > 0.8
+    assert load_file(os.path.join(pp.teacher, "model.safetensors")) and load_file(
+        os.path.join(pp.base, "model.safetensors"))
 
 
 def test_prepare_takes_turns_on_one_cache_root(tmp_path):

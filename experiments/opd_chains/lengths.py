@@ -39,14 +39,14 @@ from pathlib import Path
 
 from experiments.opd_chains.arms import eval_curve, write_json
 from experiments.opd_chains.ratios import ratio_rule, steps_bracket
+from opd_jax.miniature import protocol
 from opd_jax.miniature.measure import mean_ci
 from opd_jax.miniature.setup import base_config, quiet_jax
 
+MOD = protocol.MOD
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "lengths"
-MOD = 7
-STUDENT_SHAPE = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                 "head_dim", "rope_theta")
 FRACTIONS = (0.5, 0.8, 0.9)
 
 
@@ -68,6 +68,9 @@ class LengthsPlan:
     every: int = 5
     test: int = 1024
     val: int = 256
+    # lengths that get a second protocol replicate with the every-step reward (`reward=steps`: every step's result
+    # and the answer right, no 1/7 lucky-guess floor; its eval grades the same way), at the rates chosen above
+    steps_reward_lengths: tuple[int, ...] = (12,)
 
 
     def steps_for(self, length: int) -> int:
@@ -76,74 +79,85 @@ class LengthsPlan:
 
 PLAN = LengthsPlan()
 QUICK = LengthsPlan(lengths=(2, 4), seeds=(0, 1), base_steps=4, rl_lrs=(1e-4,), opd_lrs=(3e-4,), opd_kl_clips=(0.0,),
-                    steps=4,
+                    steps=4, steps_reward_lengths=(4,),
                     long_steps=((4, 6),), every=2, test=32, val=16)
 
 
-def source(plan: LengthsPlan, length: int, lo: int | None = None) -> str:
-    return f"synthetic:chains:{lo or length}:{length}:mod={MOD}:test={plan.test}:val={plan.val}"
-
-
-def budget_overrides(length: int) -> list[str]:
-    """Prompt and completion budgets for chains of `length` steps: '<bos>' + start + 3 per step + '=', and 5 per
-    step + '#d' + '<eos>' with room for a few corrections, rounded up to 8 tokens."""
-    def up(n: int) -> int:
-        return -(-n // 8) * 8
-
-    new = up(5 * length + 3 + 8)
-    return [f"sampling.max_prompt_len={up(3 * length + 3)}", f"sampling.max_new_tokens={new}",
-            f"eval.max_new_tokens={new}"]
+def source(plan: LengthsPlan, length: int, lo: int | None = None, reward: str = "answer") -> str:
+    return protocol.source(length, lo, test=plan.test, val=plan.val) + (f":reward={reward}" if reward != "answer"
+                                                                         else "")
 
 
 def _curve(run_dir: Path) -> list[dict]:
-    """Per eval step: T=1 accuracy on val and test (`arms.eval_curve`, accuracies only)."""
-    return [{"step": c["step"], **{sp: c[sp]["accuracy"] for sp in ("val", "test")}}
+    """Per eval step: T=1 accuracy on val and test (`arms.eval_curve`, accuracies only, as the eval graded them),
+    and `test_steps`: the share of test completions with every step's result and the answer right in the reference
+    layout (`chains.steps_correct`: no 1/7 lucky-guess floor), from the same eval rows."""
+    return [{"step": c["step"], **{sp: c[sp]["accuracy"] for sp in ("val", "test")},
+             "test_steps": steps_accuracy(run_dir / "eval" / f"eval_step{c['step']}.jsonl")}
             for c in eval_curve(str(run_dir))]
 
 
+def steps_accuracy(path: Path) -> float:
+    """Share of the test rows of an eval JSONL whose (first) completion has every step's result and the answer
+    right in the reference layout (`chains.steps_correct`)."""
+    from opd_jax.data.chains import parse_chain, split_of, steps_answer, steps_correct
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    test = [r for r in rows if split_of(r["text"]) == "test"]
+    ok = sum(steps_correct(r["completions"][0], steps_answer(parse_chain(r["text"], MOD))) for r in test)
+    return ok / max(1, len(test))
+
+
+def rescore(plan: LengthsPlan, runs: Path) -> int:
+    """Add `test_steps` to the curves of the records whose run directories are still on disk (records written
+    before it existed); returns how many records changed. The other curve values are recomputed and must agree."""
+    changed = 0
+    for record in sorted((RESULTS / "runs").glob("*.json")):
+        rec = json.loads(record.read_text())
+        run_dir = runs / rec["name"]
+        if "test_steps" in rec["curve"][0] or not (run_dir / "eval").exists():
+            continue
+        curve = _curve(run_dir)
+        old = [(c["step"], c["val"], c["test"]) for c in rec["curve"]]
+        if [(c["step"], c["val"], c["test"]) for c in curve] != old:
+            raise ValueError(f"{record}: the eval rows under {run_dir} do not give the recorded curve")
+        rec["curve"] = curve
+        write_json(record, rec)
+        changed += 1
+    return changed
+
+
 def build_base(plan: LengthsPlan, runs: Path, overrides: list[str]) -> Path:
-    """The base student (cached under `runs`): the shipped student, SFT on clean chains of 1-16 steps."""
-    from opd_jax.baselines.sft import SFTTrainer
-    from opd_jax.data import build_task
-    from opd_jax.data.chains import assert_held_out, stream_position
-    from opd_jax.miniature.prepare import Recipe, export, prepare, sft_config
+    """The base student (cached under `runs`): the shipped student, SFT on clean chains of 1-16 steps
+    (`protocol.train_base`, the same base `opd-jax demo` ships)."""
+    from opd_jax.miniature.prepare import Recipe, prepare
 
     out = runs / f"base_{plan.base_steps}_1-{plan.base_longest}_{plan.base_stream}"
     if (out / "config.json").exists():
         return out
-    cfg = base_config(overrides)
-    prep = prepare(cfg, Recipe(), grade=False)
-    student = base_config([*overrides, *prep.overrides()]).student
-    longest = plan.base_longest
-    c = sft_config(base_config([*overrides, *prep.overrides(), *budget_overrides(longest)]), student,
-                   steps=plan.base_steps, batch=32, lr=3e-3, run_dir=str(runs / "base_sft"), seed=0,
-                   source=source(plan, longest, 1))
-    task = build_task(c)
-    task.restore({"position": stream_position(plan.base_stream, 0)})
-    task.issued = []
-    tr = SFTTrainer(c, task, task.sft_examples(plan.base_steps * 32))
-    tr.run()
-    assert_held_out(task, task.issued)
-    export(tr, out)
+    prep = prepare(base_config(overrides), Recipe(), grade=False)
+    recipe = protocol.BaseRecipe(steps=plan.base_steps, longest=plan.base_longest, stream=plan.base_stream)
+    protocol.train_base(base_config([*overrides, *prep.overrides()]), recipe, out, str(runs), test=plan.test,
+                        val=plan.val)
     return out
 
 
-def run_name(method: str, length: int, lr: float, seed: int, steps: int, plan: LengthsPlan, kl_clip: float = 0.0
-             ) -> str:
+def run_name(method: str, length: int, lr: float, seed: int, steps: int, plan: LengthsPlan, kl_clip: float = 0.0,
+             reward: str = "answer") -> str:
     return (f"{method}_L{length}_lr{lr:g}" + (f"_klc{kl_clip:g}" if kl_clip else "") + f"_s{seed}"
-            + (f"_n{steps}" if steps != plan.steps else ""))
+            + (f"_n{steps}" if steps != plan.steps else "") + ("_rsteps" if reward == "steps" else ""))
 
 
 def run_one(plan: LengthsPlan, method: str, length: int, lr: float, seed: int, base: Path, teacher: Path | None,
-            runs: Path, overrides: list[str], steps: int | None = None, kl_clip: float = 0.0) -> dict:
+            runs: Path, overrides: list[str], steps: int | None = None, kl_clip: float = 0.0,
+            reward: str = "answer") -> dict:
     """One RL or OPD run from the base (resumable: a finished run's record is reused); returns its record.
-    `kl_clip` (OPD only): `loss.kl_clip`, the per-token bound on kl_t in nats (0 = off)."""
-    from opd_jax.data import build_task
-    from opd_jax.data.chains import assert_held_out, stream_position
+    `kl_clip` (OPD only): `loss.kl_clip`, the per-token bound on kl_t in nats (0 = off). `reward`: the chains
+    reward RL trains on and the eval grades with ('answer' or 'steps')."""
     from opd_jax.miniature.prepare import export
 
     steps = steps or plan.steps
-    name = run_name(method, length, lr, seed, steps, plan, kl_clip)
+    name = run_name(method, length, lr, seed, steps, plan, kl_clip, reward)
     record = RESULTS / "runs" / f"{name}.json"
     key = {"steps": steps, "every": plan.every, "test": plan.test, "val": plan.val, "base": base.name,
            "teacher": None if teacher is None else teacher.parent.name}
@@ -154,35 +168,18 @@ def run_one(plan: LengthsPlan, method: str, length: int, lr: float, seed: int, b
         # teacher of OPD) is no longer on disk
         if rec.get("key") == key and (method != "rl" or (run_dir / "export" / "config.json").exists()):
             return rec
-    student = base_config(overrides).student
-    ov = [*overrides, f"run_dir={run_dir}", "overwrite=true", f"steps={steps}", f"seed={seed}",
-          f"student.hf_path={base}", *budget_overrides(length), f"data.source={source(plan, length)}",
-          f"eval.source={source(plan, length)}", "eval.split=val+test", f"eval.every={plan.every}",
-          "eval.temperature=1.0", f"optim.learning_rate={lr}", "optim.schedule=constant", "optim.warmup_steps=5",
-          "groups_per_batch=16", "group_size=4", "logging.progress=false",
-          # the teacher slot: the RL policy (OPD), or the base (RL does not use it); the student's shape either way
-          f"teachers.0.model.hf_path={teacher or base}",
-          *[f"teachers.0.model.{k}={getattr(student, k)}" for k in STUDENT_SHAPE]]
-    ov += (["algorithm=rl", "loss.kl_penalty_coef=0", "loss.task_reward_coef=1"] if method == "rl"
-           else ["algorithm=opd", f"loss.kl_clip={kl_clip}"])
-    cfg = base_config(ov)
-    task = build_task(cfg)
-    task.restore({"position": stream_position(f"lengths_{length}", seed)})  # RL and OPD of a seed: same prompts
-    task.issued = []
+    cfg0 = base_config(overrides)
+    cfg = base_config([*overrides, *protocol.run_overrides(
+        cfg0, method, length=length, lr=lr, seed=seed, steps=steps, base=str(base),
+        teacher=None if teacher is None else str(teacher), run_dir=str(run_dir),
+        eval_source=source(plan, length, reward=reward),
+        eval_every=plan.every, kl_clip=kl_clip), "eval.split=val+test"])
     t0 = time.time()
-    if method == "rl":
-        from opd_jax.baselines.rl import make_rl_trainer
-
-        tr = make_rl_trainer(cfg, task)
-    else:
-        from opd_jax.trainer import Trainer
-
-        tr = Trainer(cfg, task)
-    tr.run()
-    checked = assert_held_out(task, task.issued)
+    # RL and OPD of a seed: the same prompts (the stream lengths_<length> at the seed)
+    tr, checked = protocol.train_run(cfg, f"lengths_{length}", seed)
     export(tr, run_dir / "export")
     rec = {"name": name, "key": key, "method": method, "length": length, "lr": lr, "kl_clip": kl_clip, "seed": seed,
-           "steps": steps,
+           "steps": steps, "reward": reward,
            "every": plan.every, "test_problems": plan.test, "teacher": None if teacher is None else str(teacher),
            "train_rows_checked": checked,
            "wall_s": time.time() - t0, "curve": _curve(run_dir)}
@@ -225,6 +222,11 @@ def run_all(plan: LengthsPlan, runs: Path, overrides: list[str]) -> None:
             r = run_one(plan, "rl", length, rl_lr, seed, base, None, runs, overrides, n)
             run_one(plan, "opd", length, opd_lr, seed, base, runs / r["name"] / "export", runs, overrides, n,
                     kl_clip=opd_clip)
+        if length in plan.steps_reward_lengths:  # the replicate without the guess floor, same rates
+            for seed in plan.seeds:
+                r = run_one(plan, "rl", length, rl_lr, seed, base, None, runs, overrides, n, reward="steps")
+                run_one(plan, "opd", length, opd_lr, seed, base, runs / r["name"] / "export", runs, overrides, n,
+                        kl_clip=opd_clip, reward="steps")
         write_json(RESULTS / f"chosen_L{length}.json", {
             "rl_lr": rl_lr, "opd_lr": opd_lr, "opd_kl_clip": opd_clip,
             "rl_val": {str(k): val_score(v) for k, v in rl.items()},
@@ -232,21 +234,22 @@ def run_all(plan: LengthsPlan, runs: Path, overrides: list[str]) -> None:
                         for (lr, clip), v in opd.items()}})
 
 
-def ratios_of(rl: dict, opd: dict) -> dict:
+def ratios_of(rl: dict, opd: dict, key: str = "test") -> dict:
     """Per fraction f of RL's gain (RL's start to the mean of its last two test evals): the steps brackets of both
     runs (a target counts as reached when two evals in a row are at or above it) and the ratio interval RL / OPD; a
-    fraction is undetermined when RL's gain is under 3 binomial standard errors of a difference of two evals."""
+    fraction is undetermined when RL's gain is under 3 binomial standard errors of a difference of two evals. `key`:
+    the curve read ('test', or 'test_steps')."""
     n = rl.get("test_problems", 1024)
-    start = rl["curve"][0]["test"]
-    final = sum(c["test"] for c in rl["curve"][-2:]) / 2
+    start = rl["curve"][0][key]
+    final = sum(c[key] for c in rl["curve"][-2:]) / 2
     p = min(max((start + final) / 2, 1e-3), 1 - 1e-3)
     noise = 3 * math.sqrt(2 * p * (1 - p) / n)
-    out = {"base": start, "rl_final": final, "opd_final": sum(c["test"] for c in opd["curve"][-2:]) / 2,
+    out = {"base": start, "rl_final": final, "opd_final": sum(c[key] for c in opd["curve"][-2:]) / 2,
            "gain": final - start, "gain_noise_3se": noise, "gain_resolved": final - start >= noise}
     for f in FRACTIONS:
         target = start + f * (final - start)
-        a = steps_bracket(opd["curve"], target, every=opd["every"], steps=opd["steps"], key="test", sustained=2)
-        b = steps_bracket(rl["curve"], target, every=rl["every"], steps=rl["steps"], key="test", sustained=2)
+        a = steps_bracket(opd["curve"], target, every=opd["every"], steps=opd["steps"], key=key, sustained=2)
+        b = steps_bracket(rl["curve"], target, every=rl["every"], steps=rl["steps"], key=key, sustained=2)
         v = ratio_rule(a, b, 7.0)
         verdict = v.verdict if out["gain_resolved"] else "undetermined (RL's gain is within the eval noise)"
         out[f"{f:.0%}"] = {"target": target, "opd": [a.lo, a.hi], "rl": [b.lo, b.hi],
@@ -285,34 +288,49 @@ def rule_7x(per_seed: list[dict], f: float) -> str:
     return "undetermined"
 
 
+def length_row(plan: LengthsPlan, length: int, chosen: dict, reward: str = "answer", key: str = "test"
+               ) -> dict | None:
+    """Per seed ratios, the interval over seeds per fraction (`seed_interval`) and the 7x rule over seeds
+    (`rule_7x`) of one length's protocol replicates trained with `reward`, read on the curve `key` ('test': the
+    eval's own grading; 'test_steps': every step right, no guess floor). None without records."""
+    per_seed = []
+    n = plan.steps_for(length)
+    for seed in plan.seeds:
+        rl_p = RESULTS / "runs" / f"{run_name('rl', length, chosen['rl_lr'], seed, n, plan, reward=reward)}.json"
+        opd_p = RESULTS / "runs" / (run_name("opd", length, chosen["opd_lr"], seed, n, plan,
+                                             chosen.get("opd_kl_clip", 0.0), reward) + ".json")
+        if rl_p.exists() and opd_p.exists():
+            rl, opd = json.loads(rl_p.read_text()), json.loads(opd_p.read_text())
+            if key not in rl["curve"][0] or key not in opd["curve"][0]:
+                return None
+            per_seed.append({"seed": seed, **ratios_of(rl, opd, key)})
+    if not per_seed:
+        return None
+    row = {"chosen": chosen, "reward": reward, "metric": key, "per_seed": per_seed}
+    for f in FRACTIONS:
+        row[f"{f:.0%}"] = {**seed_interval(per_seed, f), "rule_7x": rule_7x(per_seed, f),
+                           "intervals": [s[f"{f:.0%}"]["ratio"] for s in per_seed]}
+    for k in ("base", "rl_final", "opd_final"):
+        vals = [s[k] for s in per_seed]
+        row[k] = mean_ci(vals) if len(vals) > 1 else (vals[0], vals[0], vals[0])
+    return row
+
+
 def report(plan: LengthsPlan) -> dict:
-    """lengths.json and the plot from the records: per length, per seed ratios, the interval over seeds per
-    fraction (`seed_interval`) and the 7x rule over seeds (`rule_7x`)."""
-    out: dict = {"plan": plan.__dict__, "lengths": {}}
+    """lengths.json and the plot from the records: `lengths` (the answer reward, read on the test accuracy),
+    `lengths_steps_metric` (the same runs read on every-step accuracy: no guess floor) and `lengths_steps_reward`
+    (the replicates trained and graded with the every-step reward), each per length (`length_row`)."""
+    out: dict = {"plan": plan.__dict__, "lengths": {}, "lengths_steps_metric": {}, "lengths_steps_reward": {}}
     for length in plan.lengths:
         chosen_path = RESULTS / f"chosen_L{length}.json"
         if not chosen_path.exists():
             continue
         chosen = json.loads(chosen_path.read_text())
-        per_seed = []
-        for seed in plan.seeds:
-            n = plan.steps_for(length)
-            rl_p = RESULTS / "runs" / f"{run_name('rl', length, chosen['rl_lr'], seed, n, plan)}.json"
-            opd_p = RESULTS / "runs" / (run_name("opd", length, chosen["opd_lr"], seed, n, plan,
-                                                 chosen.get("opd_kl_clip", 0.0)) + ".json")
-            if rl_p.exists() and opd_p.exists():
-                per_seed.append({"seed": seed, **ratios_of(json.loads(rl_p.read_text()),
-                                                           json.loads(opd_p.read_text()))})
-        if not per_seed:
-            continue
-        row = {"chosen": chosen, "per_seed": per_seed}
-        for f in FRACTIONS:
-            row[f"{f:.0%}"] = {**seed_interval(per_seed, f), "rule_7x": rule_7x(per_seed, f),
-                               "intervals": [s[f"{f:.0%}"]["ratio"] for s in per_seed]}
-        for k in ("base", "rl_final", "opd_final"):
-            vals = [s[k] for s in per_seed]
-            row[k] = mean_ci(vals) if len(vals) > 1 else (vals[0], vals[0], vals[0])
-        out["lengths"][str(length)] = row
+        for part, reward, key in (("lengths", "answer", "test"), ("lengths_steps_metric", "answer", "test_steps"),
+                                  ("lengths_steps_reward", "steps", "test")):
+            row = length_row(plan, length, chosen, reward, key)
+            if row is not None:
+                out[part][str(length)] = row
     write_json(RESULTS / "lengths.json", out)
     plot(out)
     return out
@@ -358,13 +376,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="only the table and plot from the records")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny budgets, separate results directory")
     p.add_argument("--runs", default=None, help="where run directories go (default runs/opd_chains/lengths)")
+    p.add_argument("--rescore", action="store_true", help="add the every-step curve to records written "
+                                                          "before it existed (from their run directories), then report")
     a = p.parse_args(argv)
     quiet_jax()
     plan = QUICK if a.quick else PLAN
     if a.quick:
         RESULTS = Path(a.runs or "runs/opd_chains/lengths_quick").resolve() / "results"
     runs = Path(a.runs or ("runs/opd_chains/lengths_quick" if a.quick else "runs/opd_chains/lengths")).resolve()
-    if not a.report:
+    if a.rescore:
+        print(f"rescored {rescore(plan, runs)} records")
+    elif not a.report:
         run_all(plan, runs, [])
     out = report(plan)
     for length, row in out["lengths"].items():

@@ -25,7 +25,11 @@ problems. So no eval problem can occur in any training stream, whatever seed or 
 Source grammar: `synthetic:chains[:min_len[:max_len]][:key=value...]` with keys `mod` (10), `slips` (0.0),
 `single` (0: off; N >= 1: every training row is single prompt N, a fixed train problem that uses every
 operation, for single-prompt OPD; prompts 1, 2, 3, ... are distinct, whatever the seed), `test` (512) and `val` (256):
-the number of distinct test / validation problems. `eval.split` picks the eval problems: `test` (default), `val`, or
+the number of distinct test / validation problems, and `reward`: `answer` (default: the final answer after the last
+'#' is right; a guess is right with probability 1/mod) or `steps` (the completion has the reference layout and every
+step's result and the final answer are right: no lucky-guess floor, issue #22; the labels, copied values and
+operands are not graded, so the reward measures the arithmetic, not the copying). The reward also sets what counts
+as correct in the eval. `eval.split` picks the eval problems: `test` (default), `val`, or
 `val+test` (keep `eval.num_problems: 0`, which grades all of them).
 """
 
@@ -41,7 +45,7 @@ from opd_jax.config.schema import ExperimentConfig
 from opd_jax.data.synthetic import CHARS as ARITHMETIC_CHARS
 from opd_jax.data.synthetic import CharTokenizer, GeneratedTask, check_one_stream
 from opd_jax.data.synthetic import exact_match_reward as arithmetic_reward
-from opd_jax.data.task import EvalProblem
+from opd_jax.data.task import EvalProblem, PromptRows
 
 # The arithmetic task's vocabulary (opd_jax.data.synthetic) plus the correction marker: digits, '#', '=' and the
 # special tokens keep their ids, so `opd_jax.data.synthetic.exact_match_reward` grades chains inside the program.
@@ -156,6 +160,41 @@ def exact_match_reward(tokens: jax.Array, mask: jax.Array, answer: jax.Array) ->
     return arithmetic_reward(tokens, mask, answer)
 
 
+UNGRADED = "?"  # a position of a `reward=steps` answer that is not graded (labels, copied values, operands)
+
+
+def steps_answer(c: Chain) -> str:
+    """The reference solution of `c` with every position but the step results and the final '#d' ungraded: e.g.
+    `a3+40b0*20c0` -> `????0????0????0`, then '#' and the answer."""
+    sol = c.solution
+    body = len(c.ops) * 5
+    return "".join(ch if i % 5 == 4 or i >= body else UNGRADED for i, ch in enumerate(sol))
+
+
+def steps_reward(tokens: jax.Array, mask: jax.Array, answer: jax.Array) -> jax.Array:
+    """1.0 where the completion has the reference layout (exactly as many tokens, then '<eos>') and every graded
+    token of `answer` (each step's result, '#' and the final answer) is right, else 0 (in JAX, traced into the RL
+    step): no credit for a right final answer after a wrong step, so no lucky-guess floor.
+
+    tokens, mask: [B, N] int32 / bool (the completion); answer: [B, A] int32, the reference solution's token ids,
+    -2 at ungraded positions, padded with -1. Returns [B] float32."""
+    import jax.numpy as jnp
+
+    n = min(tokens.shape[1], answer.shape[1])
+    n_ans = jnp.sum(answer != -1, axis=-1)
+    length = jnp.sum(mask, axis=-1)
+    same = jnp.all(jnp.where(answer[:, :n] >= 0, tokens[:, :n] == answer[:, :n], True), axis=-1)
+    ends = jnp.take_along_axis(tokens, jnp.clip(n_ans, 0, tokens.shape[1] - 1)[:, None], axis=1)[:, 0] == EOS
+    fits = n_ans < tokens.shape[1]
+    return (same & ends & fits & (length == n_ans + 1) & (n_ans > 0)).astype(jnp.float32)
+
+
+def steps_correct(completion: str, answer: str) -> bool:
+    """Whether a decoded completion agrees with a `steps_answer` at every graded position, at the same length."""
+    return len(completion) == len(answer) and all(a == UNGRADED or a == c for c, a in zip(completion, answer,
+                                                                                           strict=True))
+
+
 def stream_position(name: str, seed: int = 0) -> int:
     """Where the train stream of consumer `name` (e.g. 'teacher', 'student_pool', 'opd') with seed `seed` starts: a
     hash, so streams of different consumers do not overlap in practice (each has 2**20 * 4096 rows before the next
@@ -184,7 +223,7 @@ class ChainsTask(GeneratedTask):
     answer_len = 2
 
     def __init__(self, *, seed: int, min_len: int = 4, max_len: int = 10, mod: int = 10, ops: str = OPS,
-                 slips: float = 0.0,
+                 slips: float = 0.0, reward: str = "answer",
                  single: int = 0, num_test: int = 512, num_val: int = 256, eval_split: str = "test",
                  process_index: int = 0, process_count: int = 1):
         if not 2 <= mod <= 10:
@@ -203,6 +242,12 @@ class ChainsTask(GeneratedTask):
             raise ValueError(f"chains: a single prompt uses every operation ({ops!r}), so max_len must be >= "
                              f"{len(ops)}, got {max_len}")
         self.slips, self.single = slips, int(single)
+        if reward not in ("answer", "steps"):
+            raise ValueError(f"chains: reward must be 'answer' or 'steps', got {reward!r}")
+        self.reward = reward
+        if reward == "steps":  # the reference layout is the "answer": 5 characters a step, then '#d'
+            self.reward_fn = steps_reward  # an instance attribute: not bound as a method
+            self.answer_len = 5 * max_len + 2
         self.process_index, self.process_count = process_index, process_count
         self.eval_split = eval_split
         self.num_test, self.num_val = num_test, num_val
@@ -261,6 +306,29 @@ class ChainsTask(GeneratedTask):
     def prompt_text(self, c: Chain) -> str:
         return c.text
 
+    def answer_text(self, c: Chain) -> str:
+        """What a completion must get right: the final answer, or with `reward=steps` the reference layout with
+        every step's result (`steps_answer`)."""
+        return steps_answer(c) if self.reward == "steps" else str(c.answer)
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """Token ids of an answer; an ungraded position is -2 (`steps_reward`)."""
+        return [-2 if ch == UNGRADED else self.tok.encode(ch)[0] for ch in answer]
+
+    def next_prompts(self, n: int) -> PromptRows:
+        _, probs = self._rows(n)
+        toks = [self.prompt_tokens(p) for p in probs]
+        answers = [self.answer_text(p) for p in probs]
+        return PromptRows(student=toks, teacher=toks, answers=answers,
+                          answer_tokens=[self.answer_ids(a) for a in answers])
+
+    def grade(self, completion: list[int], answer: str) -> bool:
+        """With `reward=steps`: the completion up to its first '<eos>' has `answer`'s length and agrees with it at
+        every graded position (`steps_correct`); else the final answer after the last '#' is `answer`."""
+        if self.reward != "steps":
+            return super().grade(completion, answer)
+        return EOS in completion and steps_correct(self.decode(completion[: completion.index(EOS)]), answer)
+
     def sft_example(self, c: Chain, index: int = 0) -> tuple[list[int], list[int]]:
         """(tokens, loss mask) of the reference solution of `c`, with slips when `slips` > 0 (seeded by `index`)."""
         prompt = self.prompt_tokens(c)
@@ -269,7 +337,8 @@ class ChainsTask(GeneratedTask):
 
     def eval_problems(self) -> list[EvalProblem]:
         splits = ("val", "test") if self.eval_split == "val+test" else (self.eval_split,)
-        return [EvalProblem(self.prompt_tokens(c), str(c.answer), c.text) for s in splits for c in self.held_out(s)]
+        return [EvalProblem(self.prompt_tokens(c), self.answer_text(c), c.text) for s in splits
+                for c in self.held_out(s)]
 
 
 def parse_source(source: str) -> dict:
@@ -286,9 +355,12 @@ def parse_source(source: str) -> dict:
             if k == "ops":
                 kw["ops"] = v.replace("p", "+").replace("m", "-").replace("t", "*")
                 continue
+            if k == "reward":
+                kw["reward"] = v
+                continue
             if k not in ("mod", "slips", "single", "test", "val"):
                 raise ValueError(f"data.source {source!r}: unknown chains option {k!r} (mod, slips, single, test, "
-                                 "val)")
+                                 "val, reward)")
             try:
                 kw[k] = float(v) if k == "slips" else int(v)
             except ValueError:
