@@ -62,6 +62,14 @@ def plan_streams(p: plan_mod.Plan) -> dict[str, tuple[str, int, int, str, str]]:
                                                 "prompts", lengths.source(lp, length))
     for seed in sft_curve.PLAN.seeds:  # correct teacher samples: at most twice the kept rows, plus a batch
         out[f"sft_curve_s{seed}"] = ("sft_curve", seed, 2 * max(sft_curve.PLAN.sizes) + 64, "prompts", TASK)
+    c12 = sft_curve.PLAN_L12
+    for seed in c12.seeds:
+        out[f"sft_curve_L12_s{seed}"] = (c12.stream, seed, 2 * max(c12.sizes) + 64, "prompts",
+                                         lengths.source(lp, c12.length))
+    for length in lp.steps_reward_lengths:  # the every-step reward replicate: the same prompts as its length's
+        for seed in lp.seeds:
+            out[f"lengths_{length}_steps_s{seed}"] = (f"lengths_{length}", seed, (lp.steps_for(length) + 1) * 16,
+                                                      "prompts", lengths.source(lp, length, reward="steps"))
     for seed in p.recovery_seeds:
         out[f"recovery_midtrain_s{seed}"] = ("recovery_midtrain", seed, p.recovery_midtrain_steps * 32, "sft",
                                              r.teacher_source)

@@ -355,6 +355,15 @@ def plot(out: dict) -> None:
             hi.append((r["hi"] if r["hi"] is not None and math.isfinite(r["hi"]) else 100.0) - r["point"])
         if xs:
             ax.errorbar(xs, ms, yerr=[lo, hi], marker="o", capsize=3, color=color, label=f"{f:.0%} of RL's gain")
+    for part, marker, label in (("lengths_steps_metric", "x", "80%, read without the guess floor"),
+                                ("lengths_steps_reward", "D", "80%, RL on the every-step reward")):
+        pts = [(int(k), r["80%"]) for k, r in out.get(part, {}).items() if r["80%"]["point"] is not None]
+        if pts:
+            ax.errorbar([k * (1.06 if marker == "x" else 1.09) for k, _ in pts], [r["point"] for _, r in pts],
+                        yerr=[[r["point"] - (r["lo"] or 0.0) for _, r in pts],
+                              [(r["hi"] if r["hi"] is not None and math.isfinite(r["hi"]) else 100.0) - r["point"]
+                               for _, r in pts]],
+                        fmt=marker, capsize=3, color="k", label=label)
     ax.axhline(1, color="k", lw=0.8)
     ax.axhline(7, color="grey", ls=":", lw=1, label="published 7x")
     ax.set_xscale("log", base=2)

@@ -365,8 +365,16 @@ def length_claim(lengths: dict | None) -> dict | None:
     return {"claim": "rl_steps_by_length", "published": PUBLISHED["rl_steps_by_length"],
             "numbers": {"per_length": {k: {"base": v["base"], "rl_final": v["rl_final"], "opd_final": v["opd_final"],
                                            "ratio_50": v["50%"], "ratio_80": v["80%"], "ratio_90": v["90%"],
-                                           "lrs": [v["chosen"]["rl_lr"], v["chosen"]["opd_lr"]]}
-                                       for k, v in sorted(rows.items())}},
+                                           "lrs": [v["chosen"]["rl_lr"], v["chosen"]["opd_lr"]],
+                                           "opd_kl_clip": v["chosen"].get("opd_kl_clip", 0.0)}
+                                       for k, v in sorted(rows.items())},
+                        # the same runs read without the 1/7 guess floor (every step's result right), and the
+                        # replicates trained on that reward (lengths.py `lengths_steps_metric` / `_steps_reward`)
+                        "steps_metric": {int(k): {"base": v["base"], "ratio_80": v["80%"]}
+                                         for k, v in sorted(lengths.get("lengths_steps_metric", {}).items())},
+                        "steps_reward": {int(k): {"base": v["base"], "rl_final": v["rl_final"],
+                                                  "opd_final": v["opd_final"], "ratio_80": v["80%"]}
+                                         for k, v in sorted(lengths.get("lengths_steps_reward", {}).items())}},
             "verdict": growth + seven}
 
 
@@ -436,8 +444,17 @@ def claim_row(c: dict) -> tuple[str, str]:
         parts = [f"{k} steps: base {v['base'][0]:.2f}, RL {v['rl_final'][0]:.2f}, OPD {v['opd_final'][0]:.2f}; "
                  f"RL/OPD steps to 50% / 80% / 90% of RL's gain {rng(v['ratio_50'])} / {rng(v['ratio_80'])} / "
                  f"{rng(v['ratio_90'])}" for k, v in n["per_length"].items()]
-        text = "; ".join(parts) + (" (test T=1; 3 seeds, each a whole protocol replicate; rates chosen per length on "
-                                   "validation; intervals: eval cadence and seed spread)")
+        text = "; ".join(parts) + (" (test T=1; 3 seeds, each a whole protocol replicate; rates and OPD's KL clip "
+                                   "chosen per length on validation; intervals: eval cadence and seed spread)")
+        if n.get("steps_metric"):
+            text += ("; read without the 1/7 guess floor (every step's result right), steps to 80%: "
+                     + ", ".join(f"{rng(v['ratio_80'])} at {k} (base {v['base'][0]:.2f})"
+                                 for k, v in n["steps_metric"].items()))
+        if n.get("steps_reward"):
+            text += ("; RL trained on that every-step reward: "
+                     + ", ".join(f"{k} steps: base {v['base'][0]:.2f}, RL {v['rl_final'][0]:.2f}, OPD "
+                                 f"{v['opd_final'][0]:.2f}, steps to 80% {rng(v['ratio_80'])}"
+                                 for k, v in n["steps_reward"].items()))
     elif c["claim"] == "sft_data_curve":
         text = ", ".join(f"{k}: {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in n["sizes"].items())
         text = "test T=1 at the best validation step, by samples: " + text + " (2 seeds)"

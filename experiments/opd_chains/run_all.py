@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=None)
     p.add_argument("--runs", default=None)
     p.add_argument("--skip", nargs="*", default=[],
-                   help="stages to skip: capacity recovery single rl_long control lengths sft_curve")
+                   help="stages to skip: capacity recovery single rl_long control lengths sft_curve sft_curve_L12")
     p.add_argument("--only", choices=["single", "recovery"], default=None,
                    help="run one stage again at the learning rates of the committed summary.json, replace its "
                         "records, then the report (the other stages' records stay as they are)")
@@ -445,11 +445,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, mod, go in (("lengths", lengths_mod, lambda: lengths_mod.run_all(lengths_mod.PLAN, Path(runs) / "lengths",
                                                                                 overrides)),
                           ("sft_curve", sft_curve_mod, lambda: sft_curve_mod.main([
-                              "--runs", os.path.join(runs, "sft_curve")]))):
+                              "--runs", os.path.join(runs, "sft_curve")])),
+                          ("sft_curve_L12", sft_curve_mod, lambda: sft_curve_mod.main([
+                              "--length", "12", "--runs", os.path.join(runs, "sft_curve_L12")]))):
         if name in a.skip or a.quick:
             continue
         t0 = time.time()
-        reused = mod.all_recorded(mod.PLAN)
+        reused = mod.all_recorded(sft_curve_mod.PLAN_L12 if name == "sft_curve_L12" else mod.PLAN)
         go()
         if name == "lengths":
             lengths_mod.report(lengths_mod.PLAN)

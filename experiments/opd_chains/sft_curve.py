@@ -10,10 +10,16 @@ architecture from random weights, SFT on correct teacher samples at T=1, lr 3e-3
 (the first n rows of one seed's pool) and a fixed step budget; early stopping = the eval step with the best
 validation accuracy, whose test accuracy is reported.
 
-    python -m experiments.opd_chains.sft_curve            # resumable: finished runs are kept
-    python -m experiments.opd_chains.sft_curve --report
+At 12 steps (`--length 12`, issue #22 deliverable 2 at a longer length): the published protocol's base student
+and its RL teacher (`opd_jax.miniature.protocol`, the models `lengths.py` and the demo use): SFT from the base on
+fixed sets of the RL teacher's correct samples (T=1, chains of 12 steps), sizes 256 to 8,192, the same recipe
+otherwise; records under results/sft_curve_L12/.
 
-Records: results/sft_curve/runs/<name>.json, results/sft_curve/sft_curve.json, results/sft_curve/sft_curve.png.
+    python -m experiments.opd_chains.sft_curve            # resumable: finished runs are kept
+    python -m experiments.opd_chains.sft_curve --length 12
+    python -m experiments.opd_chains.sft_curve --report [--length 12]
+
+Records: results/sft_curve[_L12]/runs/<name>.json, results/sft_curve[_L12]/sft_curve.json and sft_curve.png.
 """
 
 from __future__ import annotations
@@ -41,13 +47,26 @@ class CurvePlan:
     seeds: tuple[int, ...] = (0, 1)
     steps: int = 600  # the student's recipe
     every: int = 100
+    # 0: chains of 4-6 steps, the student's architecture from random weights, the pair's teacher writes the data;
+    # L > 0: chains of L steps, from the protocol's base student, the protocol's RL teacher writes the data
+    length: int = 0
+
+    @property
+    def results(self) -> Path:
+        return RESULTS if not self.length else HERE / "results" / f"sft_curve_L{self.length}"
+
+    @property
+    def stream(self) -> str:
+        return "sft_curve" if not self.length else f"sft_curve_L{self.length}"
 
 
 PLAN = CurvePlan()
+PLAN_L12 = CurvePlan(sizes=(256, 512, 1024, 2048, 4096, 8192), length=12)
+PLANS = {0: PLAN, 12: PLAN_L12}
 
 
-def pool(cfg, teacher_dir: str, n: int, seed: int) -> list:
-    """`n` correct teacher samples (T=1) from the stream `sft_curve/<seed>` (not the student's own pool)."""
+def pool(cfg, teacher_dir: str, n: int, seed: int, stream: str = "sft_curve") -> list:
+    """`n` correct teacher samples (T=1) from the stream `<stream>/<seed>` (not the student's own pool)."""
     import jax
 
     from opd_jax.baselines.sft import teacher_sft_examples
@@ -62,7 +81,7 @@ def pool(cfg, teacher_dir: str, n: int, seed: int) -> list:
     t_cfg.hf_path = teacher_dir
     teacher = load_model(t_cfg, seed=0, mesh=mesh)
     task = build_task(cfg)
-    task.restore({"position": stream_position("sft_curve", seed)})
+    task.restore({"position": stream_position(stream, seed)})
     task.issued = []
     rows = teacher_sft_examples(teacher, task, n, SamplingParams.create(1.0),
                                 max_new_tokens=cfg.sampling.max_new_tokens,
@@ -78,11 +97,12 @@ def run_one(plan: CurvePlan, cfg, rows: list, size: int, seed: int, runs: Path) 
     from opd_jax.miniature.prepare import Recipe, sft_config
 
     name = f"sft_n{size}_s{seed}"
-    record = RESULTS / "runs" / f"{name}.json"
+    record = plan.results / "runs" / f"{name}.json"
     if record.exists():
         return json.loads(record.read_text())
     model = copy.deepcopy(cfg.student)
-    model.hf_path = None  # from random weights, as the student was made
+    if not plan.length:
+        model.hf_path = None  # from random weights, as the student was made (else: from the protocol's base)
     r = Recipe()
     c = sft_config(cfg, model, steps=plan.steps, batch=r.student_batch, lr=r.student_lr, run_dir=str(runs / name),
                    seed=seed)
@@ -101,7 +121,8 @@ def run_one(plan: CurvePlan, cfg, rows: list, size: int, seed: int, runs: Path) 
 
 
 def all_recorded(plan: CurvePlan) -> bool:
-    return all((RESULTS / "runs" / f"sft_n{n}_s{seed}.json").exists() for n in plan.sizes for seed in plan.seeds)
+    return all((plan.results / "runs" / f"sft_n{n}_s{seed}.json").exists() for n in plan.sizes
+               for seed in plan.seeds)
 
 
 def fit_log_linear(points: list[tuple[int, float]]) -> dict:
@@ -150,7 +171,7 @@ def curve_shape(means: dict[int, float], lo: float = CHANCE + 0.1, hi: float = 0
 
 
 def report(plan: CurvePlan) -> dict:
-    recs = [json.loads(p.read_text()) for p in sorted((RESULTS / "runs").glob("*.json"))]
+    recs = [json.loads(p.read_text()) for p in sorted((plan.results / "runs").glob("*.json"))]
     recs = [r for r in recs if r["size"] in plan.sizes and r["seed"] in plan.seeds and r["steps"] == plan.steps]
     by_size: dict[int, list[float]] = {}
     for r in recs:
@@ -162,7 +183,7 @@ def report(plan: CurvePlan) -> dict:
            "fit_all_above_chance": fit_log_linear([(n, m) for n, m in means.items() if m > CHANCE + 0.1])
            if sum(m > CHANCE + 0.1 for m in means.values()) >= 2 else None,
            "log_linear_stretch": log_linear_stretch(means), "shape": curve_shape(means)}
-    write_json(RESULTS / "sft_curve.json", out)
+    write_json(plan.results / "sft_curve.json", out)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,31 +201,52 @@ def report(plan: CurvePlan) -> dict:
     ax.axhline(CHANCE, color="k", ls=":", lw=1, label="chance (1/7)")
     ax.set_xscale("log", base=2)
     ax.set(xlabel="teacher-written examples (log scale)", ylabel="test accuracy (T=1)", ylim=(0, 1.02),
-           title="SFT data curve, chains of 4-6 steps")
+           title="SFT data curve, chains of " + (f"{plan.length} steps, from the base" if plan.length
+                                                  else "4-6 steps"))
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "sft_curve.png", dpi=120)
+    fig.savefig(plan.results / "sft_curve.png", dpi=120)
     plt.close(fig)
     return out
+
+
+def curve_config(plan: CurvePlan):
+    """(config, teacher HF dir) of a plan: the pair's config and teacher for chains of 4-6 steps; at a length, the
+    protocol's base as the student (its `hf_path`) and its RL teacher, on chains of that length with 1,024 test and
+    256 validation problems."""
+    from opd_jax.miniature.prepare import Recipe, prepare
+
+    if not plan.length:
+        prep = prepare(base_config([]), Recipe(), grade=False)
+        return base_config(prep.overrides()), prep.teacher
+    from opd_jax.miniature import protocol
+
+    pp = protocol.prepare_protocol()
+    assert pp.info["teacher"]["recipe"]["length"] == plan.length, "the shipped RL teacher is for another length"
+    student = base_config([]).student
+    cfg = base_config([*pp.pair.overrides(), *protocol.budget_overrides(plan.length),
+                       f"data.source={protocol.source(plan.length)}", f"eval.source={protocol.source(plan.length)}",
+                       f"student.hf_path={pp.base}", f"teachers.0.model.hf_path={pp.teacher}",
+                       *[f"teachers.0.model.{k}={getattr(student, k)}" for k in protocol.STUDENT_SHAPE]])
+    return cfg, pp.teacher
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--report", action="store_true")
-    p.add_argument("--runs", default="runs/opd_chains/sft_curve")
+    p.add_argument("--runs", default=None, help="run directories (default runs/opd_chains/sft_curve[_L<length>])")
+    p.add_argument("--length", type=int, default=0, choices=sorted(PLANS),
+                   help="0: chains of 4-6 steps from random weights; 12: from the protocol's base, RL teacher's data")
     a = p.parse_args(argv)
     quiet_jax()
-    plan = PLAN
+    plan = PLANS[a.length]
     if not a.report:
-        from opd_jax.miniature.prepare import Recipe, prepare
-
-        prep = prepare(base_config([]), Recipe(), grade=False)
-        cfg = base_config(prep.overrides())
-        runs = Path(a.runs).resolve()
+        cfg, teacher = curve_config(plan)
+        runs = Path(a.runs or f"runs/opd_chains/{plan.results.name}").resolve()
         for seed in plan.seeds:
-            if all((RESULTS / "runs" / f"sft_n{n}_s{seed}.json").exists() for n in plan.sizes):
+            if all((plan.results / "runs" / f"sft_n{n}_s{seed}.json").exists() for n in plan.sizes):
                 continue
-            rows = pool(cfg, prep.teacher, max(plan.sizes), seed)
+            rows = pool(cfg, teacher, max(plan.sizes), seed, plan.stream)
             for size in plan.sizes:
                 run_one(plan, cfg, rows, size, seed, runs)
     out = report(plan)
