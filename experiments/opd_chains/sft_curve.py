@@ -61,7 +61,7 @@ class CurvePlan:
 
 
 PLAN = CurvePlan()
-PLAN_L12 = CurvePlan(sizes=(256, 512, 1024, 2048, 4096, 8192), length=12)
+PLAN_L12 = CurvePlan(sizes=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192), length=12)
 PLANS = {0: PLAN, 12: PLAN_L12}
 
 

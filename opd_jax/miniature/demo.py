@@ -40,7 +40,7 @@ DEMO_TEST_PROBLEMS = 512
 DEMO_STEPS = 30  # RL 0.24 -> about 0.4, OPD -> about 0.8 at 30 steps in lengths.py's 12-step curves
 # RL steps / OPD steps to 80% of RL's gain, seed means, from experiments/opd_chains/results/lengths/lengths.json
 # (a test keeps these equal to that file)
-LENGTHS_RATIO_80 = {4: 0.69, 8: 1.20, 12: 2.62}
+LENGTHS_RATIO_80 = {4: 0.69, 8: 1.20, 12: 3.39}
 MARKER = ".opd_jax_demo"  # marks a directory as the demo's own, so a rerun may replace it
 
 
