@@ -338,6 +338,8 @@ def test_demo_replaces_only_its_own_run_dir(tmp_path):
     (["--steps", "-3"], "argument --steps: must be >= 1"),
     (["--recipe", "{bad"], "argument --recipe: Expecting property name"),
     (["--recipe", '{"no_such_field": 1}'], "argument --recipe: "),
+    (["--protocol", '{"base": {"nope": 1}}'], "argument --protocol: "),
+    (["--protocol", '{"teachers": {}}'], "argument --protocol: expected an object"),
 ])
 def test_bad_demo_arguments_are_one_line_and_keep_the_previous_demo(tmp_path, capsys, args, culprit):
     """Issue #22: `opd-jax demo --steps 0` ran until SFT raised a traceback, after deleting the previous demo.

@@ -189,19 +189,38 @@ def run_one(plan: LengthsPlan, method: str, length: int, lr: float, seed: int, b
     return rec
 
 
-def all_recorded(plan: LengthsPlan) -> bool:
-    """Whether every length has its chosen rates and every seed's runs recorded (a rerun would only reuse them)."""
+def plan_runs(plan: LengthsPlan) -> list[str] | None:
+    """The names of every run `run_all` makes under `plan` (sweeps, seeds, every-step replicates), or None while a
+    length has no chosen rates yet."""
+    names: list[str] = []
     for length in plan.lengths:
         path = RESULTS / f"chosen_L{length}.json"
         if not path.exists():
-            return False
+            return None
         c = json.loads(path.read_text())
-        for seed in plan.seeds:
-            for method, lr, clip in (("rl", c["rl_lr"], 0.0), ("opd", c["opd_lr"], c.get("opd_kl_clip", 0.0))):
-                name = run_name(method, length, lr, seed, plan.steps_for(length), plan, clip)
-                if not (RESULTS / "runs" / f"{name}.json").exists():
-                    return False
-    return True
+        names += [run_name("rl", length, lr, 0, plan.steps, plan) for lr in plan.rl_lrs]
+        names += [run_name("opd", length, lr, 0, plan.steps, plan, clip) for lr in plan.opd_lrs
+                  for clip in plan.opd_kl_clips]
+        rewards = ("answer", "steps") if length in plan.steps_reward_lengths else ("answer",)
+        for reward in rewards:
+            for seed in plan.seeds:
+                for method, lr, clip in (("rl", c["rl_lr"], 0.0), ("opd", c["opd_lr"], c.get("opd_kl_clip", 0.0))):
+                    names.append(run_name(method, length, lr, seed, plan.steps_for(length), plan, clip, reward))
+    return list(dict.fromkeys(names))  # seed 0 of the sweep and of the seeds is one run where the names agree
+
+
+def all_recorded(plan: LengthsPlan) -> bool:
+    """Whether every run of the plan is recorded (a rerun would only reuse them)."""
+    names = plan_runs(plan)
+    return names is not None and all((RESULTS / "runs" / f"{n}.json").exists() for n in names)
+
+
+def recorded_wall_s(plan: LengthsPlan) -> float:
+    """The stage's time as measured: the wall time of every run of the plan (each recorded when it ran), plus the
+    base student's training (`protocol`'s record of it)."""
+    runs = sum(json.loads((RESULTS / "runs" / f"{n}.json").read_text())["wall_s"] for n in plan_runs(plan) or [])
+    base = protocol.shipped_record("base")
+    return runs + (base["base_seconds"] if base else 0.0)
 
 
 def val_score(rec: dict) -> float:

@@ -113,6 +113,9 @@ def final_stats(recs: list[dict], kind: str = "t1", split: str = "test") -> dict
 
 def summarize(results: str) -> dict:
     summary = load(os.path.join(results, "summary.json"))
+    timing = os.path.join(results, "timing.json")
+    if os.path.exists(timing):  # the stage times as last measured (a stage rerun alone updates only this file)
+        summary["wall_s"] = sum(load(timing).values())
     setting = load(os.path.join(results, "setting.json"))
     records = {os.path.basename(p)[:-5]: load(p) for p in glob.glob(os.path.join(results, "runs", "*.json"))}
     best = summary["best_lr"]
@@ -183,6 +186,8 @@ def summarize(results: str) -> dict:
     for name in ("lengths", "sft_curve"):  # issue #22's stages (`lengths.py`, `sft_curve.py`)
         p = os.path.join(results, name, f"{name}.json")
         out[name] = load(p) if os.path.exists(p) else None
+    p = os.path.join(results, "sft_curve_L12", "sft_curve.json")  # `sft_curve.py --length 12`
+    out["sft_curve_L12"] = load(p) if os.path.exists(p) else None
     return out
 
 
@@ -308,7 +313,7 @@ def claims(s: dict) -> list[dict]:
     lengths_claim = length_claim(s.get("lengths"))
     if lengths_claim:
         out.append(lengths_claim)
-    curve_claim = sft_curve_claim(s.get("sft_curve"))
+    curve_claim = sft_curve_claim(s.get("sft_curve"), s.get("sft_curve_L12"))
     if curve_claim:
         out.append(curve_claim)
     if opd and sft:
@@ -378,17 +383,25 @@ def length_claim(lengths: dict | None) -> dict | None:
             "verdict": growth + seven}
 
 
-def sft_curve_claim(curve: dict | None) -> dict | None:
-    """SFT's data curve (`sft_curve.py`): log-linear stretch or not."""
+def sft_curve_claim(curve: dict | None, curve_12: dict | None = None) -> dict | None:
+    """SFT's data curve (`sft_curve.py`): log-linear stretch or not, at 4-6 steps and (when measured) at 12 steps."""
     if not curve or not curve.get("sizes"):
         return None
-    st = curve.get("log_linear_stretch")
-    shape = curve.get("shape", "undetermined")
-    verdict = ("a log-linear stretch over " + "-".join(map(str, (st["sizes"][0], st["sizes"][-1])))
-               + f" samples ({st['slope_per_doubling']:+.3f} per doubling)") if st else \
-        f"no log-linear stretch (shape: {shape}): the published FLOPs comparison cannot be made here"
+
+    def verdict_of(c: dict, where: str) -> str:
+        st = c.get("log_linear_stretch")
+        return (f"a log-linear stretch at {where} over " + "-".join(map(str, (st["sizes"][0], st["sizes"][-1])))
+                + f" samples ({st['slope_per_doubling']:+.3f} per doubling)") if st else \
+            f"no log-linear stretch at {where} (shape: {c.get('shape', 'undetermined')})"
+
+    parts = [verdict_of(curve, "4-6 steps")] + ([verdict_of(curve_12, "12 steps")] if curve_12 else [])
+    stretch = curve.get("log_linear_stretch") or (curve_12 or {}).get("log_linear_stretch")
+    verdict = "; ".join(parts) + ("" if stretch else ": the published FLOPs comparison cannot be made here")
     return {"claim": "sft_data_curve", "published": PUBLISHED["sft_data_curve"],
-            "numbers": {"sizes": {int(k): v["mean_ci"] for k, v in curve["sizes"].items()}, "stretch": st},
+            "numbers": {"sizes": {int(k): v["mean_ci"] for k, v in curve["sizes"].items()},
+                        "stretch": curve.get("log_linear_stretch"),
+                        "sizes_12": {int(k): v["mean_ci"] for k, v in (curve_12 or {}).get("sizes", {}).items()},
+                        "stretch_12": (curve_12 or {}).get("log_linear_stretch")},
             "verdict": verdict}
 
 
@@ -458,6 +471,10 @@ def claim_row(c: dict) -> tuple[str, str]:
     elif c["claim"] == "sft_data_curve":
         text = ", ".join(f"{k}: {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in n["sizes"].items())
         text = "test T=1 at the best validation step, by samples: " + text + " (2 seeds)"
+        if n.get("sizes_12"):
+            text += ("; at 12 steps, from the protocol's base (0.24) on the RL teacher's correct samples (teacher "
+                     "T=1 0.92): " + ", ".join(f"{k}: {v[0]:.2f}" for k, v in n["sizes_12"].items())
+                     + " (2 seeds)")
     elif c["claim"] == "recovery":
         ch, fa = n["chains_t1"], n["facts_greedy"]
         seeds = n.get("seeds", 1)
@@ -601,8 +618,8 @@ def claims_md(cl: list[dict], s: dict, rel: str) -> str:
                      f"**{verdict}** |")
     w = s["summary"]
     lines += ["", f"Teacher {s['teacher_t1']:.3f}, student {s['student_t1']:.3f} (test accuracy at T=1); target "
-              f"{s['target']:.3f}. `run_all` takes {w['wall_s'] / 60:.0f} min on this 2-core machine shared with other "
-              f"jobs (the sum of its measured stages, `{rel}/timing.json`).", "",
+              f"{s['target']:.3f}. `run_all` takes {w['wall_s'] / 60:.0f} min on this 2-core machine, part of it "
+              f"shared with other jobs (the sum of its measured stages, `{rel}/timing.json`).", "",
               f"![accuracy vs steps]({rel}/accuracy_vs_steps.png)",
               f"![accuracy vs FLOPs]({rel}/accuracy_vs_flops.png)",
               f"![single prompt and recovery]({rel}/single_prompt_and_recovery.png)"]
@@ -610,6 +627,8 @@ def claims_md(cl: list[dict], s: dict, rel: str) -> str:
         lines.append(f"![steps ratio vs episode length]({rel}/lengths/steps_ratio_vs_length.png)")
     if s.get("sft_curve"):
         lines.append(f"![SFT data curve]({rel}/sft_curve/sft_curve.png)")
+    if s.get("sft_curve_L12"):
+        lines.append(f"![SFT data curve, 12 steps]({rel}/sft_curve_L12/sft_curve.png)")
     return "\n".join(lines)
 
 

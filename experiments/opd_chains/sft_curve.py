@@ -125,6 +125,14 @@ def all_recorded(plan: CurvePlan) -> bool:
                for seed in plan.seeds)
 
 
+def recorded_wall_s(plan: CurvePlan) -> float:
+    """The stage's time as measured: the wall time of every run of the plan, each recorded when it ran (the teacher
+    samples of the pools are not in it: about a minute a seed)."""
+    return sum(json.loads((plan.results / "runs" / f"sft_n{n}_s{seed}.json").read_text())["wall_s"]
+               for n in plan.sizes for seed in plan.seeds
+               if (plan.results / "runs" / f"sft_n{n}_s{seed}.json").exists())
+
+
 def fit_log_linear(points: list[tuple[int, float]]) -> dict:
     """Least squares acc = a + b * log2(n) over `points`: slope b per doubling, R^2."""
     xs = [math.log2(n) for n, _ in points]

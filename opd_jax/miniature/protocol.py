@@ -32,6 +32,7 @@ from opd_jax.data.chains import assert_held_out, stream_position
 from opd_jax.miniature import setup
 from opd_jax.miniature.prepare import (
     CACHE_VERSION,
+    PRETRAINED,
     Log,
     Prepared,
     Recipe,
@@ -160,6 +161,15 @@ class ProtocolPair:
     teacher: str  # HF dir of the RL teacher
     info: dict
     pair: Prepared  # the miniature's teacher and student the base starts from
+
+
+def shipped_record(name: str) -> dict | None:
+    """The JSON record (how it was made, how long it took, how it scores) of the shipped default `name` ('base' or
+    'rl_teacher'), or None when none ships with the package."""
+    cfg = setup.base_config()
+    b_key, t_key = protocol_keys(cfg, Recipe(), BaseRecipe(), TeacherRecipe())
+    path = PRETRAINED / f"{name}-{b_key if name == 'base' else t_key}" / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def protocol_keys(cfg: ExperimentConfig, pair: Recipe, base: BaseRecipe, teacher: TeacherRecipe) -> tuple[str, str]:
