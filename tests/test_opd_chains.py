@@ -340,6 +340,9 @@ def test_demo_replaces_only_its_own_run_dir(tmp_path):
     (["--recipe", '{"no_such_field": 1}'], "argument --recipe: "),
     (["--protocol", '{"base": {"nope": 1}}'], "argument --protocol: "),
     (["--protocol", '{"teachers": {}}'], "argument --protocol: expected an object"),
+    (["--protocol", '{"teacher": {"length": 17}}'], "argument --protocol: teacher.length: chains have at most 16"),
+    (["--protocol", '{"teacher": {"length": "12"}}'], "argument --protocol: teacher.length: expected int"),
+    (["--protocol", '{"base": {"steps": 0}}'], "argument --protocol: base.steps: must be > 0"),
 ])
 def test_bad_demo_arguments_are_one_line_and_keep_the_previous_demo(tmp_path, capsys, args, culprit):
     """Issue #22: `opd-jax demo --steps 0` ran until SFT raised a traceback, after deleting the previous demo.

@@ -230,7 +230,9 @@ def curve_config(plan: CurvePlan):
     from opd_jax.miniature import protocol
 
     pp = protocol.prepare_protocol()
-    assert pp.info["teacher"]["recipe"]["length"] == plan.length, "the shipped RL teacher is for another length"
+    if pp.info["teacher"]["recipe"]["length"] != plan.length:
+        raise ValueError(f"the protocol's RL teacher is for chains of {pp.info['teacher']['recipe']['length']} steps, "
+                         f"not {plan.length}")
     student = base_config([]).student
     cfg = base_config([*pp.pair.overrides(), *protocol.budget_overrides(plan.length),
                        f"data.source={protocol.source(plan.length)}", f"eval.source={protocol.source(plan.length)}",

@@ -165,7 +165,7 @@ UNGRADED = "?"  # a position of a `reward=steps` answer that is not graded (labe
 
 def steps_answer(c: Chain) -> str:
     """The reference solution of `c` with every position but the step results and the final '#d' ungraded: e.g.
-    `a3+40b0*20c0` -> `????0????0????0`, then '#' and the answer."""
+    `a3+40b0*20c0-61#1` -> `????0????0????1#1`."""
     sol = c.solution
     body = len(c.ops) * 5
     return "".join(ch if i % 5 == 4 or i >= body else UNGRADED for i, ch in enumerate(sol))

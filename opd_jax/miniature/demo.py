@@ -33,11 +33,12 @@ from opd_jax.miniature import setup
 
 # What lengths.py's validation sweep chose at 12 steps (experiments/opd_chains/results/lengths/chosen_L12.json; a
 # test keeps these equal to it): RL lr 1e-4; OPD lr 3e-4 with the per-token KL clipped to 5 nats (`loss.kl_clip`).
+# A --protocol with another length (tests) runs at these same rates.
 RL_LR = 1e-4
 OPD_LR = 3e-4
 OPD_KL_CLIP = 5.0
 DEMO_TEST_PROBLEMS = 512
-DEMO_STEPS = 30  # RL 0.24 -> about 0.4, OPD -> about 0.8 at 30 steps in lengths.py's 12-step curves
+DEMO_STEPS = 30  # from an empty cache: RL 0.24 -> 0.29, OPD 0.24 -> 0.80 (results/logs/demo_fresh_cache.log)
 # RL steps / OPD steps to 80% of RL's gain, seed means, from experiments/opd_chains/results/lengths/lengths.json
 # (a test keeps these equal to that file)
 LENGTHS_RATIO_80 = {4: 0.69, 8: 1.20, 12: 3.39}
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.steps < 1:
         p.error(f"argument --steps: must be >= 1 (RL steps, and as many OPD steps), got {a.steps}")
     from opd_jax.miniature.prepare import Recipe
-    from opd_jax.miniature.protocol import BaseRecipe, TeacherRecipe, prepare_protocol
+    from opd_jax.miniature.protocol import BaseRecipe, TeacherRecipe, check_recipes, prepare_protocol
 
     try:
         recipe = Recipe(**json.loads(a.recipe))
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(proto, dict) or set(proto) - {"base", "teacher"}:
             raise ValueError(f"expected an object with 'base' and/or 'teacher', got {a.protocol}")
         base_recipe, teacher_recipe = BaseRecipe(**proto.get("base", {})), TeacherRecipe(**proto.get("teacher", {}))
+        check_recipes(base_recipe, teacher_recipe)
     except (ValueError, TypeError) as e:
         p.error(f"argument --protocol: {e}")
     setup.quiet_jax()
@@ -216,8 +218,8 @@ def report(s: dict, cfg: ExperimentConfig) -> str:
         verdict = (f"In {steps} steps OPD and RL ended within the noise of this test set (T=1 {o1:.0%} vs {r1:.0%}, "
                    f"from {b1:.0%}): no clear difference.")
     lines += [verdict,
-              f"KL to the teacher fell from {b['kl']['kl_exact']:.3f} to {o['kl']['kl_exact']:.3f} nats/token with OPD "
-              f"and to {r['kl']['kl_exact']:.3f} with RL (which never reads the teacher).",
+              f"KL to the teacher, {b['kl']['kl_exact']:.3f} nats/token before: {o['kl']['kl_exact']:.3f} after OPD, "
+              f"{r['kl']['kl_exact']:.3f} after RL (which never reads the teacher).",
               "Across lengths (experiments/opd_chains/README.md), RL/OPD steps to 80% of RL's gain: "
               + ", ".join(f"{v:.1f}x at {k} steps" for k, v in LENGTHS_RATIO_80.items())
               + ": the gap grows with the uncertain tokens per answer.",

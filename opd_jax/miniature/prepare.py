@@ -158,8 +158,11 @@ def export(trainer: Trainer, out: Path) -> None:
 
 
 def _finished(history: dict) -> None:
-    if "preempted_at" in history:  # SIGTERM: never cache a half-trained model
-        raise SystemExit(f"[prepare] stopped at step {history['preempted_at']}; nothing cached")
+    """Raise SystemExit when a training run stopped early (SIGTERM, or a collapse guard that stops): never cache a
+    half-trained model."""
+    for key in ("preempted_at", "collapsed_at"):
+        if key in history:
+            raise SystemExit(f"[prepare] stopped at step {history[key]} ({key}); nothing cached")
 
 
 def grade_both(cfg: ExperimentConfig, model: ModelConfig, hf_dir: Path, work: str, name: str) -> dict:

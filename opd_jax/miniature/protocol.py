@@ -36,6 +36,7 @@ from opd_jax.miniature.prepare import (
     Log,
     Prepared,
     Recipe,
+    _finished,
     _from_shipped,
     _key,
     _locked,
@@ -72,6 +73,24 @@ class TeacherRecipe:
     lr: float = 1e-4
     steps: int = 200
     seed: int = 0
+
+
+def check_recipes(base: BaseRecipe, teacher: TeacherRecipe) -> None:
+    """Raise ValueError naming the first bad field of the two recipes (kinds and ranges), before anything runs."""
+    from opd_jax.data.chains import LABELS
+
+    for name, r in (("base", base), ("teacher", teacher)):
+        for f in dataclasses.fields(r):
+            v = getattr(r, f.name)
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            want = {"int": int, "float": (int, float), "str": str}[kind]
+            if not isinstance(v, want) or isinstance(v, bool):
+                raise ValueError(f"{name}.{f.name}: expected {f.type}, got {v!r}")
+            if f.name in ("steps", "batch", "lr", "length", "longest") and v <= 0:
+                raise ValueError(f"{name}.{f.name}: must be > 0, got {v!r}")
+    for name, n in (("base.longest", base.longest), ("teacher.length", teacher.length)):
+        if n > len(LABELS):
+            raise ValueError(f"{name}: chains have at most {len(LABELS)} steps, got {n}")
 
 
 def source(length: int, lo: int | None = None, *, test: int = 1024, val: int = 256) -> str:
@@ -127,9 +146,7 @@ def train_run(cfg: ExperimentConfig, stream: str, seed: int):
         from opd_jax.trainer import Trainer
 
         tr = Trainer(cfg, task)
-    history = tr.run()
-    if "preempted_at" in history:  # SIGTERM: never use a half-trained model
-        raise SystemExit(f"[protocol] stopped at step {history['preempted_at']}")
+    _finished(tr.run())  # stopped early (SIGTERM, a collapse guard): never export or cache it
     return tr, assert_held_out(task, task.issued)
 
 
@@ -148,7 +165,7 @@ def train_base(cfg: ExperimentConfig, recipe: BaseRecipe, out: Path, work: str, 
     task.issued = []
     t0 = time.time()
     tr = SFTTrainer(c, task, task.sft_examples(recipe.steps * recipe.batch))
-    tr.run()
+    _finished(tr.run())
     rows = assert_held_out(task, task.issued)
     export(tr, out)
     keep_metrics(c.run_dir, out)
