@@ -45,8 +45,8 @@ def plan_streams(p: plan_mod.Plan) -> dict[str, tuple[str, int, int, str, str]]:
     seq = p.prompts * p.group_size
     out = {"teacher": ("teacher", r.seed, r.teacher_steps * r.teacher_batch, "sft", r.teacher_source),
            "student_pool": ("student_pool", r.seed, 2 * r.student_examples + 64, "prompts", TASK),
-           # the demo's RL and OPD arms (one stream, the default steps); its base and RL teacher are lengths' own
-           "demo": (f"demo_L{TeacherRecipe().length}", 0, (DEMO_STEPS + 1) * 16, "prompts",
+           # the demo's RL and OPD arms: lengths.py's seed-0 stream at 12 steps (checked below with lengths')
+           "demo": (f"lengths_{TeacherRecipe().length}", 0, (DEMO_STEPS + 1) * 16, "prompts",
                     protocol_source(TeacherRecipe().length, test=DEMO_TEST_PROBLEMS, val=16))}
     for seed in {*p.seeds, p.sweep_seed}:
         out[f"opd_s{seed}"] = ("opd", seed, (p.steps + 1) * p.prompts, "prompts", TASK)

@@ -38,7 +38,7 @@ RL_LR = 1e-4
 OPD_LR = 3e-4
 OPD_KL_CLIP = 5.0
 DEMO_TEST_PROBLEMS = 512
-DEMO_STEPS = 30  # from an empty cache: RL 0.24 -> 0.29, OPD 0.24 -> 0.80 (results/logs/demo_fresh_cache.log)
+DEMO_STEPS = 30  # RL's curve is still low there, OPD's near 0.8 (lengths.py's 12-step seed-0 curves)
 # RL steps / OPD steps to 80% of RL's gain, seed means, from experiments/opd_chains/results/lengths/lengths.json
 # (a test keeps these equal to that file)
 LENGTHS_RATIO_80 = {4: 0.69, 8: 1.20, 12: 3.39}
@@ -95,12 +95,14 @@ def measure_config(base_cfg: ExperimentConfig, length: int, base: str, teacher: 
 
 
 def run_method(method: str, c: ExperimentConfig, length: int, teacher: str) -> dict:
-    """`c.steps` steps of RL or OPD (`c`, from `measure_config`) from the base on the stream `demo_L<length>` (the
-    same prompts for both); returns the measurements after, with the KL against the RL teacher."""
+    """`c.steps` steps of RL or OPD (`c`, from `measure_config`) from the base on the prompt stream of
+    `lengths.py`'s seed 0 at this length (`lengths_<length>`; the RL teacher was trained on it too, as in the
+    experiment), so both arms are the first steps of that seed's committed curves; returns the measurements after,
+    with the KL against the RL teacher."""
     from opd_jax.miniature.protocol import train_run
 
     t0 = time.time()
-    train_run(c, f"demo_L{length}", 0)
+    train_run(c, f"lengths_{length}", 0)
     train_s = time.time() - t0
     m = copy.deepcopy(c)
     m.teachers[0].model.hf_path = teacher
