@@ -131,6 +131,22 @@ def _from_shipped(entry: Path, name: str, log: Log) -> bool:
     return True
 
 
+def ready_entries(entries, fresh: bool, log: Log) -> None:
+    """Cache entries `(<root>/<name>-<key>, name)` made ready to read or train into: removed with `fresh`, else
+    filled from the shipped copy where the cache has no model yet (`_from_shipped`)."""
+    for entry, name in entries:
+        if fresh:
+            shutil.rmtree(entry, ignore_errors=True)
+        elif not (entry / name / "config.json").exists():
+            _from_shipped(entry, name, log)
+
+
+def cached_info(entry: Path, name: str) -> dict | None:
+    """The JSON record of a cache entry's model when both the record and the HF dir are there, else None."""
+    rec = entry / f"{name}.json"
+    return json.loads(rec.read_text()) if rec.exists() and (entry / name / "config.json").exists() else None
+
+
 def sft_config(cfg: ExperimentConfig, model: ModelConfig, *, steps: int, batch: int, lr: float, run_dir: str, seed: int,
                source: str | None = None, warmup: int | None = None, schedule: str = "cosine") -> ExperimentConfig:
     """An SFT run of `model` (a ModelConfig) with `cfg`'s task, sampling and eval settings: `batch` rows a step."""
@@ -268,7 +284,7 @@ def _prepare_teacher(cfg: ExperimentConfig, recipe: Recipe, t_root: Path, t_key:
     if fresh:
         shutil.rmtree(t_root, ignore_errors=True)
     t_dir, t_json = t_root / "teacher", t_root / "teacher.json"
-    info = json.loads(t_json.read_text()) if t_json.exists() and (t_dir / "config.json").exists() else None
+    info = cached_info(t_root, "teacher")
     if info is None:
         work = tempfile.mkdtemp(prefix="opd_chains_prep_")
         try:
@@ -297,25 +313,19 @@ def prepare(cfg: ExperimentConfig | None = None, recipe: Recipe | None = None, *
 def _prepare(cfg: ExperimentConfig, recipe: Recipe, root: Path, t_key: str, s_key: str, fresh: bool, grade: bool,
              log: Log) -> Prepared:
     t_root, s_root = root / f"teacher-{t_key}", root / f"student-{s_key}"
-    if fresh:
-        for d in (t_root, s_root):
-            shutil.rmtree(d, ignore_errors=True)
-    else:
-        for entry, name in ((t_root, "teacher"), (s_root, "student")):
-            if not (entry / name / "config.json").exists():
-                _from_shipped(entry, name, log)
+    ready_entries(((t_root, "teacher"), (s_root, "student")), fresh, log)
     t_dir, s_dir = t_root / "teacher", s_root / "student"
     t_json, s_json = t_root / "teacher.json", s_root / "student.json"
     work = tempfile.mkdtemp(prefix="opd_chains_prep_")
     trained: list[str] = []  # what this call trained (the rest came from the cache)
     try:
-        t_info = json.loads(t_json.read_text()) if t_json.exists() and (t_dir / "config.json").exists() else None
+        t_info = cached_info(t_root, "teacher")
         if t_info is None:
             t_root.mkdir(parents=True, exist_ok=True)
             t_info = {"key": t_key, "recipe": recipe.teacher_part(), **train_teacher(cfg, recipe, t_dir, work, log)}
             t_json.write_text(json.dumps(t_info, indent=1))
             trained.append("teacher")
-        s_info = json.loads(s_json.read_text()) if s_json.exists() and (s_dir / "config.json").exists() else None
+        s_info = cached_info(s_root, "student")
         if s_info is None:
             s_root.mkdir(parents=True, exist_ok=True)
             s_info = {"key": s_key, "teacher_key": t_key, "recipe": dataclasses.asdict(recipe),

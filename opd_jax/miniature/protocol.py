@@ -37,14 +37,15 @@ from opd_jax.miniature.prepare import (
     Prepared,
     Recipe,
     _finished,
-    _from_shipped,
     _key,
     _locked,
     cache_keys,
+    cached_info,
     export,
     grade_both,
     keep_metrics,
     prepare,
+    ready_entries,
     sft_config,
 )
 
@@ -211,24 +212,18 @@ def prepare_protocol(cfg: ExperimentConfig | None = None, pair: Recipe | None = 
     root = Path(root) if root else setup.cache_root()
     b_root, t_root = root / f"base-{b_key}", root / f"rl_teacher-{t_key}"
     with _locked(root):
-        if fresh:
-            for d in (b_root, t_root):
-                shutil.rmtree(d, ignore_errors=True)
-        else:
-            for entry, name in ((b_root, "base"), (t_root, "rl_teacher")):
-                if not (entry / name / "config.json").exists():
-                    _from_shipped(entry, name, log)
+        ready_entries(((b_root, "base"), (t_root, "rl_teacher")), fresh, log)
         b_dir, t_dir = b_root / "base", t_root / "rl_teacher"
         b_json, t_json = b_root / "base.json", t_root / "rl_teacher.json"
         work = tempfile.mkdtemp(prefix="opd_chains_protocol_")
         try:
-            b_info = json.loads(b_json.read_text()) if b_json.exists() and (b_dir / "config.json").exists() else None
+            b_info = cached_info(b_root, "base")
             if b_info is None:
                 log(f"[protocol] base: the student, SFT on clean chains of 1-{base.longest} steps, {base.steps} steps")
                 b_root.mkdir(parents=True, exist_ok=True)
                 b_info = {"key": b_key, "recipe": dataclasses.asdict(base), **train_base(cfg, base, b_dir, work)}
                 b_json.write_text(json.dumps(b_info, indent=1))
-            t_info = json.loads(t_json.read_text()) if t_json.exists() and (t_dir / "config.json").exists() else None
+            t_info = cached_info(t_root, "rl_teacher")
             if t_info is None:
                 log(f"[protocol] RL teacher: RL from the base on chains of {teacher.length} steps, {teacher.steps} "
                     f"steps, lr {teacher.lr:g}")
