@@ -313,7 +313,8 @@ def claims(s: dict) -> list[dict]:
     lengths_claim = length_claim(s.get("lengths"))
     if lengths_claim:
         out.append(lengths_claim)
-    curve_claim = sft_curve_claim(s.get("sft_curve"), s.get("sft_curve_L12"))
+    base_12 = ((s.get("lengths") or {}).get("lengths", {}).get("12") or {}).get("base", [float("nan")])[0]
+    curve_claim = sft_curve_claim(s.get("sft_curve"), s.get("sft_curve_L12"), base_12)
     if curve_claim:
         out.append(curve_claim)
     if opd and sft:
@@ -383,10 +384,15 @@ def length_claim(lengths: dict | None) -> dict | None:
             "verdict": growth + seven}
 
 
-def sft_curve_claim(curve: dict | None, curve_12: dict | None = None) -> dict | None:
-    """SFT's data curve (`sft_curve.py`): log-linear stretch or not, at 4-6 steps and (when measured) at 12 steps."""
+def sft_curve_claim(curve: dict | None, curve_12: dict | None = None, base_12: float | None = None
+                    ) -> dict | None:
+    """SFT's data curve (`sft_curve.py`): log-linear stretch or not, at 4-6 steps and (when measured) at 12 steps,
+    where `base_12` is the 12-step base student's test T=1 accuracy."""
     if not curve or not curve.get("sizes"):
         return None
+    from opd_jax.miniature.protocol import shipped_record
+
+    teacher_12 = (shipped_record("rl_teacher") or {}).get("test", {}).get("t1", {}).get("accuracy", float("nan"))
 
     def verdict_of(c: dict, where: str) -> str:
         st = c.get("log_linear_stretch")
@@ -401,7 +407,10 @@ def sft_curve_claim(curve: dict | None, curve_12: dict | None = None) -> dict | 
             "numbers": {"sizes": {int(k): v["mean_ci"] for k, v in curve["sizes"].items()},
                         "stretch": curve.get("log_linear_stretch"),
                         "sizes_12": {int(k): v["mean_ci"] for k, v in (curve_12 or {}).get("sizes", {}).items()},
-                        "stretch_12": (curve_12 or {}).get("log_linear_stretch")},
+                        "stretch_12": (curve_12 or {}).get("log_linear_stretch"),
+                        # the start and the data's writer: the 12-step base (lengths.py, test T=1) and the shipped RL
+                        # teacher's record
+                        "base_12": base_12, "teacher_12": teacher_12},
             "verdict": verdict}
 
 
@@ -472,8 +481,9 @@ def claim_row(c: dict) -> tuple[str, str]:
         text = ", ".join(f"{k}: {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in n["sizes"].items())
         text = "test T=1 at the best validation step, by samples: " + text + " (2 seeds)"
         if n.get("sizes_12"):
-            text += ("; at 12 steps, from the protocol's base (0.24) on the RL teacher's correct samples (teacher "
-                     "T=1 0.92): " + ", ".join(f"{k}: {v[0]:.2f}" for k, v in n["sizes_12"].items())
+            text += (f"; at 12 steps, from the protocol's base ({n['base_12']:.2f}) on the RL teacher's correct "
+                     f"samples (teacher T=1 {n['teacher_12']:.2f}): "
+                     + ", ".join(f"{k}: {v[0]:.2f}" for k, v in n["sizes_12"].items())
                      + " (2 seeds)")
     elif c["claim"] == "recovery":
         ch, fa = n["chains_t1"], n["facts_greedy"]
