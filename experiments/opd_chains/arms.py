@@ -109,6 +109,13 @@ def step_flops(method: str, cfg: ExperimentConfig, keep_rate: float = 1.0) -> di
     return {"student": f["student_total"], "teacher": teacher}
 
 
+def results_root() -> Path:
+    """Where the miniature's results go: $OPD_CHAINS_RESULTS (`run_all --results` sets it, and its worker processes
+    inherit it), else the committed `experiments/opd_chains/results/`."""
+    env = os.environ.get("OPD_CHAINS_RESULTS")
+    return Path(env) if env else Path(__file__).resolve().parent / "results"
+
+
 def split_rows(rows: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {"val": [], "test": []}
     for r in rows:

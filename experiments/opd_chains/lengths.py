@@ -37,7 +37,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.opd_chains.arms import eval_curve, write_json
+from experiments.opd_chains.arms import eval_curve, results_root, write_json
+from experiments.opd_chains.jobs import Jobs, wait_all
 from experiments.opd_chains.ratios import ratio_rule, steps_bracket
 from opd_jax.miniature import protocol
 from opd_jax.miniature.measure import mean_ci
@@ -45,8 +46,7 @@ from opd_jax.miniature.setup import base_config, quiet_jax
 
 MOD = protocol.MOD
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results" / "lengths"
+RESULTS = results_root() / "lengths"
 FRACTIONS = (0.5, 0.8, 0.9)
 
 
@@ -142,6 +142,13 @@ def build_base(plan: LengthsPlan, runs: Path, overrides: list[str]) -> Path:
     return out
 
 
+def weights_digest(hf_dir: Path) -> str:
+    """sha256 (12 hex digits) of an HF dir's `model.safetensors`: which weights a run distilled."""
+    import hashlib
+
+    return hashlib.sha256((hf_dir / "model.safetensors").read_bytes()).hexdigest()[:12]
+
+
 def run_name(method: str, length: int, lr: float, seed: int, steps: int, plan: LengthsPlan, kl_clip: float = 0.0,
              reward: str = "answer") -> str:
     return (f"{method}_L{length}_lr{lr:g}" + (f"_klc{kl_clip:g}" if kl_clip else "") + f"_s{seed}"
@@ -159,8 +166,10 @@ def run_one(plan: LengthsPlan, method: str, length: int, lr: float, seed: int, b
     steps = steps or plan.steps
     name = run_name(method, length, lr, seed, steps, plan, kl_clip, reward)
     record = RESULTS / "runs" / f"{name}.json"
+    # the teacher by name and by its weights: an RL run retrained with other results is a new teacher
     key = {"steps": steps, "every": plan.every, "test": plan.test, "val": plan.val, "base": base.name,
-           "teacher": None if teacher is None else teacher.parent.name}
+           "teacher": None if teacher is None else teacher.parent.name,
+           "teacher_weights": None if teacher is None else weights_digest(teacher)}
     run_dir = runs / name
     if record.exists():
         rec = json.loads(record.read_text())
@@ -227,30 +236,45 @@ def val_score(rec: dict) -> float:
     return sum(c["val"] for c in rec["curve"][-2:]) / 2
 
 
-def run_all(plan: LengthsPlan, runs: Path, overrides: list[str]) -> None:
-    base = build_base(plan, runs, overrides)
-    for length in plan.lengths:
-        rl = {lr: run_one(plan, "rl", length, lr, 0, base, None, runs, overrides) for lr in plan.rl_lrs}
-        rl_lr = max(rl, key=lambda k: val_score(rl[k]))
-        teacher0 = runs / rl[rl_lr]["name"] / "export"
-        opd = {(lr, clip): run_one(plan, "opd", length, lr, 0, base, teacher0, runs, overrides, kl_clip=clip)
-               for lr in plan.opd_lrs for clip in plan.opd_kl_clips}
-        opd_lr, opd_clip = max(opd, key=lambda k: val_score(opd[k]))  # ties: the first (unclipped, lower rate)
-        n = plan.steps_for(length)
-        for seed in plan.seeds:
-            r = run_one(plan, "rl", length, rl_lr, seed, base, None, runs, overrides, n)
-            run_one(plan, "opd", length, opd_lr, seed, base, runs / r["name"] / "export", runs, overrides, n,
-                    kl_clip=opd_clip)
-        if length in plan.steps_reward_lengths:  # the replicate without the guess floor, same rates
-            for seed in plan.seeds:
-                r = run_one(plan, "rl", length, rl_lr, seed, base, None, runs, overrides, n, reward="steps")
-                run_one(plan, "opd", length, opd_lr, seed, base, runs / r["name"] / "export", runs, overrides, n,
-                        kl_clip=opd_clip, reward="steps")
-        write_json(RESULTS / f"chosen_L{length}.json", {
-            "rl_lr": rl_lr, "opd_lr": opd_lr, "opd_kl_clip": opd_clip,
-            "rl_val": {str(k): val_score(v) for k, v in rl.items()},
-            "opd_val": {f"{lr:g}" + (f" kl_clip {clip:g}" if clip else ""): val_score(v)
-                        for (lr, clip), v in opd.items()}})
+def run_all(plan: LengthsPlan, runs: Path, overrides: list[str], jobs: Jobs | None = None) -> None:
+    """Every run of the plan; with `jobs` (`jobs.Jobs`) the lengths, and the seeds within a length, go side by side
+    (each run is one job; a seed's OPD run waits for its RL run, its teacher)."""
+    jobs = jobs or Jobs(0)
+    base = jobs.call(build_base, plan, runs, overrides)
+    wait_all([jobs.start(_run_length, plan, length, base, runs, overrides, jobs)
+              for length in sorted(plan.lengths, key=plan.steps_for, reverse=True)])  # the longest runs first
+
+
+def _run_length(plan: LengthsPlan, length: int, base: Path, runs: Path, overrides: list[str], jobs: Jobs) -> None:
+    """One length: RL's rate sweep (seed 0), OPD's sweep distilling the chosen rate's policy, then every seed's RL
+    run and the OPD run distilling it (and the every-step-reward replicate where planned)."""
+    rl = dict(zip(plan.rl_lrs, wait_all([jobs.start(jobs.call, run_one, plan, "rl", length, lr, 0, base, None, runs,
+                                                    overrides) for lr in plan.rl_lrs]), strict=True))
+    rl_lr = max(rl, key=lambda k: val_score(rl[k]))
+    teacher0 = runs / rl[rl_lr]["name"] / "export"
+    n = plan.steps_for(length)
+    grid = [(lr, clip) for lr in plan.opd_lrs for clip in plan.opd_kl_clips]
+    sweep = [jobs.start(jobs.call, run_one, plan, "opd", length, lr, 0, base, teacher0, runs, overrides,
+                        kl_clip=clip) for lr, clip in grid]
+    rewards = ("answer", "steps") if length in plan.steps_reward_lengths else ("answer",)
+    # every seed's RL run needs only RL's rate: it starts beside OPD's sweep
+    rl_runs = {(reward, seed): jobs.start(jobs.call, run_one, plan, "rl", length, rl_lr, seed, base, None, runs,
+                                          overrides, n, reward=reward)
+               for reward in rewards for seed in plan.seeds}
+    opd = dict(zip(grid, wait_all(sweep), strict=True))
+    opd_lr, opd_clip = max(opd, key=lambda k: val_score(opd[k]))  # ties: the first (unclipped, lower rate)
+
+    def distil(reward: str, seed: int) -> dict:
+        r = rl_runs[reward, seed].result()
+        return jobs.call(run_one, plan, "opd", length, opd_lr, seed, base, runs / r["name"] / "export", runs,
+                         overrides, n, kl_clip=opd_clip, reward=reward)
+
+    wait_all([jobs.start(distil, reward, seed) for reward, seed in rl_runs])
+    write_json(RESULTS / f"chosen_L{length}.json", {
+        "rl_lr": rl_lr, "opd_lr": opd_lr, "opd_kl_clip": opd_clip,
+        "rl_val": {str(k): val_score(v) for k, v in rl.items()},
+        "opd_val": {f"{lr:g}" + (f" kl_clip {clip:g}" if clip else ""): val_score(v)
+                    for (lr, clip), v in opd.items()}})
 
 
 def ratios_of(rl: dict, opd: dict, key: str = "test") -> dict:

@@ -111,11 +111,21 @@ def final_stats(recs: list[dict], kind: str = "t1", split: str = "test") -> dict
             "per_run": [r["final"][kind][split] for r in recs]}
 
 
+def wall_sentence(w: dict) -> str:
+    """How long `run_all` took, from summary/timing fields `wall_s` (None: not measured), `workers`, `measured`."""
+    if not w.get("wall_s"):
+        return "`run_all`'s wall time is not measured yet (no run of it that reused nothing)"
+    return (f"`run_all` took {w['wall_s'] / 60:.0f} min on this 2-core machine ({w.get('workers') or 1} worker "
+            f"processes, from the shipped models, measured {w.get('measured')})")
+
+
 def summarize(results: str) -> dict:
     summary = load(os.path.join(results, "summary.json"))
     timing = os.path.join(results, "timing.json")
-    if os.path.exists(timing):  # the stage times as last measured (a stage rerun alone updates only this file)
-        summary["wall_s"] = sum(load(timing).values())
+    if os.path.exists(timing):  # as last measured (a stage rerun alone updates only this file)
+        t = load(timing)
+        summary.update(wall_s=t.get("run_all_wall_s"), workers=t.get("workers"), measured=t.get("measured"),
+                       stage_s=t["stage_s"])
     setting = load(os.path.join(results, "setting.json"))
     records = {os.path.basename(p)[:-5]: load(p) for p in glob.glob(os.path.join(results, "runs", "*.json"))}
     best = summary["best_lr"]
@@ -628,8 +638,7 @@ def claims_md(cl: list[dict], s: dict, rel: str) -> str:
                      f"**{verdict}** |")
     w = s["summary"]
     lines += ["", f"Teacher {s['teacher_t1']:.3f}, student {s['student_t1']:.3f} (test accuracy at T=1); target "
-              f"{s['target']:.3f}. `run_all` takes {w['wall_s'] / 60:.0f} min on this 2-core machine, part of it "
-              f"shared with other jobs (the sum of its measured stages, `{rel}/timing.json`).", "",
+              f"{s['target']:.3f}. {wall_sentence(w)} (`{rel}/timing.json`).", "",
               f"![accuracy vs steps]({rel}/accuracy_vs_steps.png)",
               f"![accuracy vs FLOPs]({rel}/accuracy_vs_flops.png)",
               f"![single prompt and recovery]({rel}/single_prompt_and_recovery.png)"]
@@ -780,7 +789,8 @@ def results_md(s: dict, cl: list[dict]) -> str:
               f"{min(a['opd_rl_prompts'] for a in arms_.values())}-{max(a['opd_rl_prompts'] for a in arms_.values())}"
               " as prompts."]
     w = s["summary"]
-    L += ["", "## Wall time", "", f"`run_all`: {w['wall_s']:.0f}s in all; by stage: " +
+    L += ["", "## Wall time", "", f"{wall_sentence(w)}. By stage (each stage's own wall time; with several "
+          "workers the stages overlap, so these add up to more than the whole): " +
           ", ".join(f"{k} {v:.0f}s" for k, v in w["stage_s"].items()) + "."]
     return "\n".join(L) + "\n"
 

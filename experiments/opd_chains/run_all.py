@@ -307,63 +307,30 @@ def rerun_stage(name: str, prefix: str, plan: Plan, prep: Prepared, cfg: Experim
                     os.remove(path)
     stage("single_prompt" if name == "single" else "recovery", t0)
     with open(os.path.join(results, "timing.json"), encoding="utf-8") as f:
-        summary["stage_s"] = json.load(f)
+        summary["stage_s"] = json.load(f)["stage_s"]
     summary["runs"] = sorted([n for n in summary["runs"] if n not in old] + list(runner.records))
     summary["plan"] = dataclasses.asdict(plan)
-    summary["wall_s"] = sum(summary["stage_s"].values())
     dump(summary_path, summary)
     from experiments.opd_chains.report import main as report_main
 
     return report_main(["--results", results])
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny models, a few steps")
-    p.add_argument("--reuse", action="store_true", help="keep runs whose records exist in results/runs/")
-    p.add_argument("--fresh", action="store_true", help="retrain the cached teacher and student")
-    p.add_argument("--results", default=None)
-    p.add_argument("--runs", default=None)
-    p.add_argument("--skip", nargs="*", default=[],
-                   help="stages to skip: capacity recovery single rl_long control lengths sft_curve sft_curve_L12")
-    p.add_argument("--only", choices=["single", "recovery"], default=None,
-                   help="run one stage again at the learning rates of the committed summary.json, replace its "
-                        "records, then the report (the other stages' records stay as they are)")
-    a = p.parse_args(argv)
-    setup.quiet_jax()
-    plan = QUICK if a.quick else PLAN
-    overrides = TINY if a.quick else []
-    recipe = QUICK_RECIPE if a.quick else plan.recipe
-    plan = dataclasses.replace(plan, recipe=recipe)
-    results = os.path.abspath(a.results or (os.path.join("runs", "opd_chains", "quick_results") if a.quick
-                                            else RESULTS))
-    runs = os.path.abspath(a.runs or os.path.join("runs", "opd_chains", "quick" if a.quick else "full"))
-    os.makedirs(os.path.join(results, "runs"), exist_ok=True)
-    t_start = time.time()
-    # Stage times: measured here, or, for work reused from an earlier invocation (`--reuse`), as measured then (runs
-    # carry their own wall time); so `wall_s` is the time a fresh run_all took, assembled from measured pieces.
-    timing_path = os.path.join(results, "timing.json")
-    stage_s: dict[str, float] = {}
-    if (a.reuse or a.only) and os.path.exists(timing_path):
-        with open(timing_path, encoding="utf-8") as f:
-            stage_s = json.load(f)
-    runner_ref: list = []
+def classic_stages(a: argparse.Namespace, plan: Plan, recipe: Recipe, prep: Prepared, base: ExperimentConfig,
+                   cfg: ExperimentConfig, results: str, runs: str, overrides: list[str],
+                   stage_s: dict[str, float]) -> dict:
+    """The miniature's first design, in order (one job: each stage needs the rates the sweeps chose): diagnostics,
+    the capacity check, the fixed data set, the rate sweeps and seeds of the four methods, RL run long, single-prompt
+    OPD, the control, recovery, the negative control's numbers. Returns the summary's parts and `stage_s` updated
+    with the stages measured here (a stage reused from earlier records keeps its earlier time)."""
+    runner_ref: list[Runner] = []
 
     def stage(name: str, t0: float, reused: bool = False) -> None:
         took = time.time() - t0 + (runner_ref[0].take_reused() if runner_ref else 0.0)
         if not (reused and name in stage_s):
             stage_s[name] = took
-        dump(timing_path, stage_s)
         print(f"== {name}: {stage_s[name]:.0f}s{' (reused; as measured when it ran)' if reused else ''}", flush=True)
 
-    t0 = time.time()
-    base = setup.base_config(overrides)
-    prep = prepare(base, recipe, fresh=a.fresh)
-    cfg = setup.base_config([*overrides, *prep.overrides()])
-    stage("prepare", t0, reused=not prep.info["trained_now"])
-    if a.only:
-        return rerun_stage(a.only, {"single": "single_prompt_", "recovery": "recovery_"}[a.only], plan, prep, cfg,
-                           results, runs, overrides, stage)
     t0 = time.time()
     setting = {"teacher": prep.info["teacher"], "student": prep.info["student"],
                "models": {"teacher": dict(_shape(cfg.teachers[0].model)), "student": dict(_shape(cfg.student))},
@@ -435,34 +402,112 @@ def main(argv: list[str] | None = None) -> int:
 
     dump(os.path.join(results, "negative_control.json"), overlap_numbers())
     stage("negative control", t0)
-    # issue #22's stages: RL vs OPD across episode lengths, SFT's data curve (each resumable from its records;
-    # they write into the committed results directory, so a --quick run skips them)
+    return {"sweep": sweep, "best_lr": best, "runs": sorted(runner.records), "recovery": rec_out is not None,
+            "stage_s": stage_s}
+
+
+def timed(name: str, fn, *args) -> float:
+    """Run `fn(*args)`; its wall time in seconds."""
+    t0 = time.time()
+    fn(*args)
+    took = time.time() - t0
+    print(f"== {name}: {took:.0f}s", flush=True)
+    return took
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny models, a few steps")
+    p.add_argument("--reuse", action="store_true", help="keep runs whose records exist in results/runs/")
+    p.add_argument("--fresh", action="store_true", help="retrain the cached teacher and student")
+    p.add_argument("--results", default=None)
+    p.add_argument("--runs", default=None)
+    p.add_argument("--workers", type=int, default=2,
+                   help="training runs side by side, each in its own process (default 2, this machine's cores; "
+                        "1: all in this process). The results do not depend on it")
+    p.add_argument("--skip", nargs="*", default=[],
+                   help="stages to skip: capacity recovery single rl_long control lengths sft_curve sft_curve_L12")
+    p.add_argument("--only", choices=["single", "recovery"], default=None,
+                   help="run one stage again at the learning rates of the committed summary.json, replace its "
+                        "records, then the report (the other stages' records stay as they are)")
+    a = p.parse_args(argv)
+    if a.workers < 1:
+        p.error(f"--workers {a.workers}: must be at least 1")
+    plan = QUICK if a.quick else PLAN
+    overrides = TINY if a.quick else []
+    recipe = QUICK_RECIPE if a.quick else plan.recipe
+    plan = dataclasses.replace(plan, recipe=recipe)
+    results = os.path.abspath(a.results or (os.path.join("runs", "opd_chains", "quick_results") if a.quick
+                                            else RESULTS))
+    runs = os.path.abspath(a.runs or os.path.join("runs", "opd_chains", "quick" if a.quick else "full"))
+    # every stage (and every worker process) writes under `results`: lengths/, sft_curve*/ included
+    os.environ["OPD_CHAINS_RESULTS"] = results
+    setup.quiet_jax()
+    os.makedirs(os.path.join(results, "runs"), exist_ok=True)
+    t_start = time.time()
+    # Stage times: measured here, or, for work reused from an earlier invocation (`--reuse`), as measured then (runs
+    # carry their own wall time). Stages overlap (`--workers`), so the headline is `run_all_wall_s`: the wall time
+    # of the last invocation that reused nothing.
+    timing_path = os.path.join(results, "timing.json")
+    timing: dict = {}
+    if (a.reuse or a.only) and os.path.exists(timing_path):
+        with open(timing_path, encoding="utf-8") as f:
+            timing = json.load(f)
+    stage_s: dict[str, float] = dict(timing.get("stage_s", {}))
+
+    t0 = time.time()
+    base = setup.base_config(overrides)
+    prep = prepare(base, recipe, fresh=a.fresh)
+    cfg = setup.base_config([*overrides, *prep.overrides()])
+    if prep.info["trained_now"] or "prepare" not in stage_s:
+        stage_s["prepare"] = time.time() - t0
+    if a.only:
+        def stage(name: str, t0: float) -> None:
+            stage_s[name] = time.time() - t0
+            dump(timing_path, {**timing, "stage_s": stage_s})
+
+        return rerun_stage(a.only, {"single": "single_prompt_", "recovery": "recovery_"}[a.only], plan, prep, cfg,
+                           results, runs, overrides, stage)
+    # issue #22's stages: RL vs OPD across episode lengths, SFT's data curves (each resumable from its records;
+    # a --quick run skips them)
     from pathlib import Path
 
     from experiments.opd_chains import lengths as lengths_mod
     from experiments.opd_chains import sft_curve as sft_curve_mod
+    from experiments.opd_chains.jobs import Jobs, wait_all
 
-    for name, mod, go in (("lengths", lengths_mod, lambda: lengths_mod.run_all(lengths_mod.PLAN, Path(runs) / "lengths",
-                                                                                overrides)),
-                          ("sft_curve", sft_curve_mod, lambda: sft_curve_mod.main([
-                              "--runs", os.path.join(runs, "sft_curve")])),
-                          ("sft_curve_L12", sft_curve_mod, lambda: sft_curve_mod.main([
-                              "--length", "12", "--runs", os.path.join(runs, "sft_curve_L12")]))):
-        if name in a.skip or a.quick:
-            continue
-        t0 = time.time()
-        mod_plan = sft_curve_mod.PLAN_L12 if name == "sft_curve_L12" else mod.PLAN
-        reused = mod.all_recorded(mod_plan)
-        go()
-        if name == "lengths":
-            lengths_mod.report(lengths_mod.PLAN)
-        if reused:  # as measured when its runs ran: the sum of their recorded wall times
-            stage_s[name] = mod.recorded_wall_s(mod_plan)
-        stage(name, t0, reused)
-
-    summary = {"plan": dataclasses.asdict(plan), "sweep": sweep, "best_lr": best, "runs": sorted(runner.records),
-               "recovery": rec_out is not None, "stage_s": stage_s, "wall_s": sum(stage_s.values()),
-               "this_invocation_s": time.time() - t_start, "quick": a.quick}
+    later = {"lengths": (lengths_mod.PLAN, lambda j: lengths_mod.run_all(lengths_mod.PLAN, Path(runs) / "lengths",
+                                                                          overrides, j)),
+             "sft_curve": (sft_curve_mod.PLAN, lambda j: sft_curve_mod.run_curve(
+                 sft_curve_mod.PLAN, Path(runs) / "sft_curve", j)),
+             "sft_curve_L12": (sft_curve_mod.PLAN_L12, lambda j: sft_curve_mod.run_curve(
+                 sft_curve_mod.PLAN_L12, Path(runs) / "sft_curve_L12", j))}
+    later = {k: v for k, v in later.items() if k not in a.skip and not a.quick}
+    reused_before = {k: (lengths_mod if k == "lengths" else sft_curve_mod).all_recorded(pl)
+                     for k, (pl, _) in later.items()}
+    with Jobs(a.workers) as jobs:
+        # the first design's stages are one chain in one worker, started first (the longest); the other stages'
+        # runs queue beside it
+        classic = jobs.start(jobs.call, classic_stages, a, plan, recipe, prep, base, cfg, results, runs, overrides,
+                             stage_s)
+        others = {k: jobs.start(timed, k, go, jobs) for k, (_, go) in later.items()}
+        wait_all([classic, *others.values()])
+    out = classic.result()
+    stage_s.update(out.pop("stage_s"))
+    for k, (pl, _) in later.items():
+        mod = lengths_mod if k == "lengths" else sft_curve_mod
+        # a stage whose runs were all recorded already: its time as measured when they ran
+        stage_s[k] = mod.recorded_wall_s(pl) if reused_before[k] else others[k].result()
+    if "lengths" in later:
+        lengths_mod.report(lengths_mod.PLAN)
+    wall = time.time() - t_start
+    if not a.reuse or "run_all_wall_s" not in timing:  # a --reuse invocation keeps the fresh run's wall time
+        timing.update(run_all_wall_s=wall if not a.reuse else None, workers=a.workers,
+                      measured=time.strftime("%Y-%m-%d"), pair_trained_now=prep.info["trained_now"])
+    timing["stage_s"] = stage_s
+    dump(timing_path, timing)
+    summary = {"plan": dataclasses.asdict(plan), **out, "stage_s": stage_s, "wall_s": timing["run_all_wall_s"],
+               "this_invocation_s": wall, "quick": a.quick}
     dump(os.path.join(results, "summary.json"), summary)
     from experiments.opd_chains.report import main as report_main
 

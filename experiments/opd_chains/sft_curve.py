@@ -32,12 +32,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.opd_chains.arms import eval_curve, write_json
+from experiments.opd_chains.arms import eval_curve, results_root, write_json
+from experiments.opd_chains.jobs import Jobs, wait_all
 from opd_jax.miniature.measure import mean_ci
 from opd_jax.miniature.setup import base_config, quiet_jax
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results" / "sft_curve"
+RESULTS = results_root() / "sft_curve"
 CHANCE = 1 / 7  # a random final digit mod 7
 
 
@@ -50,10 +50,13 @@ class CurvePlan:
     # 0: chains of 4-6 steps, the student's architecture from random weights, the pair's teacher writes the data;
     # L > 0: chains of L steps, from the protocol's base student, the protocol's RL teacher writes the data
     length: int = 0
+    # what makes a teacher sample correct for the pool (`pool`): at 12 steps `steps`, so that no chain with a wrong
+    # step and a lucky final digit is taught (a review finding on the first 12-step curve, which used `answer`)
+    pool_reward: str = "answer"
 
     @property
     def results(self) -> Path:
-        return RESULTS if not self.length else HERE / "results" / f"sft_curve_L{self.length}"
+        return RESULTS if not self.length else RESULTS.parent / f"sft_curve_L{self.length}"
 
     @property
     def stream(self) -> str:
@@ -61,12 +64,14 @@ class CurvePlan:
 
 
 PLAN = CurvePlan()
-PLAN_L12 = CurvePlan(sizes=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192), length=12)
+PLAN_L12 = CurvePlan(sizes=(16, 32, 64, 128, 256, 1024, 8192), length=12, pool_reward="steps")
 PLANS = {0: PLAN, 12: PLAN_L12}
 
 
-def pool(cfg, teacher_dir: str, n: int, seed: int, stream: str = "sft_curve") -> list:
-    """`n` correct teacher samples (T=1) from the stream `<stream>/<seed>` (not the student's own pool)."""
+def pool(cfg, teacher_dir: str, n: int, seed: int, stream: str = "sft_curve", reward: str = "answer") -> list:
+    """`n` correct teacher samples (T=1) from the stream `<stream>/<seed>` (not the student's own pool). `reward`:
+    what counts as correct, the chains task's `answer` (the final digit: a wrong chain can guess it, 1 in 7) or
+    `steps` (every step's result and the answer right: no lucky guesses)."""
     import jax
 
     from opd_jax.baselines.sft import teacher_sft_examples
@@ -80,6 +85,9 @@ def pool(cfg, teacher_dir: str, n: int, seed: int, stream: str = "sft_curve") ->
     t_cfg = copy.deepcopy(cfg.teachers[0].model)
     t_cfg.hf_path = teacher_dir
     teacher = load_model(t_cfg, seed=0, mesh=mesh)
+    cfg = copy.deepcopy(cfg)
+    if reward != "answer":
+        cfg.data.source = f"{cfg.data.source}:reward={reward}"
     task = build_task(cfg)
     task.restore({"position": stream_position(stream, seed)})
     task.issued = []
@@ -99,7 +107,9 @@ def run_one(plan: CurvePlan, cfg, rows: list, size: int, seed: int, runs: Path) 
     name = f"sft_n{size}_s{seed}"
     record = plan.results / "runs" / f"{name}.json"
     if record.exists():
-        return json.loads(record.read_text())
+        rec = json.loads(record.read_text())
+        if rec.get("pool_reward", "answer") == plan.pool_reward:  # else: a record of another pool, rerun
+            return rec
     model = copy.deepcopy(cfg.student)
     if not plan.length:
         model.hf_path = None  # from random weights, as the student was made (else: from the protocol's base)
@@ -111,7 +121,8 @@ def run_one(plan: CurvePlan, cfg, rows: list, size: int, seed: int, runs: Path) 
     SFTTrainer(c, build_task(c), rows[:size]).run()
     curve = eval_curve(str(runs / name))
     best = max(curve[1:], key=lambda c: (c["val"]["accuracy"], -c["step"]))  # early stopping on validation
-    rec = {"name": name, "size": size, "seed": seed, "steps": plan.steps, "wall_s": time.time() - t0,
+    rec = {"name": name, "size": size, "seed": seed, "steps": plan.steps, "pool_reward": plan.pool_reward,
+           "wall_s": time.time() - t0,
            "curve": curve, "best_step": best["step"], "test_at_best": best["test"]["accuracy"],
            "val_at_best": best["val"]["accuracy"]}
     write_json(record, rec)
@@ -121,8 +132,12 @@ def run_one(plan: CurvePlan, cfg, rows: list, size: int, seed: int, runs: Path) 
 
 
 def all_recorded(plan: CurvePlan) -> bool:
-    return all((plan.results / "runs" / f"sft_n{n}_s{seed}.json").exists() for n in plan.sizes
-               for seed in plan.seeds)
+    return all(_recorded(plan, n, seed) for n in plan.sizes for seed in plan.seeds)
+
+
+def _recorded(plan: CurvePlan, size: int, seed: int) -> bool:
+    path = plan.results / "runs" / f"sft_n{size}_s{seed}.json"
+    return path.exists() and json.loads(path.read_text()).get("pool_reward", "answer") == plan.pool_reward
 
 
 def recorded_wall_s(plan: CurvePlan) -> float:
@@ -180,7 +195,8 @@ def curve_shape(means: dict[int, float], lo: float = CHANCE + 0.1, hi: float = 0
 
 def report(plan: CurvePlan) -> dict:
     recs = [json.loads(p.read_text()) for p in sorted((plan.results / "runs").glob("*.json"))]
-    recs = [r for r in recs if r["size"] in plan.sizes and r["seed"] in plan.seeds and r["steps"] == plan.steps]
+    recs = [r for r in recs if r["size"] in plan.sizes and r["seed"] in plan.seeds and r["steps"] == plan.steps
+            and r.get("pool_reward", "answer") == plan.pool_reward]
     by_size: dict[int, list[float]] = {}
     for r in recs:
         by_size.setdefault(r["size"], []).append(r["test_at_best"])
@@ -241,6 +257,22 @@ def curve_config(plan: CurvePlan):
     return cfg, pp.teacher
 
 
+def run_curve(plan: CurvePlan, runs: Path, jobs: Jobs | None = None) -> None:
+    """Every run of the plan (finished ones are kept); with `jobs` (`jobs.Jobs`) the runs go side by side, each
+    seed's after its pool of teacher samples."""
+    jobs = jobs or Jobs(0)
+    cfg, teacher = jobs.call(curve_config, plan)
+
+    def one_seed(seed: int) -> None:
+        if all(_recorded(plan, n, seed) for n in plan.sizes):
+            return
+        rows = jobs.call(pool, cfg, teacher, max(plan.sizes), seed, plan.stream, plan.pool_reward)
+        wait_all([jobs.start(jobs.call, run_one, plan, cfg, rows, size, seed, runs)
+                  for size in sorted(plan.sizes, reverse=True)])
+
+    wait_all([jobs.start(one_seed, seed) for seed in plan.seeds])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--report", action="store_true")
@@ -251,14 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_jax()
     plan = PLANS[a.length]
     if not a.report:
-        cfg, teacher = curve_config(plan)
-        runs = Path(a.runs or f"runs/opd_chains/{plan.results.name}").resolve()
-        for seed in plan.seeds:
-            if all((plan.results / "runs" / f"sft_n{n}_s{seed}.json").exists() for n in plan.sizes):
-                continue
-            rows = pool(cfg, teacher, max(plan.sizes), seed, plan.stream)
-            for size in plan.sizes:
-                run_one(plan, cfg, rows, size, seed, runs)
+        run_curve(plan, Path(a.runs or f"runs/opd_chains/{plan.results.name}").resolve())
     out = report(plan)
     print(json.dumps({k: v for k, v in out.items() if k != "plan"}, indent=1, default=str)[:3000])
     return 0
