@@ -390,6 +390,32 @@ def test_every_model_field_is_keyed_or_declared_execution_only():
     assert fields - set(EXECUTION_FIELDS) == keyed, sorted(fields ^ (keyed | set(EXECUTION_FIELDS)))
 
 
+def test_cache_keys_hash_the_resolved_training_config():
+    """An override that changes what a model learns (sampling, loss, optimizer moments, data) gets its own models;
+    one that only says where a run writes, how it is graded or split, or what a recipe sets anyway, reuses them; the
+    teacher's key ignores the student. Every config field is keyed unless `OUTSIDE_KEYS` names it."""
+    from opd_jax.miniature.prepare import OUTSIDE_KEYS, Recipe, cache_keys
+
+    t0, s0 = cache_keys(base_config(), Recipe())
+    for changes in (["sampling.temperature=0.5"], ["loss.kl_clip=5"], ["optim.b2=0.99"], ["data.shuffle_seed=3"],
+                    ["teachers.0.model.num_layers=2"]):
+        t, s = cache_keys(base_config(changes), Recipe())
+        assert t != t0 and s != s0, changes
+    assert cache_keys(base_config(["student.hidden_size=32"]), Recipe())[0] == t0
+    assert cache_keys(base_config(["student.hidden_size=32"]), Recipe())[1] != s0
+    same = ["run_dir=/elsewhere", "eval.every=5", "mesh.fsdp=2", "steps=7", "optim.learning_rate=0.5",
+            "checkpoint.every=3", "student.hf_path=/x", "teachers.0.model.hf_path=/y", "student.decode_unroll=true"]
+    assert cache_keys(base_config(same), Recipe()) == (t0, s0)
+    from opd_jax.config import config_to_dict
+
+    top = config_to_dict(base_config())
+    for path in OUTSIDE_KEYS:  # every declared field exists (a renamed field must not silently become keyed)
+        node = top
+        for part in path.split("."):
+            assert part in node, path
+            node = node[part]
+
+
 def test_prepare_command_reports_the_pair(tmp_path, capsys, monkeypatch):
     """`python -m opd_jax.miniature.prepare --root DIR`: the pair into DIR (here: the shipped one, copied) and each
     model's recorded test accuracy."""

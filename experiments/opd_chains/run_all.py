@@ -2,11 +2,19 @@
 the learning-rate sweeps (chosen on the validation split), three seeds of every method at its chosen rate, RL run
 long, single-prompt OPD, the recovery experiment, the negative control's overlap numbers, then the report.
 
-    python -m experiments.opd_chains.run_all [--quick] [--reuse] [--results DIR] [--runs DIR]
+Then issue #22's stages: RL vs OPD across episode lengths (`lengths.py`) and SFT's data curves at 4-6 and at 12
+steps (`sft_curve.py`).
+
+    python -m experiments.opd_chains.run_all [--quick] [--reuse] [--workers N] [--results DIR] [--runs DIR]
 
 `--reuse` keeps every run whose record is already in results/runs/ (resuming an interrupted run_all); without it
-everything is retrained except the cached teacher and student (`--fresh` retrains those too). `--quick` is a smoke
-run of the same code with tiny models and a few steps (it writes to a scratch results dir by default).
+everything is retrained except the cached models (`--fresh` retrains those too: the shipped pair is copied into an
+empty cache otherwise). The lengths and SFT-curve stages always keep the runs they have records of (they are
+resumable by design; delete their records to rerun them). `--workers N` (default 2) runs N training runs side by
+side, each in its own process (`jobs.py`); the first design's stages are one chain in one worker, the other stages'
+runs queue beside it. `--quick` is a smoke run of the same code with tiny models and a few steps (it writes to a
+scratch results dir by default and skips issue #22's stages). Every stage writes under `--results`
+(default: the committed results/).
 """
 
 from __future__ import annotations

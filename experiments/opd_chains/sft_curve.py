@@ -12,8 +12,9 @@ validation accuracy, whose test accuracy is reported.
 
 At 12 steps (`--length 12`, issue #22 deliverable 2 at a longer length): the published protocol's base student
 and its RL teacher (`opd_jax.miniature.protocol`, the models `lengths.py` and the demo use): SFT from the base on
-fixed sets of the RL teacher's correct samples (T=1, chains of 12 steps), sizes 256 to 8,192, the same recipe
-otherwise; records under results/sft_curve_L12/.
+fixed sets of the RL teacher's samples with every step right (T=1, chains of 12 steps; `pool_reward='steps'`, so
+no chain with a wrong step and a lucky final digit), sizes 16 to 8,192, the same recipe otherwise; records under
+results/sft_curve_L12/.
 
     python -m experiments.opd_chains.sft_curve            # resumable: finished runs are kept
     python -m experiments.opd_chains.sft_curve --length 12
@@ -208,6 +209,8 @@ def report(plan: CurvePlan) -> dict:
            if sum(m > CHANCE + 0.1 for m in means.values()) >= 2 else None,
            "log_linear_stretch": log_linear_stretch(means), "shape": curve_shape(means)}
     write_json(plan.results / "sft_curve.json", out)
+    if not rows:  # nothing of this plan recorded yet: no plot
+        return out
     import matplotlib
 
     matplotlib.use("Agg")

@@ -47,7 +47,7 @@ from opd_jax.miniature import setup
 if TYPE_CHECKING:
     from opd_jax.trainer import Trainer
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the keys hash the resolved config (`keyed_config`)
 Log = Callable[[str], object]
 PRETRAINED = Path(__file__).parent / "pretrained"  # the default pair, shipped: <name>-<key>/{<name>/, <name>.json}
 
@@ -84,24 +84,49 @@ class Prepared:
 # ModelConfig fields that choose how a program runs, not which model it trains (same weights up to float rounding):
 # left out of the cache keys. Every other field is part of the key; tests/test_opd_chains.py makes a new field choose.
 EXECUTION_FIELDS = ("cpu_decode_kernel", "decode_attention", "decode_unroll")
+# ExperimentConfig fields (dotted) outside the cache keys: where a run writes, how it is launched, checkpointed,
+# guarded and graded, how a program is split (the same weights up to float rounding), and what every recipe sets for
+# itself (`Recipe`, `protocol.BaseRecipe` / `TeacherRecipe`: its steps, batch, rate, schedule, seed). Every other
+# field of the resolved config is keyed, so an override such as `sampling.temperature=0.5` or `loss.kl_clip=5`
+# trains its own models instead of reusing the shipped ones (a review finding: the keys once hashed only the models,
+# the task and the recipes).
+OUTSIDE_KEYS = ("run_dir", "resume", "overwrite", "compilation_cache", "topology", "mesh", "micro_batches",
+                "checkpoint", "logging", "distributed", "guard", "eval", "sampling.micro_batches", "sampling.layout",
+                "sampling.cast_weights", "sampling.decode_segments", "loss.logprob_chunk",
+                "algorithm", "steps", "seed", "groups_per_batch", "group_size", "optim.learning_rate",
+                "optim.schedule", "optim.warmup_steps")
 
 
 def _key(blob: dict) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def cache_keys(cfg: ExperimentConfig, recipe: Recipe) -> tuple[str, str]:
-    """(teacher key, student key): hashes of what determines each model (not how a CPU runs it)."""
+def keyed_config(cfg: ExperimentConfig) -> dict:
+    """The part of `cfg` that decides what a cached model learns: the resolved config as a dict without
+    `OUTSIDE_KEYS`, and each model without its `hf_path` (where the weights come from is not what they are) and
+    `EXECUTION_FIELDS`."""
     d = config_to_dict(cfg)
-    t, s = copy.deepcopy(d["teachers"][0]["model"]), copy.deepcopy(d["student"])
-    for m in (t, s):
-        m["hf_path"] = None  # where the weights come from is not what they are
+    for path in OUTSIDE_KEYS:
+        *parents, leaf = path.split(".")
+        node = d
+        for p in parents:
+            node = node[p]
+        node.pop(leaf, None)
+    for m in (d["student"], *[t["model"] for t in d["teachers"]]):
+        m["hf_path"] = None
         for k in EXECUTION_FIELDS:
             m.pop(k, None)
-    task = {"data": d["data"]["source"], "sampling": [d["sampling"]["max_prompt_len"], d["sampling"]["max_new_tokens"]]}
-    t_key = _key({"v": CACHE_VERSION, "teacher": t, "task": task, "recipe": recipe.teacher_part()})
-    s_key = _key({"v": CACHE_VERSION, "teacher_key": t_key, "student": s, "task": task,
-                  "recipe": dataclasses.asdict(recipe)})
+    return d
+
+
+def cache_keys(cfg: ExperimentConfig, recipe: Recipe) -> tuple[str, str]:
+    """(teacher key, student key): hashes of what determines each model (`keyed_config`: not how a CPU runs it); the
+    teacher's leaves out the student (and its LoRA) and the other teachers."""
+    d = keyed_config(cfg)
+    t = {k: v for k, v in d.items() if k not in ("student", "lora", "teachers")}
+    t["teacher"] = d["teachers"][0]
+    t_key = _key({"v": CACHE_VERSION, "config": t, "recipe": recipe.teacher_part()})
+    s_key = _key({"v": CACHE_VERSION, "teacher_key": t_key, "config": d, "recipe": dataclasses.asdict(recipe)})
     return t_key, s_key
 
 
