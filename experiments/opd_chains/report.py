@@ -491,8 +491,8 @@ def claim_row(c: dict) -> tuple[str, str]:
         text = ", ".join(f"{k}: {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in n["sizes"].items())
         text = "test T=1 at the best validation step, by samples: " + text + " (2 seeds)"
         if n.get("sizes_12"):
-            text += (f"; at 12 steps, from the protocol's base ({n['base_12']:.2f}) on the RL teacher's correct "
-                     f"samples (teacher T=1 {n['teacher_12']:.2f}): "
+            text += (f"; at 12 steps, from the protocol's base ({n['base_12']:.2f}) on the RL teacher's samples "
+                     f"with every step right (teacher T=1 {n['teacher_12']:.2f}): "
                      + ", ".join(f"{k}: {v[0]:.2f}" for k, v in n["sizes_12"].items())
                      + " (2 seeds)")
     elif c["claim"] == "recovery":

@@ -508,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
         stage_s[k] = mod.recorded_wall_s(pl) if reused_before[k] else others[k].result()
     if "lengths" in later:
         lengths_mod.report(lengths_mod.PLAN)
+    for k in ("sft_curve", "sft_curve_L12"):
+        if k in later:
+            sft_curve_mod.report(later[k][0])
     wall = time.time() - t_start
     if not a.reuse or "run_all_wall_s" not in timing:  # a --reuse invocation keeps the fresh run's wall time
         timing.update(run_all_wall_s=wall if not a.reuse else None, workers=a.workers,
