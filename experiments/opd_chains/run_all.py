@@ -484,33 +484,32 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.opd_chains import sft_curve as sft_curve_mod
     from experiments.opd_chains.jobs import Jobs, wait_all
 
-    later = {"lengths": (lengths_mod.PLAN, lambda j: lengths_mod.run_all(lengths_mod.PLAN, Path(runs) / "lengths",
-                                                                          overrides, j)),
-             "sft_curve": (sft_curve_mod.PLAN, lambda j: sft_curve_mod.run_curve(
+    # name -> (module, plan, how to run it with a `Jobs`)
+    later = {"lengths": (lengths_mod, lengths_mod.PLAN, lambda j: lengths_mod.run_all(
+                 lengths_mod.PLAN, Path(runs) / "lengths", overrides, j)),
+             "sft_curve": (sft_curve_mod, sft_curve_mod.PLAN, lambda j: sft_curve_mod.run_curve(
                  sft_curve_mod.PLAN, Path(runs) / "sft_curve", j)),
-             "sft_curve_L12": (sft_curve_mod.PLAN_L12, lambda j: sft_curve_mod.run_curve(
+             "sft_curve_L12": (sft_curve_mod, sft_curve_mod.PLAN_L12, lambda j: sft_curve_mod.run_curve(
                  sft_curve_mod.PLAN_L12, Path(runs) / "sft_curve_L12", j))}
     later = {k: v for k, v in later.items() if k not in a.skip and not a.quick}
-    reused_before = {k: (lengths_mod if k == "lengths" else sft_curve_mod).all_recorded(pl)
-                     for k, (pl, _) in later.items()}
+    reused_before = {k: mod.all_recorded(pl) for k, (mod, pl, _) in later.items()}
     with Jobs(a.workers) as jobs:
         # the first design's stages are one chain in one worker, started first (the longest); the other stages'
         # runs queue beside it
         classic = jobs.start(jobs.call, classic_stages, a, plan, recipe, prep, base, cfg, results, runs, overrides,
                              stage_s)
-        others = {k: jobs.start(timed, k, go, jobs) for k, (_, go) in later.items()}
+        others = {k: jobs.start(timed, k, go, jobs) for k, (_, _, go) in later.items()}
         wait_all([classic, *others.values()])
     out = classic.result()
     stage_s.update(out.pop("stage_s"))
-    for k, (pl, _) in later.items():
-        mod = lengths_mod if k == "lengths" else sft_curve_mod
+    for k, (mod, pl, _) in later.items():
         # a stage whose runs were all recorded already: its time as measured when they ran
         stage_s[k] = mod.recorded_wall_s(pl) if reused_before[k] else others[k].result()
     if "lengths" in later:
         lengths_mod.report(lengths_mod.PLAN)
     for k in ("sft_curve", "sft_curve_L12"):
         if k in later:
-            sft_curve_mod.report(later[k][0])
+            sft_curve_mod.report(later[k][1])
     wall = time.time() - t_start
     if not a.reuse or "run_all_wall_s" not in timing:  # a --reuse invocation keeps the fresh run's wall time
         timing.update(run_all_wall_s=wall if not a.reuse else None, workers=a.workers,

@@ -145,8 +145,7 @@ def recorded_wall_s(plan: CurvePlan) -> float:
     """The stage's time as measured: the wall time of every run of the plan, each recorded when it ran (the teacher
     samples of the pools are not in it: about a minute a seed)."""
     return sum(json.loads((plan.results / "runs" / f"sft_n{n}_s{seed}.json").read_text())["wall_s"]
-               for n in plan.sizes for seed in plan.seeds
-               if (plan.results / "runs" / f"sft_n{n}_s{seed}.json").exists())
+               for n in plan.sizes for seed in plan.seeds if _recorded(plan, n, seed))
 
 
 def fit_log_linear(points: list[tuple[int, float]]) -> dict:
